@@ -1,0 +1,13 @@
+"""fastopt: fused, in-place optimizer steps for NumPy arrays.
+
+Each update (SGD, Adagrad, RMSprop, Adam, AdamW) is one pass over memory in
+Cython, following torch.optim's formulas, so a training loop can switch
+between the two without surprises.
+"""
+from . import kernels, reference
+from ._version import __version__
+from .optimizer import Optimizer
+from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "kernels",
+           "reference", "__version__"]

@@ -1,0 +1,389 @@
+"""The machinery every optimizer shares: param groups, state, step, state_dict.
+
+A concrete optimizer (see ``fastopt.optimizers``) is only a description: its
+update rule (``fastopt.kernels.Rule``), its defaults and how its state starts.
+Everything here works for any rule.
+
+A step runs in two phases. First every input is validated - the structure of
+``grads``, every hyperparameter of every group, every parameter and gradient
+array - without touching anything. Only then is state allocated and are the
+kernels run, so a step that raises has modified no parameter and no state.
+"""
+import numpy as np
+
+from . import _validation as V
+from . import reference
+
+BACKENDS = ("cython", "numpy")
+
+
+def _split_groups(params):
+    """Normalise the ``params`` argument into a list of group dicts."""
+    if isinstance(params, np.ndarray):
+        raise TypeError(
+            "params must be a list of arrays, a dict name -> array, or a list of "
+            "param-group dicts; got a single ndarray (wrap it in a list)"
+        )
+    if isinstance(params, dict):
+        return [{"params": params}]
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError(
+            f"params must be a list of arrays, a dict or a list of dicts, got "
+            f"{type(params).__name__}"
+        ) from None
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    if all(isinstance(x, dict) for x in items):
+        return items
+    if any(isinstance(x, dict) for x in items):
+        raise TypeError("params mixes arrays and param-group dicts; use one or the other")
+    return [{"params": items}]
+
+
+class Optimizer:
+    """Base class: holds param groups and state, validates and runs steps.
+
+    Subclasses set :attr:`rule` and may add hyperparameters that only shape
+    the state (:attr:`extra_hyper`) or override :meth:`_new_buffer` and
+    :meth:`_advance`.
+
+    Attributes
+    ----------
+    param_groups : list of dict
+        One dict per group: ``"params"`` (the arrays), the hyperparameters,
+        and ``"param_names"`` when parameters were given by name. Values may
+        be changed between steps and take effect on the next step.
+    state : dict
+        Flat parameter index -> dict of that parameter's state (``"step"``
+        and the rule's buffers, named as in torch.optim). Filled lazily on a
+        parameter's first step with a gradient.
+    """
+
+    rule = None
+    extra_hyper = {}
+
+    def __init__(self, params, defaults, *, backend="cython"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.defaults = self._check_group_hyper(defaults, "")
+        self.param_groups = []
+        self.state = {}
+        self._named = None  # True/False once the first group fixes it
+        for group in _split_groups(params):
+            self.add_param_group(group)
+
+    # ------------------------------------------------------------ groups
+
+    def _hyper_rules(self):
+        return {**self.rule.hyper, **self.extra_hyper}
+
+    def _check_group_hyper(self, group, where):
+        hyper = V.check_hyper(self._hyper_rules(), group, where)
+        if self.rule.check is not None:
+            try:
+                self.rule.check(hyper)
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from None
+        return hyper
+
+    def _labels(self, index, name):
+        """How messages name parameter ``index`` and its gradient."""
+        key = index if name is None else repr(name)
+        return f"params[{key}]", f"grads[{key}]"
+
+    def _flat_params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _flat_names(self):
+        if not self._named:
+            return None
+        return [n for group in self.param_groups for n in group["param_names"]]
+
+    def add_param_group(self, param_group):
+        """Add a group of parameters with its own hyperparameters.
+
+        Parameters
+        ----------
+        param_group : dict
+            ``"params"``: a list of arrays or a dict name -> array; any other
+            key overrides the optimizer's default for this group.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise TypeError("a param group needs a 'params' entry")
+        params = param_group["params"]
+        if isinstance(params, dict):
+            names, arrays = list(params.keys()), list(params.values())
+            for name in names:
+                if not isinstance(name, str):
+                    raise TypeError(f"parameter names must be strings, got {name!r}")
+        elif isinstance(params, np.ndarray):
+            names, arrays = None, [params]
+        else:
+            names, arrays = None, list(params)
+        named = names is not None
+        if self._named is not None and named != self._named:
+            raise ValueError("either every param group names its parameters or none does")
+        where = f"param_groups[{len(self.param_groups)}]: "
+        group = self._check_group_hyper({**self.defaults, **param_group}, where)
+        extras = {k: v for k, v in param_group.items() if k not in group and k != "params"}
+
+        start = len(self._flat_params())
+        old_names = self._flat_names() or []
+        labelled = []
+        for k, p in enumerate(arrays):
+            label = self._labels(start + k, names[k] if named else None)[0]
+            V.check_float_array(label, p, writeable=True)
+            labelled.append((label, p))
+        if named:
+            clash = set(old_names) & set(names)
+            if clash:
+                raise ValueError(f"parameter name {sorted(clash)[0]!r} is used twice")
+        existing = [
+            (self._labels(i, old_names[i] if named else None)[0], p)
+            for i, p in enumerate(self._flat_params())
+        ]
+        V.check_distinct_params(existing + labelled)
+
+        # Validated: now change the optimizer.
+        group.update(extras)
+        group["params"] = arrays
+        if named:
+            group["param_names"] = names
+        self._named = named
+        self.param_groups.append(group)
+
+    # -------------------------------------------------------------- step
+
+    def _align(self, grads, names, count):
+        """Return grads as a list aligned with the flat parameter list."""
+        if isinstance(grads, dict):
+            if names is None:
+                raise TypeError(
+                    "grads is a dict but the parameters were given without names; "
+                    "pass a list aligned with the parameters"
+                )
+            for name in names:
+                if name not in grads:
+                    raise ValueError(
+                        f"grads is missing {name!r} (give None for a parameter "
+                        "without a gradient this step)"
+                    )
+            if len(grads) != count:
+                extra = next(k for k in grads if k not in set(names))
+                raise ValueError(f"grads has key {extra!r}, which names no parameter")
+            return [grads[name] for name in names]
+        if isinstance(grads, (list, tuple)):
+            if len(grads) != count:
+                raise ValueError(f"got {len(grads)} grads for {count} parameters")
+            return grads
+        raise TypeError(
+            f"grads must be a list aligned with the parameters or a dict name -> "
+            f"array, got {type(grads).__name__}"
+        )
+
+    def _check_pair(self, index, name, p, g):
+        p_label, g_label = self._labels(index, name)
+        V.check_float_array(p_label, p, writeable=True)
+        V.check_float_array(g_label, g, writeable=False)
+        V.check_like(g_label, g, p_label, p)
+        state = self.state.get(index, {})
+        V.check_no_overlap(g_label, g, {
+            p_label: p,
+            **{f"state[{index}][{k!r}]": v for k, v in state.items() if isinstance(v, np.ndarray)},
+        })
+
+    def _plan(self, grads):
+        """Validate everything a step touches; return per group (hyper, items)."""
+        names = self._flat_names()
+        params = self._flat_params()
+        grads = self._align(grads, names, len(params))
+        plan = []
+        index = 0
+        for gi, group in enumerate(self.param_groups):
+            hyper = self._check_group_hyper(group, f"param_groups[{gi}]: ")
+            items = []
+            for p in group["params"]:
+                g = grads[index]
+                if g is not None:
+                    self._check_pair(index, None if names is None else names[index], p, g)
+                    items.append((index, p, g))
+                index += 1
+            plan.append((hyper, items))
+        return plan
+
+    def _new_buffer(self, name, p, hyper):
+        """A new state buffer for ``p``; zeros unless a rule says otherwise."""
+        return np.zeros_like(p)
+
+    def _advance(self, state, created):
+        """Count this step in ``state``; return the rule's per-step value."""
+        state["step"] = state.get("step", 0) + 1
+        return state["step"]
+
+    def step(self, grads):
+        """Update every parameter that has a gradient, in place.
+
+        Parameters
+        ----------
+        grads : list or dict
+            A list aligned with the parameters (in group order), or, when the
+            parameters were given by name, a dict with the same keys. ``None``
+            means that parameter has no gradient this step: it and its state
+            are left alone. Gradients must be C-contiguous arrays of the
+            parameter's dtype and shape (non-contiguous ones are refused, not
+            copied) and must not share memory with the parameter or its state.
+
+        Raises
+        ------
+        TypeError, ValueError
+            On any invalid input, before anything is modified.
+        """
+        plan = self._plan(grads)
+        rule = self.rule
+        kernel_keys = tuple(rule.hyper)
+        for hyper, items in plan:
+            needs = rule.needs(hyper)
+            kernel_hyper = {k: hyper[k] for k in kernel_keys}
+            # Parameters can be at different steps (one had no gradient once);
+            # each distinct per-step value is one kernel call.
+            batches = {}
+            for index, p, g in items:
+                state = self.state.setdefault(index, {})
+                created = []
+                for name, needed in zip(rule.buffers, needs):
+                    if needed and name not in state:
+                        state[name] = self._new_buffer(name, p, hyper)
+                        created.append(name)
+                key = self._advance(state, created)
+                batch = batches.get(key)
+                if batch is None:
+                    batch = batches[key] = ([], [], [[] if n else None for n in needs])
+                batch[0].append(p)
+                batch[1].append(g)
+                for name, lst in zip(rule.buffers, batch[2]):
+                    if lst is not None:
+                        lst.append(state[name])
+            for key, (ps, gs, buffer_lists) in batches.items():
+                self._run(ps, gs, tuple(buffer_lists), key, kernel_hyper)
+
+    def _run(self, params, grads, buffer_lists, step_value, kernel_hyper):
+        if self.backend == "cython":
+            self.rule.run(params, grads, buffer_lists, step_value, kernel_hyper)
+            return
+        twin = getattr(reference, self.rule.name)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            buffers = [None if lst is None else lst[i] for lst in buffer_lists]
+            twin(p, g, *buffers, **{self.rule.step_arg: step_value}, **kernel_hyper)
+
+    # -------------------------------------------------------- state_dict
+
+    def state_dict(self):
+        """A snapshot of the optimizer, in torch.optim's layout.
+
+        Returns
+        -------
+        dict
+            ``"state"``: flat parameter index -> {name: value} (arrays are
+            copies, so later steps do not change the snapshot);
+            ``"param_groups"``: hyperparameters per group, with ``"params"``
+            holding the flat indices of the group's parameters.
+        """
+        groups = []
+        index = 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(index, index + len(group["params"])))
+            index += len(group["params"])
+            groups.append(packed)
+        state = {
+            i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            for i, s in self.state.items()
+        }
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Restore a snapshot from :meth:`state_dict` (validated before use).
+
+        The snapshot must describe the same group layout (number of groups and
+        of parameters in each). Arrays are copied into new buffers of each
+        parameter's dtype. On any mismatch a ValueError/TypeError is raised
+        and the optimizer is unchanged.
+        """
+        if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups"}:
+            raise TypeError("state_dict must be a dict with keys 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, the optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        new_hyper = []
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(
+                    f"param_groups[{gi}] has {len(saved.get('params', ()))} parameters in "
+                    f"state_dict but {len(group['params'])} in the optimizer"
+                )
+            hyper = self._check_group_hyper(saved, f"state_dict param_groups[{gi}]: ")
+            extras = {k: v for k, v in saved.items() if k not in hyper and k != "params"}
+            new_hyper.append({**extras, **hyper})
+
+        params = self._flat_params()
+        # Map the snapshot's parameter ids onto our flat order, group by group.
+        ids = [i for saved in saved_groups for i in saved["params"]]
+        id_to_index = {pid: index for index, pid in enumerate(ids)}
+        allowed = set(self.rule.buffers) | {"step"}
+        new_state = {}
+        for pid, entry in state_dict["state"].items():
+            if pid not in id_to_index:
+                raise ValueError(f"state_dict has state for parameter id {pid!r}, which no group lists")
+            index = id_to_index[pid]
+            p = params[index]
+            if not isinstance(entry, dict):
+                raise TypeError(f"state[{pid!r}] must be a dict")
+            restored = {}
+            for key, value in entry.items():
+                where = f"state[{pid!r}][{key!r}]"
+                if key not in allowed:
+                    raise ValueError(f"{where} is not state of {type(self).__name__}")
+                if key == "step":
+                    restored[key] = _step_from(where, value)
+                    continue
+                value = np.asarray(value)
+                if value.shape != p.shape:
+                    raise ValueError(f"{where} has shape {value.shape}, parameter has {p.shape}")
+                if value.dtype.kind != "f":
+                    raise TypeError(f"{where} must be a float array, got dtype {value.dtype}")
+                restored[key] = np.array(value, dtype=p.dtype, order="C", copy=True)
+            new_state[index] = restored
+
+        # Validated: now change the optimizer.
+        for group, hyper in zip(self.param_groups, new_hyper):
+            hyper = {k: v for k, v in hyper.items() if k != "param_names"}
+            group.update(hyper)
+        self.state = new_state
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(k for k in group if k not in ("params", "param_names")):
+                lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def _step_from(where, value):
+    """A saved step count: an integer >= 0 (an integral float, as torch saves, is fine)."""
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where} must be a number, got {value!r}") from None
+    if not as_float.is_integer() or as_float < 0:
+        raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
+    return int(as_float)

@@ -1,0 +1,169 @@
+"""The optimizers: torch.optim's names, signatures and defaults.
+
+Each class only describes itself - its rule, defaults and how its state
+starts; ``fastopt.optimizer.Optimizer`` does the rest.
+"""
+import numpy as np
+
+from . import _validation as V
+from . import kernels as K
+from .optimizer import Optimizer
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+_PARAMS_DOC = """params : list of ndarray, dict or list of dict
+        The arrays to optimize (updated in place), a dict name -> array, or
+        param-group dicts ``{"params": ..., "lr": ..., ...}``.
+    backend : {"cython", "numpy"}
+        ``"numpy"`` runs the pure-NumPy reference twins instead of the fused
+        kernels (for comparison; much slower)."""
+
+
+class SGD(Optimizer):
+    rule = K.SGD_RULE
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, maximize=False, *, backend="cython"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize), backend=backend)
+
+    def _advance(self, state, created):
+        # torch.optim.SGD keeps no step count; what matters is whether the
+        # momentum buffer is new (it then starts as a copy of the gradient).
+        return "momentum_buffer" in created
+
+
+class Adagrad(Optimizer):
+    rule = K.ADAGRAD_RULE
+    extra_hyper = {"initial_accumulator_value": V.nonnegative}
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, *,
+                 backend="cython"):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps, maximize=maximize), backend=backend)
+
+    def _new_buffer(self, name, p, hyper):
+        return np.full_like(p, hyper["initial_accumulator_value"])
+
+
+class RMSprop(Optimizer):
+    rule = K.RMSPROP_RULE
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                 momentum=0.0, centered=False, maximize=False, *, backend="cython"):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, centered=centered,
+                                      maximize=maximize), backend=backend)
+
+
+class Adam(Optimizer):
+    rule = K.ADAM_RULE
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, maximize=False, decoupled_weight_decay=False, *,
+                 backend="cython"):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, maximize=maximize,
+                                      decoupled_weight_decay=decoupled_weight_decay),
+                         backend=backend)
+
+
+class AdamW(Adam):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, maximize=False, *, backend="cython"):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                         backend=backend)
+
+
+SGD.__doc__ = f"""Stochastic gradient descent, optionally with (Nesterov) momentum.
+
+    Same rule and defaults as ``torch.optim.SGD``.
+
+    Parameters
+    ----------
+    {_PARAMS_DOC}
+    lr : float, default 1e-3
+    momentum : float, default 0
+    dampening : float, default 0
+    weight_decay : float, default 0
+        L2 penalty added to the gradient.
+    nesterov : bool, default False
+        Needs ``momentum > 0`` and ``dampening == 0``.
+    maximize : bool, default False
+    """
+
+Adagrad.__doc__ = f"""Adagrad: per-element step sizes from accumulated squared gradients.
+
+    Same rule and defaults as ``torch.optim.Adagrad``.
+
+    Parameters
+    ----------
+    {_PARAMS_DOC}
+    lr : float, default 1e-2
+    lr_decay : float, default 0
+    weight_decay : float, default 0
+    initial_accumulator_value : float, default 0
+    eps : float, default 1e-10
+    maximize : bool, default False
+    """
+
+RMSprop.__doc__ = f"""RMSprop: steps scaled by a running RMS of the gradients.
+
+    Same rule and defaults as ``torch.optim.RMSprop`` (eps outside the sqrt).
+
+    Parameters
+    ----------
+    {_PARAMS_DOC}
+    lr : float, default 1e-2
+    alpha : float, default 0.99
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    momentum : float, default 0
+    centered : bool, default False
+    maximize : bool, default False
+    """
+
+Adam.__doc__ = f"""Adam, with optional AMSGrad and decoupled (AdamW) weight decay.
+
+    Same rule and defaults as ``torch.optim.Adam``.
+
+    Parameters
+    ----------
+    {_PARAMS_DOC}
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    amsgrad : bool, default False
+    maximize : bool, default False
+    decoupled_weight_decay : bool, default False
+        True decays the parameter directly, as AdamW does.
+
+    Examples
+    --------
+    >>> import numpy as np, fastopt
+    >>> w = np.zeros(3)
+    >>> opt = fastopt.Adam([w], lr=0.1)
+    >>> opt.step([np.array([1.0, -1.0, 0.0])])
+    >>> w
+    array([-0.1,  0.1,  0. ])
+    """
+
+AdamW.__doc__ = f"""AdamW: Adam with decoupled weight decay (default 1e-2).
+
+    Same rule and defaults as ``torch.optim.AdamW``.
+
+    Parameters
+    ----------
+    {_PARAMS_DOC}
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 1e-2
+    amsgrad : bool, default False
+    maximize : bool, default False
+    """

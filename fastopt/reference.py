@@ -1,0 +1,90 @@
+"""Pure-NumPy twins of ``fastopt.kernels``: the textbook formulas.
+
+Same signatures and the same in-place contract as the fast kernels, one
+NumPy expression per line of shared/SEMANTICS.md. Slow (every line is a pass
+over memory and a temporary) and obviously right: the tests use them as the
+oracle and the benchmarks as the baseline. They do not validate their input.
+
+Python-float hyperparameters combine with float32 arrays in float32 (NumPy 2
+promotion rules), which is how torch.optim computes a float32 step.
+"""
+
+import numpy as np
+
+__all__ = ["sgd", "adagrad", "rmsprop", "adam"]
+
+
+def _lerp(a, b, w):
+    # torch's lerp: exact at both ends.
+    return a + w * (b - a) if w < 0.5 else b - (b - a) * (1 - w)
+
+
+def _effective_grad(p, g, weight_decay, maximize):
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    return g
+
+
+def sgd(p, g, momentum_buffer=None, *, lr=1e-3, momentum=0.0, dampening=0.0,
+        weight_decay=0.0, nesterov=False, maximize=False, first_step=False):
+    """Reference for :func:`fastopt.kernels.sgd`."""
+    g = _effective_grad(p, g, weight_decay, maximize)
+    if momentum != 0:
+        if first_step:
+            momentum_buffer[...] = g
+        else:
+            momentum_buffer[...] = momentum_buffer * momentum + (1 - dampening) * g
+        g = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    p[...] = p + (-lr) * g
+
+
+def adagrad(p, g, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+            eps=1e-10, maximize=False):
+    """Reference for :func:`fastopt.kernels.adagrad`."""
+    g = _effective_grad(p, g, weight_decay, maximize)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state_sum[...] = state_sum + g * g
+    p[...] = p + (-clr) * g / (np.sqrt(state_sum) + eps)
+
+
+def rmsprop(p, g, square_avg, grad_avg=None, momentum_buffer=None, *, step=1, lr=1e-2,
+            alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+            maximize=False):
+    """Reference for :func:`fastopt.kernels.rmsprop`."""
+    g = _effective_grad(p, g, weight_decay, maximize)
+    square_avg[...] = square_avg * alpha + (1 - alpha) * g * g
+    if centered:
+        grad_avg[...] = _lerp(grad_avg, g, 1 - alpha)
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = np.sqrt(square_avg) + eps
+    if momentum > 0:
+        momentum_buffer[...] = momentum_buffer * momentum + g / avg
+        p[...] = p + (-lr) * momentum_buffer
+    else:
+        p[...] = p + (-lr) * g / avg
+
+
+def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
+         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+         decoupled_weight_decay=False):
+    """Reference for :func:`fastopt.kernels.adam`."""
+    beta1, beta2 = betas
+    if decoupled_weight_decay:
+        g = _effective_grad(p, g, 0.0, maximize)
+        p[...] = p * (1 - lr * weight_decay)
+    else:
+        g = _effective_grad(p, g, weight_decay, maximize)
+    exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
+    exp_avg_sq[...] = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    if amsgrad:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second = max_exp_avg_sq
+    else:
+        second = exp_avg_sq
+    denom = np.sqrt(second) / bias_correction2 ** 0.5 + eps
+    p[...] = p + (-(lr / bias_correction1)) * exp_avg / denom
