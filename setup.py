@@ -1,4 +1,4 @@
-"""Build the Cython compute layer (``fastopt._kernels``).
+"""Build the Cython modules (``fastopt._kernels``, ``fastopt._screen``).
 
 Metadata lives in pyproject.toml; this file only describes the extension.
 Flags are portable on purpose: no -march=native, so a wheel built here runs
@@ -25,12 +25,14 @@ else:
 
 extensions = [
     Extension(
-        "fastopt._kernels",
-        ["src_c/_kernels.pyx"],
+        f"fastopt.{name}",
+        [f"src_c/{name}.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,
     )
+    # _kernels: the compute layer.  _screen: the fast half of input validation.
+    for name in ("_kernels", "_screen")
 ]
 
 setup(

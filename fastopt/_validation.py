@@ -103,6 +103,8 @@ def check_float_array(name, a, writeable):
             f"{name} must be C-contiguous: fastopt updates arrays in place and never "
             "through a copy (numpy.ascontiguousarray makes one you can keep)"
         )
+    if not a.flags.aligned:
+        raise ValueError(f"{name} is not aligned to its dtype's size (a view of a byte buffer?)")
     if writeable and not a.flags.writeable:
         raise ValueError(f"{name} is read-only; the update must be written into it")
 

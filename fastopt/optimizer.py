@@ -11,6 +11,7 @@ kernels run, so a step that raises has modified no parameter and no state.
 """
 import numpy as np
 
+from . import _screen
 from . import _validation as V
 from . import reference
 
@@ -40,6 +41,39 @@ def _split_groups(params):
     if any(isinstance(x, dict) for x in items):
         raise TypeError("params mixes arrays and param-group dicts; use one or the other")
     return [{"params": items}]
+
+
+class ParamGroup(dict):
+    """A param-group dict that notices edits.
+
+    Hyperparameters are validated when a group is added and again after any
+    edit (``group["lr"] = ...``), not on every step: validating seven values
+    costs more than a small step's update.
+    """
+
+    __slots__ = ("checked",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checked = None  # the validated hyperparameters, until the next edit
+
+    def _edited(method):
+        def wrapper(self, *args, **kwargs):
+            self.checked = None
+            return method(self, *args, **kwargs)
+        wrapper.__name__ = method.__name__
+        wrapper.__doc__ = method.__doc__
+        return wrapper
+
+    __setitem__ = _edited(dict.__setitem__)
+    __delitem__ = _edited(dict.__delitem__)
+    __ior__ = _edited(dict.__ior__)
+    update = _edited(dict.update)
+    setdefault = _edited(dict.setdefault)
+    pop = _edited(dict.pop)
+    popitem = _edited(dict.popitem)
+    clear = _edited(dict.clear)
+    del _edited
 
 
 class Optimizer:
@@ -150,7 +184,7 @@ class Optimizer:
         V.check_distinct_params(existing + labelled)
 
         # Validated: now change the optimizer.
-        group.update(extras)
+        group = ParamGroup({**group, **extras})
         group["params"] = arrays
         if named:
             group["param_names"] = names
@@ -180,41 +214,62 @@ class Optimizer:
         if isinstance(grads, (list, tuple)):
             if len(grads) != count:
                 raise ValueError(f"got {len(grads)} grads for {count} parameters")
-            return grads
+            return grads if isinstance(grads, list) else list(grads)
         raise TypeError(
             f"grads must be a list aligned with the parameters or a dict name -> "
             f"array, got {type(grads).__name__}"
         )
 
-    def _check_pair(self, index, name, p, g):
-        p_label, g_label = self._labels(index, name)
-        V.check_float_array(p_label, p, writeable=True)
-        V.check_float_array(g_label, g, writeable=False)
-        V.check_like(g_label, g, p_label, p)
-        state = self.state.get(index, {})
-        V.check_no_overlap(g_label, g, {
-            p_label: p,
-            **{f"state[{index}][{k!r}]": v for k, v in state.items() if isinstance(v, np.ndarray)},
-        })
+    def _group_hyper(self, gi, group):
+        """The validated hyperparameters of ``group`` (cached until it is edited)."""
+        hyper = getattr(group, "checked", None)
+        if hyper is None:
+            hyper = self._check_group_hyper(group, f"param_groups[{gi}]: ")
+            if isinstance(group, ParamGroup):
+                group.checked = hyper
+        return hyper
+
+    def _explain(self, params, grads, names):
+        """Raise the error for the first parameter the screen flagged."""
+        for index, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
+                continue
+            p_label, g_label = self._labels(index, None if names is None else names[index])
+            V.check_float_array(p_label, p, writeable=True)
+            V.check_float_array(g_label, g, writeable=False)
+            V.check_like(g_label, g, p_label, p)
+            V.check_no_overlap(g_label, g, {p_label: p})
+            state = self.state.get(index)
+            if state is None:
+                continue
+            if not isinstance(state, dict):
+                raise TypeError(f"state[{index}] must be a dict, got {type(state).__name__}")
+            if "step" in state and (type(state["step"]) is not int or state["step"] < 0):
+                raise ValueError(f"state[{index}]['step'] must be an int >= 0, got {state['step']!r}")
+            checked = {p_label: p}
+            for name in self.rule.buffers:
+                if state.get(name) is None:
+                    continue
+                label = f"state[{index}][{name!r}]"
+                V.check_float_array(label, state[name], writeable=True)
+                V.check_like(label, state[name], p_label, p)
+                V.check_no_overlap(label, state[name], checked)
+                V.check_no_overlap(g_label, g, {label: state[name]})
+                checked[label] = state[name]
+        raise RuntimeError(  # pragma: no cover - the screen and the checks disagree
+            "fastopt internal error: the fast input screen refused a step that the "
+            "checks accept; please report this"
+        )
 
     def _plan(self, grads):
-        """Validate everything a step touches; return per group (hyper, items)."""
+        """Validate everything a step touches; return (params, grads, hypers)."""
         names = self._flat_names()
         params = self._flat_params()
         grads = self._align(grads, names, len(params))
-        plan = []
-        index = 0
-        for gi, group in enumerate(self.param_groups):
-            hyper = self._check_group_hyper(group, f"param_groups[{gi}]: ")
-            items = []
-            for p in group["params"]:
-                g = grads[index]
-                if g is not None:
-                    self._check_pair(index, None if names is None else names[index], p, g)
-                    items.append((index, p, g))
-                index += 1
-            plan.append((hyper, items))
-        return plan
+        hypers = [self._group_hyper(gi, group) for gi, group in enumerate(self.param_groups)]
+        if _screen.first_suspect(params, grads, self.state, self.rule.buffers) >= 0:
+            self._explain(params, grads, names)
+        return params, grads, hypers
 
     def _new_buffer(self, name, p, hyper):
         """A new state buffer for ``p``; zeros unless a rule says otherwise."""
@@ -243,33 +298,45 @@ class Optimizer:
         TypeError, ValueError
             On any invalid input, before anything is modified.
         """
-        plan = self._plan(grads)
+        params, grads, hypers = self._plan(grads)
+        # Everything is valid: from here on nothing raises.
+        start = 0
+        for group, hyper in zip(self.param_groups, hypers):
+            stop = start + len(group["params"])
+            self._step_group(params, grads, start, stop, hyper)
+            start = stop
+
+    def _step_group(self, params, grads, start, stop, hyper):
         rule = self.rule
-        kernel_keys = tuple(rule.hyper)
-        for hyper, items in plan:
-            needs = rule.needs(hyper)
-            kernel_hyper = {k: hyper[k] for k in kernel_keys}
-            # Parameters can be at different steps (one had no gradient once);
-            # each distinct per-step value is one kernel call.
-            batches = {}
-            for index, p, g in items:
-                state = self.state.setdefault(index, {})
-                created = []
-                for name, needed in zip(rule.buffers, needs):
-                    if needed and name not in state:
-                        state[name] = self._new_buffer(name, p, hyper)
-                        created.append(name)
-                key = self._advance(state, created)
-                batch = batches.get(key)
-                if batch is None:
-                    batch = batches[key] = ([], [], [[] if n else None for n in needs])
-                batch[0].append(p)
-                batch[1].append(g)
-                for name, lst in zip(rule.buffers, batch[2]):
-                    if lst is not None:
-                        lst.append(state[name])
-            for key, (ps, gs, buffer_lists) in batches.items():
-                self._run(ps, gs, tuple(buffer_lists), key, kernel_hyper)
+        needs = rule.needs(hyper)
+        kernel_hyper = {k: hyper[k] for k in rule.hyper}
+        # Parameters can be at different steps (one had no gradient once);
+        # each distinct per-step value is one kernel call.
+        batches = {}
+        for index in range(start, stop):
+            g = grads[index]
+            if g is None:
+                continue
+            p = params[index]
+            state = self.state.get(index)
+            if state is None:
+                state = self.state[index] = {}
+            created = []
+            for name, needed in zip(rule.buffers, needs):
+                if needed and state.get(name) is None:
+                    state[name] = self._new_buffer(name, p, hyper)
+                    created.append(name)
+            key = self._advance(state, created)
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = ([], [], [[] if n else None for n in needs])
+            batch[0].append(p)
+            batch[1].append(g)
+            for name, lst in zip(rule.buffers, batch[2]):
+                if lst is not None:
+                    lst.append(state[name])
+        for key, (ps, gs, buffer_lists) in batches.items():
+            self._run(ps, gs, tuple(buffer_lists), key, kernel_hyper)
 
     def _run(self, params, grads, buffer_lists, step_value, kernel_hyper):
         if self.backend == "cython":

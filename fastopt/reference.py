@@ -15,7 +15,9 @@ __all__ = ["sgd", "adagrad", "rmsprop", "adam"]
 
 
 def _lerp(a, b, w):
-    # torch's lerp: exact at both ends.
+    # torch's lerp: exact at both ends. The weight is rounded to the array's
+    # dtype before 1 - w is formed, as torch's kernel does.
+    w = a.dtype.type(w)
     return a + w * (b - a) if w < 0.5 else b - (b - a) * (1 - w)
 
 

@@ -60,9 +60,11 @@ cdef Py_ssize_t NOGIL_MIN_SIZE = 16384
 
 cdef inline floating lerp(floating a, floating b, floating w) noexcept nogil:
     # torch's lerp: two forms, so that w = 0 gives a and w = 1 gives b exactly.
-    if w < 0.5:
+    # The cast keeps 1 - w in float for float32: Cython writes a bare 1 as the
+    # double literal 1.0, which would compute this line in double.
+    if w < <floating>0.5:
         return a + w * (b - a)
-    return b - (b - a) * (1 - w)
+    return b - (b - a) * (<floating>1 - w)
 
 
 cdef inline floating nan_max(floating a, floating b) noexcept nogil:

@@ -1,0 +1,231 @@
+"""fastopt.kernels (the fused Cython kernels) against fastopt.reference (NumPy).
+
+Both follow the same operation order per element, the extension is built
+without FMA contraction, and NumPy's float32 arithmetic with Python-float
+scalars rounds like the kernels' float32 arithmetic - so the two must agree
+bit for bit, NaN and Inf included, for every dtype, size and option set.
+"""
+import numpy as np
+import pytest
+
+from fastopt import kernels, reference
+
+SIZES = [0, 1, 7, 16, 17, 1000, 4099, 100003]
+DTYPES = [np.float32, np.float64]
+STEPS = 3
+
+RULES = {
+    "sgd": kernels.SGD_RULE,
+    "adagrad": kernels.ADAGRAD_RULE,
+    "rmsprop": kernels.RMSPROP_RULE,
+    "adam": kernels.ADAM_RULE,
+}
+
+DEFAULTS = {
+    "sgd": dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False),
+    "adagrad": dict(lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False),
+    "rmsprop": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                    centered=False, maximize=False),
+    "adam": dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 maximize=False, decoupled_weight_decay=False),
+}
+
+OPTION_SETS = [
+    ("sgd", {}),
+    ("sgd", {"weight_decay": 0.1}),
+    ("sgd", {"momentum": 0.9}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01}),
+    ("sgd", {"momentum": 0.9, "nesterov": True}),
+    ("sgd", {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1, "maximize": True}),
+    ("sgd", {"maximize": True}),
+    ("adagrad", {}),
+    ("adagrad", {"lr_decay": 0.1, "weight_decay": 0.05}),
+    ("adagrad", {"maximize": True, "eps": 1e-3}),
+    ("rmsprop", {}),
+    ("rmsprop", {"centered": True}),
+    ("rmsprop", {"momentum": 0.9}),
+    ("rmsprop", {"centered": True, "momentum": 0.9}),
+    ("rmsprop", {"weight_decay": 0.1, "maximize": True, "alpha": 0.3}),
+    ("rmsprop", {"centered": True, "momentum": 0.5, "weight_decay": 0.1}),
+    ("adam", {}),
+    ("adam", {"weight_decay": 0.1}),
+    ("adam", {"amsgrad": True}),
+    ("adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
+    ("adam", {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("adam", {"decoupled_weight_decay": True, "weight_decay": 0.1, "amsgrad": True}),
+    ("adam", {"betas": (0.3, 0.6)}),  # 1 - beta1 >= 0.5: the other form of lerp
+]
+
+
+def case_id(case):
+    rule, options = case
+    return rule + "".join(f"-{k}={v}" for k, v in options.items())
+
+
+def make_state(rule_name, hyper, p, rng):
+    """Buffers the options need, with non-trivial starting values."""
+    rule = RULES[rule_name]
+    buffers = []
+    for name, needed in zip(rule.buffers, rule.needs(hyper)):
+        if not needed:
+            buffers.append(None)
+        elif name in ("sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            # >= 0, and square_avg above grad_avg ** 2 as in a real run
+            buffers.append((0.01 + rng.random(p.shape)).astype(p.dtype))
+        elif name == "grad_avg":
+            buffers.append((0.1 * rng.random(p.shape) - 0.05).astype(p.dtype))
+        else:
+            buffers.append(rng.standard_normal(p.shape).astype(p.dtype))
+    return buffers
+
+
+def step_kwargs(rule_name, t):
+    if RULES[rule_name].step_arg == "step":
+        return {"step": t}
+    return {"first_step": t == 1}
+
+
+def run_both(rule_name, options, dtype, n, grads_fn, steps=STEPS, seed=0):
+    rng = np.random.default_rng(seed)
+    hyper = {**DEFAULTS[rule_name], **options}
+    p = rng.standard_normal(n).astype(dtype)
+    buffers = make_state(rule_name, hyper, p, rng)
+    fast = [p.copy()] + [None if b is None else b.copy() for b in buffers]
+    slow = [p.copy()] + [None if b is None else b.copy() for b in buffers]
+    for t in range(1, steps + 1):
+        g = grads_fn(rng, n, dtype)
+        kw = {**hyper, **step_kwargs(rule_name, t)}
+        getattr(kernels, rule_name)(fast[0], g, *fast[1:], **kw)
+        getattr(reference, rule_name)(slow[0], g, *slow[1:], **kw)
+    return fast, slow
+
+
+def normal_grads(rng, n, dtype):
+    return rng.standard_normal(n).astype(dtype)
+
+
+def hostile_grads(rng, n, dtype):
+    g = rng.standard_normal(n).astype(dtype) * np.asarray(1e30, dtype)
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, 1e38], dtype)
+    g[: min(n, specials.size)] = specials[: min(n, specials.size)]
+    rng.shuffle(g)
+    return g
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", OPTION_SETS, ids=case_id)
+def test_fast_equals_reference(case, dtype, n):
+    fast, slow = run_both(*case, dtype, n, normal_grads)
+    for a, b in zip(fast, slow):
+        if a is not None:
+            assert a.dtype == dtype
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", OPTION_SETS, ids=case_id)
+def test_fast_equals_reference_with_nan_and_inf(case, dtype):
+    with np.errstate(all="ignore"):
+        fast, slow = run_both(*case, dtype, 37, hostile_grads)
+    for a, b in zip(fast, slow):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)  # NaN positions must match too
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_multidimensional_arrays_are_updated_as_flat(dtype):
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal((3, 5, 7)).astype(dtype)
+    g = rng.standard_normal((3, 5, 7)).astype(dtype)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    flat = [x.ravel().copy() for x in (p, g, m, v)]
+    kernels.adam(p, g, m, v, step=1, lr=0.1)
+    kernels.adam(flat[0], flat[1], flat[2], flat[3], step=1, lr=0.1)
+    np.testing.assert_array_equal(p.ravel(), flat[0])
+
+
+def test_sgd_first_step_copies_gradient_into_buffer():
+    p = np.zeros(4)
+    g = np.array([1.0, -2.0, 3.0, 0.5])
+    buf = np.full(4, 123.0)
+    kernels.sgd(p, g, buf, lr=0.1, momentum=0.9, dampening=0.5, first_step=True)
+    np.testing.assert_array_equal(buf, g)  # no dampening on the first step
+    np.testing.assert_allclose(p, -0.1 * g)
+
+
+def test_adam_first_step_moves_by_lr_in_sign_direction():
+    # After bias correction, the first Adam step is lr * g / (|g| + eps').
+    p = np.zeros(3)
+    kernels.adam(p, np.array([2.0, -3.0, 0.0]), np.zeros(3), np.zeros(3), step=1, lr=0.5)
+    np.testing.assert_allclose(p, [-0.5, 0.5, 0.0], rtol=1e-7)
+
+
+def test_amsgrad_keeps_running_maximum():
+    p, m, v, vmax = np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(2)
+    kernels.adam(p, np.array([10.0, 1.0]), m, v, vmax, step=1, amsgrad=True)
+    first = vmax.copy()
+    kernels.adam(p, np.array([0.0, 0.0]), m, v, vmax, step=2, amsgrad=True)
+    np.testing.assert_array_equal(vmax, first)  # v decayed, the max did not
+    assert np.all(v < vmax)
+
+
+# ----------------------------------------------------------------- bad input
+
+def fresh_adam_args(dtype=np.float32, n=8):
+    p = np.ones(n, dtype)
+    g = np.full(n, 0.5, dtype)
+    return p, g, np.zeros(n, dtype), np.zeros(n, dtype)
+
+
+BAD_KERNEL_CALLS = {
+    "int param": (lambda p, g, m, v: (p.astype(np.int64), g, m, v, {}), TypeError, "dtype"),
+    "float16 param": (lambda p, g, m, v: (p.astype(np.float16), g, m, v, {}), TypeError, "float32 or float64"),
+    "list param": (lambda p, g, m, v: (list(p), g, m, v, {}), TypeError, "numpy.ndarray"),
+    "grad dtype": (lambda p, g, m, v: (p, g.astype(np.float64), m, v, {}), TypeError, "g has dtype"),
+    "grad shape": (lambda p, g, m, v: (p, g[:4], m, v, {}), ValueError, "g has shape"),
+    "strided param": (lambda p, g, m, v: (np.ones(16, p.dtype)[::2], g, m, v, {}), ValueError, "C-contiguous"),
+    "strided grad": (lambda p, g, m, v: (p, np.ones(16, p.dtype)[::2], m, v, {}), ValueError, "g must be C-contiguous"),
+    "read-only param": (lambda p, g, m, v: (np.broadcast_to(p, p.shape), g, m, v, {}), ValueError, "read-only"),
+    "grad is param": (lambda p, g, m, v: (p, p, m, v, {}), ValueError, "g shares memory with p"),
+    "grad is state": (lambda p, g, m, v: (p, m, m, v, {}), ValueError, "shares memory with exp_avg"),
+    "state is state": (lambda p, g, m, v: (p, g, m, m, {}), ValueError, "exp_avg_sq shares memory"),
+    "missing amsgrad buffer": (lambda p, g, m, v: (p, g, m, v, {"amsgrad": True}), ValueError, "max_exp_avg_sq is required"),
+    "negative lr": (lambda p, g, m, v: (p, g, m, v, {"lr": -1.0}), ValueError, "lr must be >= 0"),
+    "nan lr": (lambda p, g, m, v: (p, g, m, v, {"lr": float("nan")}), ValueError, "lr must be >= 0"),
+    "beta1 = 1": (lambda p, g, m, v: (p, g, m, v, {"betas": (1.0, 0.999)}), ValueError, r"betas\[0\] must be in \[0, 1\)"),
+    "beta2 < 0": (lambda p, g, m, v: (p, g, m, v, {"betas": (0.9, -0.1)}), ValueError, r"betas\[1\]"),
+    "betas scalar": (lambda p, g, m, v: (p, g, m, v, {"betas": 0.9}), TypeError, "pair"),
+    "eps = 0": (lambda p, g, m, v: (p, g, m, v, {"eps": 0.0}), ValueError, "eps must be > 0"),
+    "lr string": (lambda p, g, m, v: (p, g, m, v, {"lr": "0.1"}), TypeError, "lr must be a real number"),
+    "step 0": (lambda p, g, m, v: (p, g, m, v, {"step": 0}), ValueError, "step must be >= 1"),
+    "step float": (lambda p, g, m, v: (p, g, m, v, {"step": 1.5}), TypeError, "step must be an integer"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_KERNEL_CALLS)
+def test_bad_kernel_input_raises_and_changes_nothing(name):
+    make, error, message = BAD_KERNEL_CALLS[name]
+    p, g, m, v, extra = make(*fresh_adam_args())
+    before = [np.array(x, copy=True) for x in (p, g, m, v)]
+    kwargs = {"step": 1, **extra}
+    with pytest.raises(error, match=message):
+        kernels.adam(p, g, m, v, **kwargs)
+    for x, b in zip((p, g, m, v), before):
+        np.testing.assert_array_equal(np.asarray(x), b)
+
+
+def test_unused_buffer_is_refused():
+    p, g, m, v = fresh_adam_args()
+    with pytest.raises(ValueError, match="max_exp_avg_sq was given but"):
+        kernels.adam(p, g, m, v, np.zeros_like(p), step=1)
+
+
+def test_nesterov_needs_momentum_and_no_dampening():
+    p = np.zeros(3)
+    with pytest.raises(ValueError, match="nesterov"):
+        kernels.sgd(p, np.ones(3), np.zeros(3), momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="nesterov"):
+        kernels.sgd(p, np.ones(3), np.zeros(3), momentum=0.9, dampening=0.1, nesterov=True)
+    np.testing.assert_array_equal(p, 0)
