@@ -132,6 +132,11 @@ def check_distinct_params(named_params):
     An overlap would update the same memory twice in one step. Sorting by
     address keeps this O(n log n) for models with many arrays.
     """
+    seen = {}
+    for name, p in named_params:
+        if id(p) in seen:
+            raise ValueError(f"{name} is the same array as {seen[id(p)]}: each parameter may appear once")
+        seen[id(p)] = name
     spans = []
     for name, p in named_params:
         if p.size == 0:
@@ -147,8 +152,3 @@ def check_distinct_params(named_params):
             )
         if end > reach:
             reach, reach_name = end, name
-    seen = {}
-    for name, p in named_params:
-        if id(p) in seen:
-            raise ValueError(f"{name} is the same array as {seen[id(p)]}: each parameter may appear once")
-        seen[id(p)] = name
