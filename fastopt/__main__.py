@@ -1,0 +1,30 @@
+"""Command line: ``python -m fastopt bench [options]`` or ``python -m fastopt --version``."""
+import sys
+
+from ._version import __version__
+
+USAGE = """usage: python -m fastopt {bench,--version} [options]
+
+  bench      time fastopt's optimizer step against the NumPy reference
+             (and torch.optim when installed); --help for its options
+  --version  print fastopt's version
+"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"fastopt {__version__}")
+        return 0
+    if argv[0] == "bench":
+        from . import bench
+        return bench.run(argv[1:])
+    print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
