@@ -127,6 +127,13 @@ RMSprop.__doc__ = f"""RMSprop: steps scaled by a running RMS of the gradients.
     maximize : bool, default False
     """
 
+_ADAM_DOC = """lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default {weight_decay}
+    amsgrad : bool, default False
+    maximize : bool, default False"""
+
 Adam.__doc__ = f"""Adam, with optional AMSGrad and decoupled (AdamW) weight decay.
 
     Same rule and defaults as ``torch.optim.Adam``.
@@ -134,12 +141,7 @@ Adam.__doc__ = f"""Adam, with optional AMSGrad and decoupled (AdamW) weight deca
     Parameters
     ----------
     {_PARAMS_DOC}
-    lr : float, default 1e-3
-    betas : (float, float), default (0.9, 0.999)
-    eps : float, default 1e-8
-    weight_decay : float, default 0
-    amsgrad : bool, default False
-    maximize : bool, default False
+    {_ADAM_DOC.format(weight_decay=0)}
     decoupled_weight_decay : bool, default False
         True decays the parameter directly, as AdamW does.
 
@@ -160,10 +162,5 @@ AdamW.__doc__ = f"""AdamW: Adam with decoupled weight decay (default 1e-2).
     Parameters
     ----------
     {_PARAMS_DOC}
-    lr : float, default 1e-3
-    betas : (float, float), default (0.9, 0.999)
-    eps : float, default 1e-8
-    weight_decay : float, default 1e-2
-    amsgrad : bool, default False
-    maximize : bool, default False
+    {_ADAM_DOC.format(weight_decay="1e-2")}
     """

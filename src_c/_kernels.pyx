@@ -16,7 +16,7 @@ extension is compiled with -ffp-contract=off so no FMA changes a rounding.
 
 cimport numpy as cnp
 from libc.math cimport sqrt, sqrtf
-from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 
 cnp.import_array()
 
@@ -307,13 +307,21 @@ cdef int run_many(kernel_f32 k32, kernel_f64 k64, list params, list grads,
 # ------------------------------------------------------------ entry points
 # One per rule: typed scalars in, a StepScalars out, then the shared driver.
 
+cdef StepScalars common(double lr, double weight_decay, bint maximize) noexcept:
+    """The fields every rule reads; the others start as 'off' (never garbage)."""
+    cdef StepScalars s
+    memset(&s, 0, sizeof(s))
+    s.lr = lr
+    s.weight_decay = weight_decay
+    s.sign = -1.0 if maximize else 1.0
+    s.decay = 1.0
+    return s
+
+
 def sgd(list params, list grads, list momentum_buffer, double lr,
         double weight_decay, double momentum, double dampening, bint nesterov,
         bint maximize, bint first_step):
-    cdef StepScalars s
-    s.lr = lr
-    s.sign = -1.0 if maximize else 1.0
-    s.weight_decay = weight_decay
+    cdef StepScalars s = common(lr, weight_decay, maximize)
     s.momentum = momentum
     s.dampening = dampening
     s.nesterov = nesterov
@@ -324,10 +332,7 @@ def sgd(list params, list grads, list momentum_buffer, double lr,
 
 def adagrad(list params, list grads, list state_sum, double clr,
             double weight_decay, double eps, bint maximize):
-    cdef StepScalars s
-    s.lr = clr
-    s.sign = -1.0 if maximize else 1.0
-    s.weight_decay = weight_decay
+    cdef StepScalars s = common(clr, weight_decay, maximize)
     s.eps = eps
     run_many(adagrad_kernel[float], adagrad_kernel[double], params, grads,
              (state_sum,), &s)
@@ -336,10 +341,7 @@ def adagrad(list params, list grads, list state_sum, double clr,
 def rmsprop(list params, list grads, list square_avg, list grad_avg,
             list momentum_buffer, double lr, double alpha, double eps,
             double weight_decay, double momentum, bint centered, bint maximize):
-    cdef StepScalars s
-    s.lr = lr
-    s.sign = -1.0 if maximize else 1.0
-    s.weight_decay = weight_decay
+    cdef StepScalars s = common(lr, weight_decay, maximize)
     s.alpha = alpha
     s.eps = eps
     s.momentum = momentum
@@ -352,10 +354,7 @@ def adam(list params, list grads, list exp_avg, list exp_avg_sq,
          list max_exp_avg_sq, double step_size, double beta1, double beta2,
          double bc2_sqrt, double eps, double weight_decay, double decay,
          bint maximize):
-    cdef StepScalars s
-    s.lr = step_size
-    s.sign = -1.0 if maximize else 1.0
-    s.weight_decay = weight_decay
+    cdef StepScalars s = common(step_size, weight_decay, maximize)
     s.beta1 = beta1
     s.beta2 = beta2
     s.bc2_sqrt = bc2_sqrt
