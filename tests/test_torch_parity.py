@@ -101,11 +101,8 @@ def run_fastopt(optimizer, kwargs, p0, grads, dtype, backend, record_steps):
     return np.stack(out)
 
 
-@pytest.fixture(scope="module")
-def golden():
-    """The recording, as {"meta": dict, case id: (index, p0, grads, {dtype: traj})}."""
-    if not mg.GOLDEN_PATH.exists():
-        pytest.fail(f"{mg.GOLDEN_PATH} is missing; run python tests/make_golden.py")
+def load_golden():
+    """The recording, as {"meta": dict, case id: (case, p0, grads, {dtype: traj})}."""
     with np.load(mg.GOLDEN_PATH, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
     meta = json.loads(arrays["meta"][()])
@@ -114,6 +111,13 @@ def golden():
         trajs = {dtype: arrays[f"traj_{dtype}"][i] for dtype in DTYPES}
         out[case["id"]] = (case, arrays["p0"][i], arrays["grads"][i], trajs)
     return out
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not mg.GOLDEN_PATH.exists():
+        pytest.fail(f"{mg.GOLDEN_PATH} is missing; run python tests/make_golden.py")
+    return load_golden()
 
 
 def golden_case(golden, case_id):
@@ -424,3 +428,29 @@ def test_live_adagrad_group_initial_accumulator_value(torch):
     theirs.grad = torch.tensor(g)
     topt.step()
     np.testing.assert_allclose(mine, theirs.detach().numpy(), rtol=1e-12)
+
+
+# ------------------------------------------------------------------- report
+
+def deviation_report(backend="cython"):
+    """{(optimizer, dtype): max deviation from torch's recording over all cases}."""
+    data = load_golden()
+    worst = {}
+    for case in data["meta"]["cases"]:
+        _, p0, grads, trajs = data[case["id"]]
+        for dtype in DTYPES:
+            got = run_fastopt(case["optimizer"], case["kwargs"], p0, grads, dtype, backend,
+                              mg.CHECKPOINTS)
+            key = (case["optimizer"], dtype)
+            worst[key] = max(worst.get(key, 0.0), float(deviation(got, trajs[dtype], p0).max()))
+    return worst
+
+
+if __name__ == "__main__":
+    # python tests/test_torch_parity.py: the deviation table, torch not needed.
+    report = deviation_report()
+    print("max |p_fastopt - p_torch| / max |p_torch - p0| over every golden case and "
+          f"checkpoint ({mg.STEPS} steps)")
+    print(f"{'optimizer':<10} {'float64':>10} {'float32':>10}")
+    for name in dict.fromkeys(opt for opt, _ in report):
+        print(f"{name:<10} {report[name, 'float64']:>10.2g} {report[name, 'float32']:>10.2g}")
