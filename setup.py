@@ -1,43 +1,81 @@
-"""Build the Cython modules (``fastopt._kernels``, ``fastopt._screen``).
+"""Build fastopt's Cython modules.
 
-Metadata lives in pyproject.toml; this file only describes the extension.
-Flags are portable on purpose: no -march=native, so a wheel built here runs
-on any CPU of its architecture.
+- ``fastopt._fastpath``: the API layer's fast path (screen, pointer gathering).
+- ``fastopt._kernels_<isa>``: the compute layer, the same source
+  (src_c/_kernels.pxi) compiled once per instruction-set level. The default
+  flags are portable (no -march=native); fastopt/_dispatch.py picks at import
+  the best level this CPU runs, or the one FASTOPT_SIMD names.
+
+Metadata lives in pyproject.toml.
 """
+import os
+import platform
 import sys
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-if sys.platform == "win32":
-    # MSVC: /fp:precise keeps the same roundings as the GCC/Clang flags below.
-    COMPILE_ARGS = ["/O2", "/fp:precise"]
+MSVC = sys.platform == "win32"
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+if MSVC:
+    # /fp:precise keeps the same roundings as the GCC/Clang flags below.
+    BASE_FLAGS = ["/O2", "/fp:precise"]
+    OPENMP = ["/openmp"]
+    OPENMP_LINK = []
+    ISA_FLAGS = {"baseline": [], "avx2": ["/arch:AVX2"], "avx512": ["/arch:AVX512"]}
 else:
-    COMPILE_ARGS = [
+    BASE_FLAGS = [
         "-O3",
         # sqrt() only vectorizes when it need not set errno.
         "-fno-math-errno",
-        # No FMA contraction: results stay bit-identical across compilers and ISAs,
-        # and match torch's separate multiply and add.
+        # No FMA contraction: every ISA level and thread count gives the same
+        # bits, and they match torch's separate multiply and add.
         "-ffp-contract=off",
     ]
+    # Apple's clang has no OpenMP: the kernels then run on one thread.
+    OPENMP = [] if sys.platform == "darwin" or os.environ.get("FASTOPT_NO_OPENMP") else ["-fopenmp"]
+    OPENMP_LINK = OPENMP
+    ISA_FLAGS = {
+        "baseline": [],
+        "avx2": ["-mavx2", "-mfma"],
+        # 512-bit vectors: GCC prefers 256-bit ones on x86-64-v4 unless told.
+        "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma",
+                   "-mprefer-vector-width=512"],
+    }
+
+# Only x86 has optional levels; elsewhere (aarch64: NEON is baseline) one build.
+LEVELS = ["baseline", "avx2", "avx512"] if X86 else ["baseline"]
+
+COMMON = dict(
+    include_dirs=[numpy.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
 
 extensions = [
+    Extension("fastopt._fastpath", ["src_c/_fastpath.pyx"], extra_compile_args=BASE_FLAGS,
+              **COMMON),
+] + [
     Extension(
-        f"fastopt.{name}",
-        [f"src_c/{name}.pyx"],
-        include_dirs=[numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=COMPILE_ARGS,
+        f"fastopt._kernels_{level}",
+        [f"src_c/_kernels_{level}.pyx"],
+        extra_compile_args=BASE_FLAGS + OPENMP + ISA_FLAGS[level],
+        extra_link_args=OPENMP_LINK,
+        include_dirs=COMMON["include_dirs"],
+        # Recorded in the module, for fastopt.show_config().
+        define_macros=COMMON["define_macros"] + [
+            ("FASTOPT_ISA", f'"{level}"'),
+            ("FASTOPT_CFLAGS", '"' + " ".join(BASE_FLAGS + OPENMP + ISA_FLAGS[level]) + '"'),
+        ],
     )
-    # _kernels: the compute layer.  _screen: the fast half of input validation.
-    for name in ("_kernels", "_screen")
+    for level in LEVELS
 ]
 
 setup(
     ext_modules=cythonize(
         extensions,
+        include_path=["src_c"],
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,

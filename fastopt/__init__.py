@@ -5,9 +5,11 @@ Cython, following torch.optim's formulas, so a training loop can switch
 between the two without surprises.
 """
 from . import kernels, reference
+from ._dispatch import get_num_threads, set_num_threads, show_config, simd_level
 from ._version import __version__
 from .optimizer import Optimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "kernels",
-           "reference", "__version__"]
+           "reference", "set_num_threads", "get_num_threads", "show_config", "simd_level",
+           "__version__"]

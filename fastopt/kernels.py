@@ -22,7 +22,8 @@ array([0.9, 0.9, 0.9, 0.9], dtype=float32)
 """
 from typing import Callable, NamedTuple
 
-from . import _kernels
+from . import _dispatch  # noqa: F401  (installs the compute layer for this CPU)
+from . import _fastpath
 from . import _validation as V
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam"]
@@ -32,6 +33,8 @@ class Rule(NamedTuple):
     """Everything the API layer needs to know about one update rule."""
 
     name: str
+    #: the compute layer's number for this rule
+    rule_id: int
     #: hyperparameter -> validation rule (the kernel's keyword arguments)
     hyper: dict
     #: state buffer names, in kernel argument order (torch.optim's names)
@@ -40,47 +43,29 @@ class Rule(NamedTuple):
     needs: Callable
     #: the per-step argument: "step" (count t >= 1) or "first_step" (bool)
     step_arg: str
-    #: run(params, grads, buffer_lists, step_value, hyper), inputs already checked
-    run: Callable
+    #: hyper -> the kernel's step-independent scalars (fields of _fastpath.Scalars)
+    consts: Callable
     #: cross-field constraints, hyper -> None or raise
     check: Callable = None
 
-
-# ------------------------------------------------------------- per-step scalars
-# Computed once per step in double precision, outside the element loop, the
-# way torch.optim computes them (Python floats).
-
-def _run_sgd(params, grads, buffer_lists, first_step, h):
-    _kernels.sgd(params, grads, buffer_lists[0], h["lr"], h["weight_decay"],
-                 h["momentum"], h["dampening"], h["nesterov"], h["maximize"], first_step)
+    def scalars(self, hyper):
+        """The compiled scalars for validated ``hyper``; the step adds the rest."""
+        return _fastpath.Scalars(self.rule_id, **self.consts(hyper))
 
 
-def _run_adagrad(params, grads, buffer_lists, step, h):
-    clr = h["lr"] / (1 + (step - 1) * h["lr_decay"])
-    _kernels.adagrad(params, grads, buffer_lists[0], clr, h["weight_decay"], h["eps"],
-                     h["maximize"])
+# Step-independent scalars, computed once per group in double precision;
+# _fastpath.Scalars.at_step adds what depends on the step count (Adam's bias
+# corrections, Adagrad's decayed lr) with the operations torch.optim uses.
 
-
-def _run_rmsprop(params, grads, buffer_lists, step, h):
-    square_avg, grad_avg, momentum_buffer = buffer_lists
-    _kernels.rmsprop(params, grads, square_avg, grad_avg, momentum_buffer, h["lr"],
-                     h["alpha"], h["eps"], h["weight_decay"], h["momentum"], h["centered"],
-                     h["maximize"])
-
-
-def _run_adam(params, grads, buffer_lists, step, h):
-    exp_avg, exp_avg_sq, max_exp_avg_sq = buffer_lists
+def _adam_consts(h):
     beta1, beta2 = h["betas"]
-    lr, wd = h["lr"], h["weight_decay"]
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
     if h["decoupled_weight_decay"]:
-        coupled_wd, decay = 0.0, 1 - lr * wd
+        # AdamW: p *= 1 - lr * weight_decay, and no decay term in the gradient
+        coupled_wd, decay = 0.0, 1 - h["lr"] * h["weight_decay"]
     else:
-        coupled_wd, decay = wd, 1.0
-    _kernels.adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                  lr / bias_correction1, beta1, beta2, bias_correction2 ** 0.5,
-                  h["eps"], coupled_wd, decay, h["maximize"])
+        coupled_wd, decay = h["weight_decay"], 1.0
+    return dict(lr=h["lr"], beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=coupled_wd,
+                decay=decay, amsgrad=h["amsgrad"], maximize=h["maximize"])
 
 
 def _check_sgd(h):
@@ -90,45 +75,49 @@ def _check_sgd(h):
 
 SGD_RULE = Rule(
     name="sgd",
+    rule_id=0,
     hyper={"lr": V.nonnegative, "momentum": V.nonnegative, "dampening": V.finite,
            "weight_decay": V.nonnegative, "nesterov": V.flag, "maximize": V.flag},
     buffers=("momentum_buffer",),
     needs=lambda h: (h["momentum"] != 0,),
     step_arg="first_step",
-    run=_run_sgd,
+    consts=lambda h: dict(h),  # every hyperparameter is a field as it is
     check=_check_sgd,
 )
 
 ADAGRAD_RULE = Rule(
     name="adagrad",
+    rule_id=1,
     hyper={"lr": V.nonnegative, "lr_decay": V.nonnegative, "weight_decay": V.nonnegative,
            "eps": V.positive, "maximize": V.flag},
     buffers=("sum",),
     needs=lambda h: (True,),
     step_arg="step",
-    run=_run_adagrad,
+    consts=lambda h: dict(h),
 )
 
 RMSPROP_RULE = Rule(
     name="rmsprop",
+    rule_id=2,
     hyper={"lr": V.nonnegative, "alpha": V.unit_interval, "eps": V.positive,
            "weight_decay": V.nonnegative, "momentum": V.nonnegative, "centered": V.flag,
            "maximize": V.flag},
     buffers=("square_avg", "grad_avg", "momentum_buffer"),
     needs=lambda h: (True, h["centered"], h["momentum"] > 0),
     step_arg="step",
-    run=_run_rmsprop,
+    consts=lambda h: dict(h),
 )
 
 ADAM_RULE = Rule(
     name="adam",
+    rule_id=3,
     hyper={"lr": V.nonnegative, "betas": V.betas, "eps": V.positive,
            "weight_decay": V.nonnegative, "amsgrad": V.flag, "maximize": V.flag,
            "decoupled_weight_decay": V.flag},
     buffers=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     needs=lambda h: (True, True, h["amsgrad"]),
     step_arg="step",
-    run=_run_adam,
+    consts=_adam_consts,
 )
 
 
@@ -160,8 +149,23 @@ def apply(rule, p, g, buffers, step_value, hyper):
             V.check_no_overlap(name, buf, {"p": p, **named})
             named[name] = buf
     V.check_no_overlap("g", g, {"p": p, **named})
-    buffer_lists = tuple(None if b is None else [b] for b in buffers)
-    rule.run([p], [g], buffer_lists, step_value, hyper)
+    run_lists(rule, [p], [g], tuple(None if b is None else [b] for b in buffers),
+              step_value, hyper)
+
+
+def run_lists(rule, params, grads, buffer_lists, step_value, hyper, scalars=None):
+    """Run ``rule`` over aligned, already validated lists (one kernel call)."""
+    ws = _fastpath.Workspace()
+    ws.fill(params, grads, buffer_lists)
+    run_workspace(rule, ws, step_value, scalars or rule.scalars(hyper))
+
+
+def run_workspace(rule, ws, step_value, scalars):
+    """Run a loaded workspace; ``step_value`` is the step count or SGD's first_step."""
+    if rule.step_arg == "step":
+        _fastpath.run_workspace(ws, scalars, step_value, False)
+    else:
+        _fastpath.run_workspace(ws, scalars, 0, step_value)
 
 
 # ------------------------------------------------------------------ public API

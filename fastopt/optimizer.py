@@ -11,9 +11,10 @@ kernels run, so a step that raises has modified no parameter and no state.
 """
 import numpy as np
 
-from . import _screen
+from . import _fastpath
 from . import _validation as V
 from . import reference
+from .kernels import run_lists, run_workspace
 
 BACKENDS = ("cython", "numpy")
 
@@ -105,6 +106,7 @@ class Optimizer:
         self.defaults = self._check_group_hyper(defaults, "")
         self.param_groups = []
         self.state = {}
+        self._workspaces = []  # one reusable pointer array per group (fast path)
         self._named = None  # True/False once the first group fixes it
         for group in _split_groups(params):
             self.add_param_group(group)
@@ -190,12 +192,14 @@ class Optimizer:
             group["param_names"] = names
         self._named = named
         self.param_groups.append(group)
+        self._workspaces.append(_fastpath.Workspace())
 
     # -------------------------------------------------------------- step
 
-    def _align(self, grads, names, count):
+    def _align(self, grads, count):
         """Return grads as a list aligned with the flat parameter list."""
         if isinstance(grads, dict):
+            names = self._flat_names()
             if names is None:
                 raise TypeError(
                     "grads is a dict but the parameters were given without names; "
@@ -221,13 +225,21 @@ class Optimizer:
         )
 
     def _group_hyper(self, gi, group):
-        """The validated hyperparameters of ``group`` (cached until it is edited)."""
-        hyper = getattr(group, "checked", None)
-        if hyper is None:
+        """``(hyper, kernel_hyper, needs, scalars)`` of a group, cached until it is edited.
+
+        ``hyper``: all validated hyperparameters; ``kernel_hyper``: those the
+        rule's kernel takes; ``needs``: which state buffers the options use;
+        ``scalars``: the kernel's step-independent scalars (_fastpath.Scalars).
+        """
+        checked = getattr(group, "checked", None)
+        if checked is None:
             hyper = self._check_group_hyper(group, f"param_groups[{gi}]: ")
+            kernel_hyper = {k: hyper[k] for k in self.rule.hyper}
+            checked = (hyper, kernel_hyper, self.rule.needs(hyper),
+                       self.rule.scalars(kernel_hyper))
             if isinstance(group, ParamGroup):
-                group.checked = hyper
-        return hyper
+                group.checked = checked
+        return checked
 
     def _explain(self, params, grads, names):
         """Raise the error for the first parameter the screen flagged."""
@@ -262,14 +274,29 @@ class Optimizer:
         )
 
     def _plan(self, grads):
-        """Validate everything a step touches; return (params, grads, hypers)."""
-        names = self._flat_names()
-        params = self._flat_params()
-        grads = self._align(grads, names, len(params))
-        hypers = [self._group_hyper(gi, group) for gi, group in enumerate(self.param_groups)]
-        if _screen.first_suspect(params, grads, self.state, self.rule.buffers) >= 0:
-            self._explain(params, grads, names)
-        return params, grads, hypers
+        """Validate everything a step touches.
+
+        Returns the aligned grads and, per group, its hyperparameters and
+        whether the fast path loaded its workspace (with the common step).
+        This runs on every step: it avoids any work per parameter in Python.
+        """
+        groups = self.param_groups
+        grads = self._align(grads, sum([len(group["params"]) for group in groups]))
+        rule = self.rule
+        counts_steps = rule.step_arg == "step"
+        plan = []
+        start = 0
+        for gi, group in enumerate(groups):
+            checked = self._group_hyper(gi, group)
+            params = group["params"]
+            stop = start + len(params)
+            code, step = _fastpath.gather(self._workspaces[gi], params, grads, start, stop,
+                                          self.state, rule.buffers, checked[2], counts_steps)
+            if code >= 0:
+                self._explain(self._flat_params(), grads, self._flat_names())
+            plan.append((checked, start, stop, code == _fastpath.GATHERED, step))
+            start = stop
+        return grads, plan
 
     def _new_buffer(self, name, p, hyper):
         """A new state buffer for ``p``; zeros unless a rule says otherwise."""
@@ -298,18 +325,29 @@ class Optimizer:
         TypeError, ValueError
             On any invalid input, before anything is modified.
         """
-        params, grads, hypers = self._plan(grads)
+        if (self.backend == "cython" and type(grads) is list
+                and _fastpath.step_groups(self.param_groups, grads, self.state, self._workspaces,
+                                          self.rule.buffers, self.rule.step_arg == "step")
+                == _fastpath.DONE):
+            return  # the common case, done in Cython with no work per parameter here
+        grads, plan = self._plan(grads)
         # Everything is valid: from here on nothing raises.
-        start = 0
-        for group, hyper in zip(self.param_groups, hypers):
-            stop = start + len(group["params"])
-            self._step_group(params, grads, start, stop, hyper)
-            start = stop
-
-    def _step_group(self, params, grads, start, stop, hyper):
         rule = self.rule
-        needs = rule.needs(hyper)
-        kernel_hyper = {k: hyper[k] for k in rule.hyper}
+        for gi, ((hyper, kernel_hyper, needs, scalars), start, stop, gathered, step) in enumerate(plan):
+            if gathered and self.backend == "cython":
+                # Every parameter has its state at the same step: one kernel call.
+                if rule.step_arg == "step":
+                    run_workspace(rule, self._workspaces[gi], step + 1, scalars)
+                    _fastpath.commit_steps(self.state, grads, start, stop, step + 1)
+                else:
+                    run_workspace(rule, self._workspaces[gi], False, scalars)
+            else:
+                self._step_group(self.param_groups[gi]["params"], grads, start, stop,
+                                 hyper, kernel_hyper, needs, scalars)
+
+    def _step_group(self, params, grads, start, stop, hyper, kernel_hyper, needs, scalars):
+        """The general path: lazy state, uneven steps, missing gradients."""
+        rule = self.rule
         # Parameters can be at different steps (one had no gradient once);
         # each distinct per-step value is one kernel call.
         batches = {}
@@ -317,7 +355,7 @@ class Optimizer:
             g = grads[index]
             if g is None:
                 continue
-            p = params[index]
+            p = params[index - start]
             state = self.state.get(index)
             if state is None:
                 state = self.state[index] = {}
@@ -336,11 +374,11 @@ class Optimizer:
                 if lst is not None:
                     lst.append(state[name])
         for key, (ps, gs, buffer_lists) in batches.items():
-            self._run(ps, gs, tuple(buffer_lists), key, kernel_hyper)
+            self._run(ps, gs, tuple(buffer_lists), key, kernel_hyper, scalars)
 
-    def _run(self, params, grads, buffer_lists, step_value, kernel_hyper):
+    def _run(self, params, grads, buffer_lists, step_value, kernel_hyper, scalars):
         if self.backend == "cython":
-            self.rule.run(params, grads, buffer_lists, step_value, kernel_hyper)
+            run_lists(self.rule, params, grads, buffer_lists, step_value, kernel_hyper, scalars)
             return
         twin = getattr(reference, self.rule.name)
         for i, (p, g) in enumerate(zip(params, grads)):

@@ -1,61 +1,70 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
-# cython: initializedcheck=False, cdivision=True, embedsignature=True
-"""Compute layer: one fused, in-place pass per update rule.
+# Compute layer, included once per instruction-set level by
+# _kernels_baseline.pyx, _kernels_avx2.pyx and _kernels_avx512.pyx, which are
+# the same code compiled with different -m flags (setup.py). fastopt/_dispatch.py
+# picks the best module this CPU runs and hands its runner to the fast path.
+#
+# Nothing here validates. The API layer has already checked every array
+# (ndarray, float32/float64, C-contiguous, aligned, writeable, matching dtype
+# and size, no aliasing) and every hyperparameter, and has computed the
+# per-step scalars in double precision. This layer only runs loops over
+# pointers: one fused, in-place pass per update rule.
+#
+# Numerics follow torch.optim's single-tensor formulas operation by operation
+# (shared/SEMANTICS.md). A float32 array is updated in float32 arithmetic with
+# the per-step scalars rounded to float32 once, as torch does. The modules are
+# compiled with -ffp-contract=off: no FMA changes a rounding, so every ISA
+# level and every thread count gives bit-identical results (the update of an
+# element never depends on how the elements are split).
 
-Nothing here validates. The callers in ``fastopt`` (the API layer) have
-already checked every array (ndarray, float32/float64, C-contiguous,
-writeable, matching dtype and size, no aliasing) and every hyperparameter,
-and have computed the per-step scalars in double precision. These entry
-points only take the data pointers and run the loops.
-
-Numerics follow torch.optim's single-tensor formulas operation by operation
-(see shared/SEMANTICS.md). A float32 array is updated in float32 arithmetic
-with the per-step scalars rounded to float32 once, as torch does, and the
-extension is compiled with -ffp-contract=off so no FMA changes a rounding.
-"""
-
-cimport numpy as cnp
+from cpython.pycapsule cimport PyCapsule_New
+from cython.parallel cimport parallel, threadid
 from libc.math cimport sqrt, sqrtf
-from libc.string cimport memset
 
-cnp.import_array()
+from _common cimport (Slot, StepScalars, runner_t, RULE_SGD, RULE_ADAGRAD,
+                     RULE_RMSPROP, RULE_ADAM, MAX_BUFFERS)
+
+cdef extern from *:
+    """
+    #if defined(__clang__) || defined(__GNUC__)
+    #define FASTOPT_COMPILER ("gcc-compatible " __VERSION__)
+    #elif defined(_MSC_VER)
+    #define FASTOPT_COMPILER "msvc"
+    #else
+    #define FASTOPT_COMPILER "unknown"
+    #endif
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FASTOPT_OPENMP 1
+    #else
+    static int omp_get_max_threads(void) { return 1; }
+    static int omp_get_num_threads(void) { return 1; }
+    #define FASTOPT_OPENMP 0
+    #endif
+    """
+    int omp_get_max_threads() noexcept nogil
+    int omp_get_num_threads() noexcept nogil
+    const int FASTOPT_OPENMP
+    const char* FASTOPT_ISA     # set per module by setup.py
+    const char* FASTOPT_CFLAGS  # likewise
+    const char* FASTOPT_COMPILER
+
 
 ctypedef fused floating:
     float
     double
 
 
-cdef struct StepScalars:
-    # Every rule reads the fields it needs; the entry points below fill them.
-    double lr            # SGD, RMSprop: lr.  Adagrad: clr.  Adam: lr / bc1.
-    double sign          # -1.0 when maximizing, else 1.0 (multiplying by +-1 is exact)
-    double weight_decay  # coupled (L2) decay added to the gradient; 0 means off
-    double momentum
-    double dampening
-    bint nesterov
-    bint first_step      # SGD: the momentum buffer starts as a copy of g
-    double eps
-    double alpha         # RMSprop smoothing constant
-    bint centered
-    double beta1
-    double beta2
-    double bc2_sqrt      # sqrt(1 - beta2 ** t)
-    double decay         # AdamW: p *= decay, decay = 1 - lr * wd (1.0 when off: exact)
-    bint amsgrad
+# Relative cost of one element per rule (about the bytes it moves), and the
+# work below which a step stays on the calling thread: waking a thread pool
+# costs microseconds, more than a small update (shared/ANCHORS.md).
+cdef Py_ssize_t RULE_COST[4]
+RULE_COST[:] = [3, 5, 6, 7]
+cdef Py_ssize_t parallel_min_work = 7 * 65536
 
-
-# A kernel updates n elements. bufs holds the rule's state buffers in the
-# order of its entry point's arguments (NULL for a buffer the options do not use).
-ctypedef void (*kernel_f32)(float*, const float*, float**, Py_ssize_t,
-                            const StepScalars*) noexcept nogil
-ctypedef void (*kernel_f64)(double*, const double*, double**, Py_ssize_t,
-                            const StepScalars*) noexcept nogil
-
-DEF MAX_BUFFERS = 3
-
-# Below this many elements the kernel runs with the GIL held: releasing and
-# re-acquiring it costs more than the update itself.
-cdef Py_ssize_t NOGIL_MIN_SIZE = 16384
+# Split points between threads fall on multiples of 16 elements (64 bytes of
+# float32), so two threads rarely write the same cache line.
+cdef enum:
+    SPLIT_ALIGN = 16
 
 
 cdef inline floating lerp(floating a, floating b, floating w) noexcept nogil:
@@ -259,107 +268,100 @@ cdef void adam_kernel(floating* p, const floating* g, floating** bufs,
             adam_loop(p, g, bufs[0], bufs[1], NULL, n, s, False, False)
 
 
+
 # ----------------------------------------------------------------- driver
 
-cdef int run_many(kernel_f32 k32, kernel_f64 k64, list params, list grads,
-                  tuple buffer_lists, const StepScalars* s) except -1:
-    """Run one rule over aligned lists of arrays (already validated).
-
-    buffer_lists holds, per state buffer of the rule, a list aligned with
-    params, or None for a buffer that the current options do not use.
-    """
-    cdef Py_ssize_t count = len(params)
-    cdef Py_ssize_t nbuf = len(buffer_lists)
-    cdef Py_ssize_t i, j, size
-    cdef cnp.ndarray p, g
-    cdef void* bufs[MAX_BUFFERS]
-    cdef list blist
-    for j in range(MAX_BUFFERS):
-        bufs[j] = NULL
-    for i in range(count):
-        p = <cnp.ndarray>params[i]
-        g = <cnp.ndarray>grads[i]
-        for j in range(nbuf):
-            blist = <list>buffer_lists[j]
-            if blist is not None:
-                bufs[j] = cnp.PyArray_DATA(<cnp.ndarray>blist[i])
-        size = cnp.PyArray_SIZE(p)
-        # The one dtype dispatch: params were checked to be float32 or float64.
-        if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32:
-            if size >= NOGIL_MIN_SIZE:
-                with nogil:
-                    k32(<float*>cnp.PyArray_DATA(p), <float*>cnp.PyArray_DATA(g),
-                        <float**>bufs, size, s)
-            else:
-                k32(<float*>cnp.PyArray_DATA(p), <float*>cnp.PyArray_DATA(g),
-                    <float**>bufs, size, s)
+cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssize_t n,
+                           const StepScalars* s) noexcept nogil:
+    """Run elements [start, start + n) of one slot. The one rule x dtype dispatch."""
+    cdef int j
+    cdef float* fbufs[MAX_BUFFERS]
+    cdef double* dbufs[MAX_BUFFERS]
+    if slot.f64:
+        for j in range(MAX_BUFFERS):
+            dbufs[j] = (<double*>slot.buf[j] + start) if slot.buf[j] != NULL else NULL
+        if rule == RULE_ADAM:
+            adam_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
+        elif rule == RULE_SGD:
+            sgd_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
+        elif rule == RULE_ADAGRAD:
+            adagrad_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
         else:
-            if size >= NOGIL_MIN_SIZE:
-                with nogil:
-                    k64(<double*>cnp.PyArray_DATA(p), <double*>cnp.PyArray_DATA(g),
-                        <double**>bufs, size, s)
-            else:
-                k64(<double*>cnp.PyArray_DATA(p), <double*>cnp.PyArray_DATA(g),
-                    <double**>bufs, size, s)
-    return 0
+            rmsprop_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
+    else:
+        for j in range(MAX_BUFFERS):
+            fbufs[j] = (<float*>slot.buf[j] + start) if slot.buf[j] != NULL else NULL
+        if rule == RULE_ADAM:
+            adam_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
+        elif rule == RULE_SGD:
+            sgd_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
+        elif rule == RULE_ADAGRAD:
+            adagrad_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
+        else:
+            rmsprop_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
 
 
-# ------------------------------------------------------------ entry points
-# One per rule: typed scalars in, a StepScalars out, then the shared driver.
-
-cdef StepScalars common(double lr, double weight_decay, bint maximize) noexcept:
-    """The fields every rule reads; the others start as 'off' (never garbage)."""
-    cdef StepScalars s
-    memset(&s, 0, sizeof(s))
-    s.lr = lr
-    s.weight_decay = weight_decay
-    s.sign = -1.0 if maximize else 1.0
-    s.decay = 1.0
-    return s
-
-
-def sgd(list params, list grads, list momentum_buffer, double lr,
-        double weight_decay, double momentum, double dampening, bint nesterov,
-        bint maximize, bint first_step):
-    cdef StepScalars s = common(lr, weight_decay, maximize)
-    s.momentum = momentum
-    s.dampening = dampening
-    s.nesterov = nesterov
-    s.first_step = first_step
-    run_many(sgd_kernel[float], sgd_kernel[double], params, grads,
-             (momentum_buffer,), &s)
+cdef void run_range(int rule, const Slot* slots, Py_ssize_t count, Py_ssize_t lo,
+                    Py_ssize_t hi, const StepScalars* s) noexcept nogil:
+    """Run elements [lo, hi) of the slots laid end to end."""
+    cdef Py_ssize_t i, size, a, b
+    cdef Py_ssize_t offset = 0
+    for i in range(count):
+        size = slots[i].size
+        if offset >= hi:
+            break
+        if offset + size > lo:
+            a = lo - offset if lo > offset else 0
+            b = hi - offset if hi - offset < size else size
+            call_rule(rule, &slots[i], a, b - a, s)
+        offset += size
 
 
-def adagrad(list params, list grads, list state_sum, double clr,
-            double weight_decay, double eps, bint maximize):
-    cdef StepScalars s = common(clr, weight_decay, maximize)
-    s.eps = eps
-    run_many(adagrad_kernel[float], adagrad_kernel[double], params, grads,
-             (state_sum,), &s)
+cdef void run_slots(int rule, const Slot* slots, Py_ssize_t count, const StepScalars* s,
+                    int max_threads) noexcept nogil:
+    """The runner: all slots of a step in one pass, split evenly over threads."""
+    cdef Py_ssize_t total = 0, lo, hi, i
+    cdef int tid, nthreads
+    cdef int threads = omp_get_max_threads()  # threadpoolctl's limit lands here
+    for i in range(count):
+        total += slots[i].size
+    if max_threads < threads:
+        threads = max_threads
+    if threads <= 1 or total * RULE_COST[rule] < parallel_min_work:
+        run_range(rule, slots, count, 0, total, s)
+        return
+    with parallel(num_threads=threads):
+        tid = threadid()
+        nthreads = omp_get_num_threads()
+        lo = (total * tid // nthreads) // SPLIT_ALIGN * SPLIT_ALIGN
+        hi = total if tid == nthreads - 1 else (total * (tid + 1) // nthreads) // SPLIT_ALIGN * SPLIT_ALIGN
+        run_range(rule, slots, count, lo, hi, s)
 
 
-def rmsprop(list params, list grads, list square_avg, list grad_avg,
-            list momentum_buffer, double lr, double alpha, double eps,
-            double weight_decay, double momentum, bint centered, bint maximize):
-    cdef StepScalars s = common(lr, weight_decay, maximize)
-    s.alpha = alpha
-    s.eps = eps
-    s.momentum = momentum
-    s.centered = centered
-    run_many(rmsprop_kernel[float], rmsprop_kernel[double], params, grads,
-             (square_avg, grad_avg, momentum_buffer), &s)
+# ------------------------------------------------------------------ exports
 
 
-def adam(list params, list grads, list exp_avg, list exp_avg_sq,
-         list max_exp_avg_sq, double step_size, double beta1, double beta2,
-         double bc2_sqrt, double eps, double weight_decay, double decay,
-         bint maximize):
-    cdef StepScalars s = common(step_size, weight_decay, maximize)
-    s.beta1 = beta1
-    s.beta2 = beta2
-    s.bc2_sqrt = bc2_sqrt
-    s.eps = eps
-    s.decay = decay
-    s.amsgrad = max_exp_avg_sq is not None
-    run_many(adam_kernel[float], adam_kernel[double], params, grads,
-             (exp_avg, exp_avg_sq, max_exp_avg_sq), &s)
+def runner():
+    """This module's runner, as a capsule for fastopt._fastpath."""
+    return PyCapsule_New(<void*>run_slots, b"fastopt.runner", NULL)
+
+
+def info():
+    """How this module was built, and OpenMP's current thread limit."""
+    return {
+        "isa": FASTOPT_ISA.decode(),
+        "compiler": FASTOPT_COMPILER.decode(),
+        "flags": FASTOPT_CFLAGS.decode(),
+        "openmp": bool(FASTOPT_OPENMP),
+        "omp_max_threads": omp_get_max_threads(),
+    }
+
+
+def set_parallel_min_work(Py_ssize_t work):
+    """Work (elements x rule cost) below which a step runs on one thread."""
+    global parallel_min_work
+    parallel_min_work = work
+
+
+def get_parallel_min_work():
+    return parallel_min_work

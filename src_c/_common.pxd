@@ -1,0 +1,46 @@
+# Types shared by the compute layer (_kernels_*.pyx) and the API layer's fast
+# path (_fastpath.pyx). Only plain C: pointers, sizes and scalars.
+
+cdef enum:
+    RULE_SGD = 0
+    RULE_ADAGRAD = 1
+    RULE_RMSPROP = 2
+    RULE_ADAM = 3
+    MAX_BUFFERS = 3
+
+
+cdef struct StepScalars:
+    # Every rule reads the fields it needs; the others are zero ("off").
+    double base_lr       # the group's lr, from which lr is derived each step
+    double lr_decay      # Adagrad
+    double lr            # SGD, RMSprop: lr.  Adagrad: clr.  Adam: lr / bc1.
+    double sign          # -1.0 when maximizing, else 1.0 (multiplying by +-1 is exact)
+    double weight_decay  # coupled (L2) decay added to the gradient; 0 means off
+    double momentum
+    double dampening
+    bint nesterov
+    bint first_step      # SGD: the momentum buffer starts as a copy of g
+    double eps
+    double alpha         # RMSprop smoothing constant
+    bint centered
+    double beta1
+    double beta2
+    double bc2_sqrt      # sqrt(1 - beta2 ** t)
+    double decay         # AdamW: p *= decay, decay = 1 - lr * wd (1.0 when off: exact)
+    bint amsgrad
+
+
+cdef struct Slot:
+    # One parameter's update: its data, its gradient, its state buffers (in the
+    # rule's order, NULL when unused), its element count and its dtype.
+    char* p
+    char* g
+    char* buf[MAX_BUFFERS]
+    Py_ssize_t size
+    bint f64
+
+
+# The compute layer's single entry: run `rule` over `count` slots, splitting
+# the elements over at most `max_threads` threads when the work is large.
+ctypedef void (*runner_t)(int rule, const Slot* slots, Py_ssize_t count,
+                          const StepScalars* s, int max_threads) noexcept nogil

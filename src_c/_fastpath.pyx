@@ -1,0 +1,404 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: initializedcheck=False, cdivision=True
+"""The API layer's fast path: check a step's arrays, gather their pointers, run.
+
+``fastopt._validation`` states every array rule once, in Python, with the
+messages users see. Running those checks on every array of every step costs
+microseconds per array - the whole time budget of a small step. This module
+applies the same rules with the NumPy C-API while it gathers the data
+pointers into a :class:`Workspace`, and only answers "the first parameter that
+might break a rule is i". The Python checks then run and raise the error with
+its message. The screen must therefore never pass what those checks refuse
+(tests/test_optimizer.py fuzzes the two against each other).
+
+The compute layer (``_kernels_<isa>``) is reached through one function
+pointer, installed by fastopt/_dispatch.py for the CPU's best ISA level.
+"""
+cimport numpy as cnp
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.math cimport pow
+from libc.stdlib cimport realloc, free
+from libc.string cimport memset
+
+from _common cimport (Slot, StepScalars, runner_t, RULE_SGD, RULE_ADAGRAD,
+                      RULE_RMSPROP, RULE_ADAM, MAX_BUFFERS)
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    static int fastopt_has_avx2(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    static int fastopt_has_avx512(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    }
+    #else
+    static int fastopt_has_avx2(void) { return 0; }
+    static int fastopt_has_avx512(void) { return 0; }
+    #endif
+    """
+    int fastopt_has_avx2()
+    int fastopt_has_avx512()
+
+
+def cpu_features():
+    """Which of the optional kernel builds this CPU (and OS) can run."""
+    return {"avx2": bool(fastopt_has_avx2()), "avx512": bool(fastopt_has_avx512())}
+
+
+# ------------------------------------------------------------ runner, threads
+
+cdef runner_t runner = NULL
+cdef int max_threads = 1
+# Below this many elements the GIL is kept: releasing it costs more than the work.
+cdef Py_ssize_t NOGIL_MIN_SIZE = 16384
+
+
+def install_runner(capsule):
+    """Use the compute layer whose runner() made ``capsule``."""
+    global runner
+    runner = <runner_t>PyCapsule_GetPointer(capsule, b"fastopt.runner")
+
+
+def set_max_threads(int n):
+    global max_threads
+    max_threads = n if n > 0 else 1
+
+
+def get_max_threads():
+    return max_threads
+
+
+# ------------------------------------------------------------------ workspace
+
+cdef class Workspace:
+    """Reusable slot array: the pointers of one kernel call (grown, never shrunk)."""
+    cdef Slot* slots
+    cdef Py_ssize_t capacity
+    cdef Py_ssize_t count
+    cdef Py_ssize_t total
+
+    def __dealloc__(self):
+        free(self.slots)
+
+    def __reduce__(self):
+        # Scratch space only: a copy (deepcopy, pickle) starts empty.
+        return (Workspace, ())
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        cdef Slot* grown
+        if n > self.capacity:
+            grown = <Slot*>realloc(self.slots, n * sizeof(Slot))
+            if grown == NULL:
+                raise MemoryError()
+            self.slots = grown
+            self.capacity = n
+        return 0
+
+    cdef inline void put(self, cnp.ndarray p, cnp.ndarray g, char** bufs) noexcept:
+        cdef Slot* slot = &self.slots[self.count]
+        cdef int j
+        slot.p = <char*>cnp.PyArray_DATA(p)
+        slot.g = <char*>cnp.PyArray_DATA(g)
+        for j in range(MAX_BUFFERS):
+            slot.buf[j] = bufs[j]
+        slot.size = cnp.PyArray_SIZE(p)
+        slot.f64 = cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64
+        self.total += slot.size
+        self.count += 1
+
+    def fill(self, list params, list grads, tuple buffer_lists):
+        """Load already-validated aligned lists (buffer_lists: per buffer a list or None)."""
+        cdef Py_ssize_t i, j, n = len(params)
+        cdef char* bufs[MAX_BUFFERS]
+        self.reserve(n)
+        self.count = 0
+        self.total = 0
+        for i in range(n):
+            for j in range(MAX_BUFFERS):
+                bufs[j] = NULL
+                if j < len(buffer_lists) and buffer_lists[j] is not None:
+                    bufs[j] = <char*>cnp.PyArray_DATA(<cnp.ndarray>(<list>buffer_lists[j])[i])
+            self.put(<cnp.ndarray>params[i], <cnp.ndarray>grads[i], bufs)
+
+    cdef void run(self, int rule, const StepScalars* s) noexcept:
+        if self.count == 0:
+            return
+        if self.total >= NOGIL_MIN_SIZE:
+            with nogil:
+                runner(rule, self.slots, self.count, s, max_threads)
+        else:
+            runner(rule, self.slots, self.count, s, max_threads)
+
+
+# --------------------------------------------------------------------- screen
+
+cdef inline bint usable(object obj, bint writeable):
+    """A native-order, aligned, C-contiguous float32/float64 ndarray."""
+    if not cnp.PyArray_Check(obj):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>obj
+    cdef int kind = cnp.PyArray_TYPE(a)
+    if kind != cnp.NPY_FLOAT32 and kind != cnp.NPY_FLOAT64:
+        return False
+    if not (cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a)
+            and cnp.PyArray_IS_C_CONTIGUOUS(a)):
+        return False
+    return not writeable or cnp.PyArray_ISWRITEABLE(a)
+
+
+cdef inline bint same_layout(cnp.ndarray a, cnp.ndarray b):
+    return cnp.PyArray_TYPE(a) == cnp.PyArray_TYPE(b) and cnp.PyArray_SAMESHAPE(a, b)
+
+
+cdef inline bint ranges_overlap(char* a0, char* a1, char* b0, char* b1):
+    # Byte ranges of contiguous arrays; an empty range overlaps nothing.
+    return a0 < a1 and b0 < b1 and a0 < b1 and b0 < a1
+
+
+cdef inline char* end_of(cnp.ndarray a):
+    return <char*>cnp.PyArray_DATA(a) + cnp.PyArray_NBYTES(a)
+
+
+# Return codes of gather(), besides the index of a suspect parameter.
+GATHERED = -1   # every parameter of the range is ready: run the workspace
+SLOW_PATH = -2  # valid, but some parameter needs Python's help (no gradient, no state yet, uneven steps)
+
+
+def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t stop,
+           dict state, tuple names, tuple needs, bint counts_steps):
+    """Screen one group's ``params`` (flat indices start..stop-1) and load ``ws``.
+
+    ``grads`` and ``state`` are indexed by flat index; ``params`` by position
+    in the group, ``params[i - start]``, written ``params[i]`` below.
+
+    Checked for every ``i`` whose ``grads[i]`` is not None: ``params[i]`` is a
+    usable writeable array; ``grads[i]`` is usable, of the same dtype and
+    shape, and overlaps neither ``params[i]`` nor a buffer of ``state[i]``;
+    ``state[i]``, if present, is a dict whose ``"step"`` (if any) is an int
+    >= 0 and whose buffers named in ``names`` (if present) are usable,
+    writeable, of the parameter's dtype and shape, and overlap neither the
+    parameter nor each other.
+
+    Returns ``(code, step)``: ``code`` is the first suspect index, or
+    GATHERED (``ws`` holds the whole range; ``step`` is the parameters' common
+    step count, 0 if the rule counts none), or SLOW_PATH. Nothing is modified
+    except ``ws``.
+    """
+    cdef Py_ssize_t i, j, k, nb
+    cdef object p_obj, g_obj, b_obj, entry, step_obj
+    cdef cnp.ndarray p, g, b
+    cdef char* p0
+    cdef char* p1
+    cdef char* g0
+    cdef char* g1
+    cdef char* b0
+    cdef char* b1
+    cdef char* seen0[MAX_BUFFERS]
+    cdef char* seen1[MAX_BUFFERS]
+    cdef char* bufs[MAX_BUFFERS]
+    cdef bint slow = False
+    cdef Py_ssize_t step = -1, this_step
+    cdef Py_ssize_t nnames = len(names)
+    if len(params) != stop - start:
+        raise ValueError("internal: params does not match start..stop")
+    ws.reserve(stop - start)
+    ws.count = 0
+    ws.total = 0
+    for i in range(start, stop):
+        g_obj = grads[i]
+        if g_obj is None:
+            slow = True
+            continue
+        p_obj = params[i - start]
+        if not usable(p_obj, True) or not usable(g_obj, False):
+            return i, 0
+        p = <cnp.ndarray>p_obj
+        g = <cnp.ndarray>g_obj
+        p0 = <char*>cnp.PyArray_DATA(p)
+        p1 = end_of(p)
+        g0 = <char*>cnp.PyArray_DATA(g)
+        g1 = end_of(g)
+        if not same_layout(g, p) or ranges_overlap(g0, g1, p0, p1):
+            return i, 0
+        entry = state.get(i)
+        if entry is None:
+            slow = True
+            continue
+        if type(entry) is not dict:
+            return i, 0
+        step_obj = (<dict>entry).get("step")
+        if step_obj is not None:
+            if type(step_obj) is not int or step_obj < 0:
+                return i, 0
+            this_step = step_obj
+        elif counts_steps:
+            slow = True
+        nb = 0
+        for j in range(MAX_BUFFERS):
+            bufs[j] = NULL
+        for j in range(nnames):
+            b_obj = (<dict>entry).get(names[j])
+            if b_obj is None:
+                if needs[j]:
+                    slow = True
+                continue
+            if not usable(b_obj, True):
+                return i, 0
+            b = <cnp.ndarray>b_obj
+            b0 = <char*>cnp.PyArray_DATA(b)
+            b1 = end_of(b)
+            if (not same_layout(b, p) or ranges_overlap(b0, b1, p0, p1)
+                    or ranges_overlap(b0, b1, g0, g1)):
+                return i, 0
+            for k in range(nb):
+                if ranges_overlap(b0, b1, seen0[k], seen1[k]):
+                    return i, 0
+            seen0[nb] = b0
+            seen1[nb] = b1
+            nb += 1
+            if needs[j]:
+                bufs[j] = b0
+        if slow:
+            continue  # keep screening; the workspace will not be used
+        if counts_steps:
+            if step == -1:
+                step = this_step
+            elif this_step != step:
+                slow = True
+                continue
+        ws.put(p, g, bufs)
+    if slow:
+        return SLOW_PATH, 0
+    return GATHERED, (step if step > 0 else 0)
+
+
+def commit_steps(dict state, list grads, Py_ssize_t start, Py_ssize_t stop, object step):
+    """Set state[i]["step"] = step for each i in range whose grad is not None."""
+    cdef Py_ssize_t i
+    for i in range(start, stop):
+        if grads[i] is not None:
+            (<dict>state[i])["step"] = step
+
+
+# ------------------------------------------------------------ step scalars
+
+cdef class Scalars:
+    """A rule's step-independent scalars; :meth:`at_step` adds the rest.
+
+    Built once per group from validated hyperparameters (fastopt.kernels
+    says which fields each rule sets) and reused every step, so a step only
+    computes what depends on the step count - in double precision, with the
+    same operations torch.optim uses in Python.
+    """
+    cdef readonly int rule
+    cdef StepScalars s
+
+    def __init__(self, int rule, *, double lr=0.0, double lr_decay=0.0, bint maximize=False,
+                 double weight_decay=0.0, double momentum=0.0, double dampening=0.0,
+                 bint nesterov=False, double eps=0.0, double alpha=0.0, bint centered=False,
+                 double beta1=0.0, double beta2=0.0, double decay=1.0, bint amsgrad=False):
+        if rule not in (RULE_SGD, RULE_ADAGRAD, RULE_RMSPROP, RULE_ADAM):
+            raise ValueError(f"unknown rule {rule}")
+        memset(&self.s, 0, sizeof(self.s))
+        self.rule = rule
+        self.s.base_lr = lr
+        self.s.lr_decay = lr_decay
+        self.s.sign = -1.0 if maximize else 1.0
+        self.s.weight_decay = weight_decay
+        self.s.momentum = momentum
+        self.s.dampening = dampening
+        self.s.nesterov = nesterov
+        self.s.eps = eps
+        self.s.alpha = alpha
+        self.s.centered = centered
+        self.s.beta1 = beta1
+        self.s.beta2 = beta2
+        self.s.decay = decay
+        self.s.amsgrad = amsgrad
+
+    cdef StepScalars at_step(self, Py_ssize_t step, bint first_step) noexcept:
+        cdef StepScalars s = self.s
+        cdef double t = <double>step
+        if self.rule == RULE_ADAM:
+            # torch: step_size = lr / (1 - beta1 ** t); bias_correction2 ** 0.5
+            s.lr = s.base_lr / (1.0 - pow(s.beta1, t))
+            s.bc2_sqrt = pow(1.0 - pow(s.beta2, t), 0.5)
+        elif self.rule == RULE_ADAGRAD:
+            # torch: clr = lr / (1 + (step - 1) * lr_decay)
+            s.lr = s.base_lr / (1.0 + (t - 1.0) * s.lr_decay)
+        else:
+            s.lr = s.base_lr
+        s.first_step = first_step
+        return s
+
+    def values(self, Py_ssize_t step=1, bint first_step=False):
+        """The scalars a kernel would get at ``step`` (for tests and debugging)."""
+        return self.at_step(step, first_step)
+
+
+cdef void run(Workspace ws, Scalars scalars, Py_ssize_t step, bint first_step) noexcept:
+    cdef StepScalars s = scalars.at_step(step, first_step)
+    ws.run(scalars.rule, &s)
+
+
+def run_workspace(Workspace ws, Scalars scalars, Py_ssize_t step, bint first_step):
+    """Run the loaded workspace with ``scalars`` at ``step`` (Python entry)."""
+    run(ws, scalars, step, first_step)
+
+
+# ------------------------------------------------------------ whole step
+
+# step_groups() outcome besides DONE: the Python path must take over. Nothing
+# was modified in either case below.
+DONE = 0
+NEEDS_PYTHON = 1
+
+
+def step_groups(list groups, list grads, dict state, list workspaces, tuple names,
+                bint counts_steps):
+    """A whole optimizer step when nothing needs Python's help, else NEEDS_PYTHON.
+
+    ``groups`` are the optimizer's ParamGroups, each with a ``checked`` cache
+    ``(hyper, kernel_hyper, needs, Scalars)`` made by the Python layer. Every
+    group is screened and gathered first; only if all are ready do the kernels
+    run. Anything else - an edited group, a grad count that does not match, a
+    suspect array, missing state or grads, uneven steps - returns NEEDS_PYTHON
+    with nothing modified, and the Python path validates and reports.
+    """
+    cdef Py_ssize_t gi, start = 0, stop, total = 0
+    cdef Py_ssize_t ngroups = len(groups)
+    cdef object checked, code, step, params
+    cdef list steps = []
+    for gi in range(ngroups):
+        total += len(<list>(<dict>groups[gi])["params"])
+    if total != len(grads) or len(workspaces) < ngroups:
+        return NEEDS_PYTHON
+    for gi in range(ngroups):
+        checked = getattr(groups[gi], "checked", None)
+        if checked is None:
+            return NEEDS_PYTHON
+        params = (<dict>groups[gi])["params"]
+        stop = start + len(params)
+        code, step = gather(workspaces[gi], params, grads, start, stop, state, names,
+                            checked[2], counts_steps)
+        if code != GATHERED:
+            return NEEDS_PYTHON
+        steps.append(step)
+        start = stop
+    start = 0
+    for gi in range(ngroups):
+        checked = getattr(groups[gi], "checked")
+        stop = start + len(<list>(<dict>groups[gi])["params"])
+        if counts_steps:
+            run(<Workspace>workspaces[gi], <Scalars>checked[3], steps[gi] + 1, False)
+            commit_steps(state, grads, start, stop, steps[gi] + 1)
+        else:
+            run(<Workspace>workspaces[gi], <Scalars>checked[3], 0, False)
+        start = stop
+    return DONE
