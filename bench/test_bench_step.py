@@ -1,14 +1,20 @@
 """pytest-benchmark suite: one optimizer step, per rule x dtype x size x implementation.
 
 Run with ``pytest bench/`` (add ``--benchmark-json=out.json`` to keep the
-numbers). Benchmarks of one rule, dtype and size share a group, so the table
-compares implementations side by side. Each benchmark first checks its
-implementation's result against fastopt's NumPy reference.
+numbers, ``-k "adam and f32"`` to narrow). Benchmarks of one rule, dtype and
+size share a group, so each table compares implementations side by side.
+Each benchmark first checks its implementation's result against fastopt's
+NumPy reference (fastopt bit for bit, others to 1e-4 of the total change).
+
+Implementations: fastopt (separate arrays), fastopt-flat (one FlatParams
+buffer; many-array cases), numpy-reference, torch-fused, torch-foreach, and
+deepspeed-cpuadam when DeepSpeed is importable (Adam only).
 """
 import numpy as np
 import pytest
 
 import fastopt
+from fastopt.bench import MANY_LARGE, MANY_SMALL, model_sizes
 
 RULES = {
     "sgd": (fastopt.SGD, {"lr": 0.01}),
@@ -18,59 +24,99 @@ RULES = {
     "adam": (fastopt.Adam, {}),
     "adamw": (fastopt.AdamW, {}),
 }
-SIZES = [1_000, 100_000, 1_000_000]
+SIZES = ["1e3", "1e5", "1e6", MANY_SMALL, MANY_LARGE]
 DTYPES = {"f32": np.float32, "f64": np.float64}
 
 
-def _fastopt_stepper(cls, kwargs, p, backend):
-    opt = cls([p], backend=backend, **kwargs)
-    return lambda g: opt.step([g])
+def _fastopt(cls, kwargs, arrays, backend="cython"):
+    opt = cls(arrays, backend=backend, **kwargs)
+    return lambda grads: opt.step(grads), arrays
 
 
-def _torch_stepper(cls, kwargs, p):
+def _flat(cls, kwargs, arrays):
+    if len(arrays) == 1:
+        pytest.skip("one array is already flat")
+    flat = fastopt.FlatParams({str(i): a for i, a in enumerate(arrays)})
+    opt = cls([flat.data], **kwargs)
+
+    def step(grads):
+        # Backward passes write straight into flat.grads; copying is setup.
+        if step.loaded is not grads:
+            for view, g in zip(flat.grads.values(), grads):
+                view[...] = g
+            step.loaded = grads
+        opt.step([flat.grad])
+    step.loaded = None
+    return step, list(flat.params.values())
+
+
+def _torch(cls, kwargs, arrays, flavour):
     torch = pytest.importorskip("torch")
-    t = torch.from_numpy(p)
-    torch_cls = getattr(torch.optim, cls.__name__)
+    tensors = [torch.from_numpy(a) for a in arrays]
     try:
-        opt = torch_cls([t], fused=True, **kwargs)
-    except (TypeError, RuntimeError, ValueError):
-        opt = torch_cls([t], **kwargs)
+        opt = getattr(torch.optim, cls.__name__)(tensors, **{flavour: True}, **kwargs)
+    except (TypeError, RuntimeError, ValueError) as e:
+        pytest.skip(f"torch {cls.__name__} has no {flavour} path: {e}")
+    wrapped = {}
 
-    def step(g):
-        t.grad = torch.from_numpy(g)
+    def step(grads):
+        if id(grads) not in wrapped:
+            wrapped[id(grads)] = [torch.from_numpy(g) for g in grads]
+        for t, g in zip(tensors, wrapped[id(grads)]):
+            t.grad = g
         opt.step()
-    return step
+    return step, arrays
+
+
+def _deepspeed(cls, kwargs, arrays):
+    if cls not in (fastopt.Adam, fastopt.AdamW):
+        pytest.skip("DeepSpeed's CPUAdam is Adam only")
+    torch = pytest.importorskip("torch")
+    adam = pytest.importorskip("deepspeed.ops.adam")
+    tensors = [torch.from_numpy(a) for a in arrays]
+    opt = adam.DeepSpeedCPUAdam(tensors, adamw_mode=cls is fastopt.AdamW, **kwargs)
+
+    def step(grads):
+        for t, g in zip(tensors, grads):
+            t.grad = torch.from_numpy(g)
+        opt.step()
+    return step, arrays
 
 
 IMPLEMENTATIONS = {
-    "fastopt": lambda cls, kw, p: _fastopt_stepper(cls, kw, p, "cython"),
-    "numpy-reference": lambda cls, kw, p: _fastopt_stepper(cls, kw, p, "numpy"),
-    "torch": _torch_stepper,
+    "fastopt": _fastopt,
+    "fastopt-flat": _flat,
+    "numpy-reference": lambda cls, kw, a: _fastopt(cls, kw, a, backend="numpy"),
+    "torch-fused": lambda cls, kw, a: _torch(cls, kw, a, "fused"),
+    "torch-foreach": lambda cls, kw, a: _torch(cls, kw, a, "foreach"),
+    "deepspeed-cpuadam": _deepspeed,
 }
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("rule", list(RULES))
-def test_step(benchmark, rule, dtype, n, impl):
+def test_step(benchmark, rule, dtype, size, impl):
     cls, kwargs = RULES[rule]
     rng = np.random.default_rng(0)
-    p0 = rng.standard_normal(n).astype(DTYPES[dtype])
-    g = (rng.standard_normal(n) + 0.5).astype(DTYPES[dtype])
+    sizes = model_sizes(size)
+    p0 = [rng.standard_normal(n).astype(DTYPES[dtype]) for n in sizes]
+    grads = [(rng.standard_normal(n) + 0.5).astype(DTYPES[dtype]) for n in sizes]
 
     # Check the implementation once: three steps against the reference.
-    p, expected = p0.copy(), p0.copy()
-    step = IMPLEMENTATIONS[impl](cls, kwargs, p)
-    ref = _fastopt_stepper(cls, kwargs, expected, "numpy")
+    step, params = IMPLEMENTATIONS[impl](cls, kwargs, [p.copy() for p in p0])
+    expected = [p.copy() for p in p0]
+    reference, _ = _fastopt(cls, kwargs, expected, backend="numpy")
     for _ in range(3):
-        step(g)
-        ref(g)
-    if impl == "torch":  # same formulas, other rounding order
-        scale = np.max(np.abs(expected - p0))
-        assert np.max(np.abs(p - expected)) <= 1e-4 * scale
-    else:
-        np.testing.assert_array_equal(p, expected)
+        step(grads)
+        reference(grads)
+    got, want = np.concatenate([p.ravel() for p in params]), np.concatenate(expected)
+    if impl.startswith(("fastopt", "numpy")):
+        np.testing.assert_array_equal(got, want)
+    else:  # same formulas, other rounding order
+        scale = np.max(np.abs(want - np.concatenate(p0)))
+        assert np.max(np.abs(got - want)) <= 1e-4 * scale
 
-    benchmark.group = f"{rule} {dtype} n={n:,}"
-    benchmark(step, g)
+    benchmark.group = f"{rule} {dtype} {size}"
+    benchmark(step, grads)

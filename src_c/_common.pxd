@@ -6,6 +6,7 @@ cdef enum:
     RULE_ADAGRAD = 1
     RULE_RMSPROP = 2
     RULE_ADAM = 3
+    RULE_STREAM = 4   # not an optimizer: the bandwidth probe (Adam's traffic, no math)
     MAX_BUFFERS = 3
 
 

@@ -21,7 +21,7 @@ from libc.stdlib cimport realloc, free
 from libc.string cimport memset
 
 from _common cimport (Slot, StepScalars, runner_t, RULE_SGD, RULE_ADAGRAD,
-                      RULE_RMSPROP, RULE_ADAM, MAX_BUFFERS)
+                      RULE_RMSPROP, RULE_ADAM, RULE_STREAM, MAX_BUFFERS)
 
 cnp.import_array()
 
@@ -350,6 +350,13 @@ cdef void run(Workspace ws, Scalars scalars, Py_ssize_t step, bint first_step) n
 def run_workspace(Workspace ws, Scalars scalars, Py_ssize_t step, bint first_step):
     """Run the loaded workspace with ``scalars`` at ``step`` (Python entry)."""
     run(ws, scalars, step, first_step)
+
+
+def stream(Workspace ws):
+    """Run the bandwidth probe over a workspace loaded as (a, b, (c, d, None))."""
+    cdef StepScalars s
+    memset(&s, 0, sizeof(s))
+    ws.run(RULE_STREAM, &s)
 
 
 # ------------------------------------------------------------ whole step

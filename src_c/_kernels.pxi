@@ -21,7 +21,7 @@ from cython.parallel cimport parallel, threadid
 from libc.math cimport sqrt, sqrtf
 
 from _common cimport (Slot, StepScalars, runner_t, RULE_SGD, RULE_ADAGRAD,
-                     RULE_RMSPROP, RULE_ADAM, MAX_BUFFERS)
+                     RULE_RMSPROP, RULE_ADAM, RULE_STREAM, MAX_BUFFERS)
 
 cdef extern from *:
     """
@@ -57,8 +57,8 @@ ctypedef fused floating:
 # Relative cost of one element per rule (about the bytes it moves), and the
 # work below which a step stays on the calling thread: waking a thread pool
 # costs microseconds, more than a small update (shared/ANCHORS.md).
-cdef Py_ssize_t RULE_COST[4]
-RULE_COST[:] = [3, 5, 6, 7]
+cdef Py_ssize_t RULE_COST[5]
+RULE_COST[:] = [3, 5, 6, 7, 7]
 cdef Py_ssize_t parallel_min_work = 7 * 65536
 
 # Split points between threads fall on multiples of 16 elements (64 bytes of
@@ -269,6 +269,21 @@ cdef void adam_kernel(floating* p, const floating* g, floating** bufs,
 
 
 
+cdef void stream_kernel(floating* a, const floating* b, floating** bufs,
+                        Py_ssize_t n, const StepScalars* s) noexcept nogil:
+    # The bandwidth probe: Adam's memory traffic (read a, b, c, d; write a, c,
+    # d: 7 streams) with one add per stream, so memory is all it measures.
+    cdef floating* c = bufs[0]
+    cdef floating* d = bufs[1]
+    cdef floating x
+    cdef Py_ssize_t i
+    for i in range(n):
+        x = b[i]
+        a[i] = a[i] + x
+        c[i] = c[i] + x
+        d[i] = d[i] + x
+
+
 # ----------------------------------------------------------------- driver
 
 cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssize_t n,
@@ -286,8 +301,10 @@ cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssiz
             sgd_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
         elif rule == RULE_ADAGRAD:
             adagrad_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
-        else:
+        elif rule == RULE_RMSPROP:
             rmsprop_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
+        else:
+            stream_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
     else:
         for j in range(MAX_BUFFERS):
             fbufs[j] = (<float*>slot.buf[j] + start) if slot.buf[j] != NULL else NULL
@@ -297,8 +314,10 @@ cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssiz
             sgd_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
         elif rule == RULE_ADAGRAD:
             adagrad_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
-        else:
+        elif rule == RULE_RMSPROP:
             rmsprop_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
+        else:
+            stream_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
 
 
 cdef void run_range(int rule, const Slot* slots, Py_ssize_t count, Py_ssize_t lo,
