@@ -13,8 +13,11 @@ too. Small steps stay on the calling thread (see ``_kernels.pxi``).
 """
 import importlib
 import importlib.util
+import numbers
 import os
 import sys
+
+import numpy as np
 
 from . import _fastpath
 from ._version import __version__
@@ -79,11 +82,14 @@ def _default_threads():
         return os.cpu_count() or 1
 
 
+MAX_THREADS = 1 << 16
+
+
 def set_num_threads(n):
     """Use at most ``n`` threads per step (OpenMP's limit, if lower, wins)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of threads must be an int >= 1, got {n!r}")
-    _fastpath.set_max_threads(n)
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"number of threads must be an int in [1, {MAX_THREADS}], got {n!r}")
+    _fastpath.set_max_threads(int(n))
 
 
 def get_num_threads():
