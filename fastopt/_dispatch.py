@@ -88,7 +88,7 @@ MAX_THREADS = 1 << 16
 def set_num_threads(n):
     """Use at most ``n`` threads per step (OpenMP's limit, if lower, wins)."""
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"number of threads must be an int in [1, {MAX_THREADS}], got {n!r}")
+        raise ValueError(f"number of threads must be an int >= 1 (at most {MAX_THREADS}), got {n!r}")
     _fastpath.set_max_threads(int(n))
 
 
