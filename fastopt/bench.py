@@ -96,9 +96,8 @@ def _flat_impl(cls, options, arrays):
     params = list(flat.params.values())
 
     def step(grads):
-        # The model's backward pass would write into the views; the copy is
-        # done before timing starts for the first step and is the same data
-        # afterwards, so only the optimizer is timed (see run_case).
+        # The model's backward pass writes into the views; run_case calls
+        # step.load(grads) for that before timing a block.
         opt.step([flat.grad])
     step.load = lambda grads: [np.copyto(v, g) for v, g in zip(views, grads)]
     step.params = params
@@ -161,23 +160,31 @@ def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
         for threads in (1, 2):
             add(f"torch {threads}t", lambda a, t=threads: _torch_impl(cls_name, options, a, t))
 
-    # Steps: as many as fit the budget for the slowest implementation.
+    # Rounds: each implementation in turn runs a block of k steps on one
+    # gradient set (its working set stays warm, as in a training loop), and
+    # its time per step in that block is one sample. Rotating through the
+    # implementations every round exposes them all to the same machine noise.
     times = {name: [] for name in impls}
-    step_count = 0
-    deadline = None
-    while step_count < 3 or (step_count < 500 and time.perf_counter() < deadline):
-        grads = grad_sets[step_count % 2]
-        for name, impl in impls.items():
-            if hasattr(impl, "load"):
-                impl.load(grads)
-            t0 = time.perf_counter()
+
+    def block(name, grads, k):
+        impl = impls[name]
+        if hasattr(impl, "load"):
+            impl.load(grads)  # what the model's backward pass would have written
+        t0 = time.perf_counter()
+        for _ in range(k):
             impl(grads)
-            elapsed = time.perf_counter() - t0
-            if step_count:  # the first step allocates state: not timed
-                times[name].append(elapsed)
-        if step_count == 0:
-            deadline = time.perf_counter() + budget_s
-        step_count += 1
+        return (time.perf_counter() - t0) / k
+
+    first = {name: block(name, grad_sets[0], 1) for name in impls}  # allocates state
+    fastest, slowest = min(first.values()), max(first.values())
+    k = max(1, min(int(2e-3 / max(fastest, 1e-9)), 64, int(budget_s / 3 / max(slowest, 1e-9))))
+    rounds = 0
+    deadline = time.perf_counter() + budget_s
+    while rounds < 3 or (rounds < 200 and time.perf_counter() < deadline):
+        for name in impls:
+            times[name].append(block(name, grad_sets[(rounds + 1) % 2], k))
+        rounds += 1
+    step_count = 1 + rounds * k
 
     result = {"rule": rule, "dtype": str(dtype), "case": label, "n": n, "arrays": len(sizes),
               "steps": step_count, "bytes_per_step": streams * dtype.itemsize * n}
@@ -194,16 +201,21 @@ def check(arrays, impls, p0):
     ref = flat_of("numpy")
     start = np.concatenate([np.ravel(p) for p in p0])
     scale = float(np.max(np.abs(ref.astype(np.float64) - start))) or 1.0
+    # Other implementations round differently (torch's fused kernels reorder
+    # operations): allow 1e-4 of the total change plus a few units in the last
+    # place of the largest parameter, which dominate after only a few steps.
+    ulps = 4 * np.finfo(ref.dtype).eps * float(np.max(np.abs(ref))) if ref.size else 0.0
     out = {"max_rel_dev": {}}
     for name in impls:
         got = flat_of(name)
-        dev = float(np.max(np.abs(got.astype(np.float64) - ref))) / scale if got.size else 0.0
-        out["max_rel_dev"][name] = dev
+        err = float(np.max(np.abs(got.astype(np.float64) - ref))) if got.size else 0.0
+        out["max_rel_dev"][name] = err / scale
         exact = not name.startswith("torch")
         if exact and not np.array_equal(got, ref, equal_nan=True):
-            raise AssertionError(f"{name} disagrees with the NumPy reference (rel. dev {dev:.3g})")
-        if not exact and not dev <= 1e-4:
-            raise AssertionError(f"{name} deviates from the NumPy reference by {dev:.3g}")
+            raise AssertionError(f"{name} disagrees with the NumPy reference "
+                                 f"(rel. dev {err / scale:.3g})")
+        if not exact and not err <= 1e-4 * scale + ulps:
+            raise AssertionError(f"{name} deviates from the NumPy reference by {err / scale:.3g}")
     return out
 
 
