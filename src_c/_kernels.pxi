@@ -54,12 +54,15 @@ ctypedef fused floating:
     double
 
 
-# Relative cost of one element per rule (about the bytes it moves), and the
-# work below which a step stays on the calling thread: waking a thread pool
-# costs microseconds, more than a small update (shared/ANCHORS.md).
+# Relative time of one element per rule on one thread (SGD = 1; the divisions
+# and square roots make the others slower), and the work below which a step
+# stays on the calling thread: waking a thread pool costs a few microseconds,
+# more than a small update (shared/ANCHORS.md). Measured with
+# bench/thread_threshold.py on 2 cores: two threads win from about 6k elements
+# for Adam, 16k for SGD with momentum and 32k for plain SGD.
 cdef Py_ssize_t RULE_COST[5]
-RULE_COST[:] = [3, 5, 6, 7, 7]
-cdef Py_ssize_t parallel_min_work = 7 * 65536
+RULE_COST[:] = [1, 4, 5, 5, 2]  # sgd, adagrad, rmsprop, adam, bandwidth probe
+cdef Py_ssize_t parallel_min_work = 32768
 
 # Split points between threads fall on multiples of 16 elements (64 bytes of
 # float32), so two threads rarely write the same cache line.
