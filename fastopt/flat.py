@@ -32,6 +32,35 @@ def _aligned_empty(count, dtype):
     return raw[shift:shift + count * dtype.itemsize].view(dtype)
 
 
+def _padded(size, dtype):
+    """``size`` rounded up to whole ALIGNMENT-byte lines of ``dtype``."""
+    per_line = ALIGNMENT // np.dtype(dtype).itemsize
+    return -(-size // per_line) * per_line
+
+
+def packed_like(arrays, fill=0.0):
+    """New arrays shaped like ``arrays``, laid out back to back in aligned blocks.
+
+    One block per dtype, each array starting on an ALIGNMENT-byte boundary,
+    all set to ``fill``. Optimizer state for a group of many small parameters
+    is allocated this way: one pass over it then streams through memory
+    instead of hopping between scattered allocations.
+    """
+    views = [None] * len(arrays)
+    by_dtype = {}
+    for i, a in enumerate(arrays):
+        by_dtype.setdefault(a.dtype, []).append(i)
+    for dtype, members in by_dtype.items():
+        block = _aligned_empty(sum(_padded(arrays[i].size, dtype) for i in members), dtype)
+        block[...] = fill
+        offset = 0
+        for i in members:
+            size = arrays[i].size
+            views[i] = block[offset:offset + size].reshape(arrays[i].shape)
+            offset += _padded(size, dtype)
+    return views
+
+
 class FlatParams:
     """Arrays packed into one 64-byte-aligned buffer, with a matching gradient buffer.
 
@@ -72,13 +101,12 @@ class FlatParams:
         if dtype not in V.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
 
-        per_line = ALIGNMENT // dtype.itemsize
         self._offsets = {}
         offset = 0
         for name, shape in shapes.items():
             size = int(np.prod(shape, dtype=np.int64))
             self._offsets[name] = (offset, size, shape)
-            offset += -(-size // per_line) * per_line  # round up to the next line
+            offset += _padded(size, dtype)
         self.data = _aligned_empty(offset, dtype)
         self.grad = _aligned_empty(offset, dtype)
         self.data[...] = 0

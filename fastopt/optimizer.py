@@ -14,6 +14,7 @@ import numpy as np
 from . import _fastpath
 from . import _validation as V
 from . import reference
+from .flat import packed_like
 from .kernels import run_lists, run_workspace
 
 BACKENDS = ("cython", "numpy")
@@ -81,7 +82,7 @@ class Optimizer:
     """Base class: holds param groups and state, validates and runs steps.
 
     Subclasses set :attr:`rule` and may add hyperparameters that only shape
-    the state (:attr:`extra_hyper`) or override :meth:`_new_buffer` and
+    the state (:attr:`extra_hyper`) or override :meth:`_initial_value` and
     :meth:`_advance`.
 
     Attributes
@@ -298,9 +299,9 @@ class Optimizer:
             start = stop
         return grads, plan
 
-    def _new_buffer(self, name, p, hyper):
-        """A new state buffer for ``p``; zeros unless a rule says otherwise."""
-        return np.zeros_like(p)
+    def _initial_value(self, name, hyper):
+        """The value state buffer ``name`` starts at; zero unless a rule says otherwise."""
+        return 0.0
 
     def _advance(self, state, created):
         """Count this step in ``state``; return the rule's per-step value."""
@@ -348,6 +349,19 @@ class Optimizer:
     def _step_group(self, params, grads, start, stop, hyper, kernel_hyper, needs, scalars):
         """The general path: lazy state, uneven steps, missing gradients."""
         rule = self.rule
+        # New state buffers of the group are allocated together, packed back
+        # to back (fastopt.flat.packed_like), so a step streams through them.
+        created = {}
+        for name, needed in zip(rule.buffers, needs):
+            if not needed:
+                continue
+            missing = [i for i in range(start, stop) if grads[i] is not None
+                       and self.state.get(i, {}).get(name) is None]
+            views = packed_like([params[i - start] for i in missing],
+                                self._initial_value(name, hyper))
+            for i, view in zip(missing, views):
+                self.state.setdefault(i, {})[name] = view
+                created.setdefault(i, []).append(name)
         # Parameters can be at different steps (one had no gradient once);
         # each distinct per-step value is one kernel call.
         batches = {}
@@ -356,15 +370,8 @@ class Optimizer:
             if g is None:
                 continue
             p = params[index - start]
-            state = self.state.get(index)
-            if state is None:
-                state = self.state[index] = {}
-            created = []
-            for name, needed in zip(rule.buffers, needs):
-                if needed and state.get(name) is None:
-                    state[name] = self._new_buffer(name, p, hyper)
-                    created.append(name)
-            key = self._advance(state, created)
+            state = self.state.setdefault(index, {})
+            key = self._advance(state, created.get(index, ()))
             batch = batches.get(key)
             if batch is None:
                 batch = batches[key] = ([], [], [[] if n else None for n in needs])

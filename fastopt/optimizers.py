@@ -3,7 +3,6 @@
 Each class only describes itself - its rule, defaults and how its state
 starts; ``fastopt.optimizer.Optimizer`` does the rest.
 """
-import numpy as np
 
 from . import _validation as V
 from . import kernels as K
@@ -45,8 +44,8 @@ class Adagrad(Optimizer):
                                       initial_accumulator_value=initial_accumulator_value,
                                       eps=eps, maximize=maximize), backend=backend)
 
-    def _new_buffer(self, name, p, hyper):
-        return np.full_like(p, hyper["initial_accumulator_value"])
+    def _initial_value(self, name, hyper):
+        return hyper["initial_accumulator_value"]
 
 
 class RMSprop(Optimizer):
