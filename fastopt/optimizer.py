@@ -14,6 +14,7 @@ import numpy as np
 from . import _fastpath
 from . import _validation as V
 from . import reference
+from ._watched import ParamGroup, State
 from .flat import packed_like
 from .kernels import run_lists, run_workspace
 
@@ -45,39 +46,6 @@ def _split_groups(params):
     return [{"params": items}]
 
 
-class ParamGroup(dict):
-    """A param-group dict that notices edits.
-
-    Hyperparameters are validated when a group is added and again after any
-    edit (``group["lr"] = ...``), not on every step: validating seven values
-    costs more than a small step's update.
-    """
-
-    __slots__ = ("checked",)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.checked = None  # the validated hyperparameters, until the next edit
-
-    def _edited(method):
-        def wrapper(self, *args, **kwargs):
-            self.checked = None
-            return method(self, *args, **kwargs)
-        wrapper.__name__ = method.__name__
-        wrapper.__doc__ = method.__doc__
-        return wrapper
-
-    __setitem__ = _edited(dict.__setitem__)
-    __delitem__ = _edited(dict.__delitem__)
-    __ior__ = _edited(dict.__ior__)
-    update = _edited(dict.update)
-    setdefault = _edited(dict.setdefault)
-    pop = _edited(dict.pop)
-    popitem = _edited(dict.popitem)
-    clear = _edited(dict.clear)
-    del _edited
-
-
 class Optimizer:
     """Base class: holds param groups and state, validates and runs steps.
 
@@ -106,7 +74,7 @@ class Optimizer:
         self.backend = backend
         self.defaults = self._check_group_hyper(defaults, "")
         self.param_groups = []
-        self.state = {}
+        self.state = State()
         self._workspaces = []  # one reusable pointer array per group (fast path)
         self._named = None  # True/False once the first group fixes it
         for group in _split_groups(params):
@@ -339,7 +307,8 @@ class Optimizer:
                 # Every parameter has its state at the same step: one kernel call.
                 if rule.step_arg == "step":
                     run_workspace(rule, self._workspaces[gi], step + 1, scalars)
-                    _fastpath.commit_steps(self.state, grads, start, stop, step + 1)
+                    _fastpath.commit_steps(self._workspaces[gi], self.state, grads, start, stop,
+                                           step + 1)
                 else:
                     run_workspace(rule, self._workspaces[gi], False, scalars)
             else:
@@ -478,7 +447,7 @@ class Optimizer:
         for group, hyper in zip(self.param_groups, new_hyper):
             hyper = {k: v for k, v in hyper.items() if k != "param_names"}
             group.update(hyper)
-        self.state = new_state
+        self.state = State(new_state)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]

@@ -25,6 +25,8 @@ from _common cimport (Slot, StepScalars, runner_t, RULE_SGD, RULE_ADAGRAD,
 
 cnp.import_array()
 
+from fastopt._watched import State
+
 cdef extern from *:
     """
     #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
@@ -82,6 +84,16 @@ cdef class Workspace:
     cdef Py_ssize_t capacity
     cdef Py_ssize_t count
     cdef Py_ssize_t total
+    # What the last full gather() saw. While the optimizer's State reports no
+    # edit (same object, same version) and the group's options are the same
+    # objects, the state buffers cannot have changed: the next gather only
+    # re-checks the params and grads (see regather).
+    cdef bint cached
+    cdef object cached_state
+    cdef Py_ssize_t cached_version
+    cdef object cached_needs
+    cdef Py_ssize_t cached_start, cached_stop, cached_step
+    cdef list keep  # the buffer arrays whose pointers the slots hold
 
     def __dealloc__(self):
         free(self.slots)
@@ -171,7 +183,70 @@ SLOW_PATH = -2  # valid, but some parameter needs Python's help (no gradient, no
 
 
 def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t stop,
-           dict state, tuple names, tuple needs, bint counts_steps):
+           object state, tuple names, tuple needs, bint counts_steps):
+    """Screen one group and load ``ws``: see full_gather for what is checked.
+
+    When nothing in ``state`` was edited since the last successful gather into
+    ``ws`` (State.version), only the params and grads are re-checked.
+    """
+    cdef Py_ssize_t code
+    if not isinstance(state, dict):
+        raise TypeError(f"the optimizer's state must be a dict, got {type(state).__name__}")
+    if (ws.cached and state is ws.cached_state and state.version == ws.cached_version
+            and needs is ws.cached_needs and start == ws.cached_start
+            and stop == ws.cached_stop):
+        code = regather(ws, params, grads, start)
+        if code == GATHERED:
+            return GATHERED, ws.cached_step
+    return full_gather(ws, params, grads, start, stop, <dict>state, names, needs, counts_steps)
+
+
+cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start):
+    """Re-check params and grads against the cached slots; GATHERED or not.
+
+    Any doubt (a missing grad, a param of another size or dtype, an overlap)
+    returns SLOW_PATH so that full_gather decides, with everything checked.
+    """
+    cdef Py_ssize_t k, j
+    cdef Slot* slot
+    cdef object p_obj, g_obj
+    cdef cnp.ndarray p, g
+    cdef char* p0
+    cdef char* p1
+    cdef char* g0
+    cdef char* g1
+    cdef Py_ssize_t itemsize
+    for k in range(ws.count):
+        slot = &ws.slots[k]
+        g_obj = grads[start + k]
+        p_obj = params[k]
+        if g_obj is None or not usable(p_obj, True) or not usable(g_obj, False):
+            return SLOW_PATH
+        p = <cnp.ndarray>p_obj
+        g = <cnp.ndarray>g_obj
+        # The cached buffers were sized for this slot: the param must still match.
+        if (cnp.PyArray_SIZE(p) != slot.size or (cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64) != slot.f64
+                or not same_layout(g, p)):
+            return SLOW_PATH
+        p0 = <char*>cnp.PyArray_DATA(p)
+        p1 = end_of(p)
+        g0 = <char*>cnp.PyArray_DATA(g)
+        g1 = end_of(g)
+        if ranges_overlap(g0, g1, p0, p1):
+            return SLOW_PATH
+        itemsize = cnp.PyArray_ITEMSIZE(p)
+        for j in range(MAX_BUFFERS):
+            if slot.buf[j] != NULL and (
+                    ranges_overlap(g0, g1, slot.buf[j], slot.buf[j] + slot.size * itemsize)
+                    or ranges_overlap(p0, p1, slot.buf[j], slot.buf[j] + slot.size * itemsize)):
+                return SLOW_PATH
+        slot.p = p0
+        slot.g = g0
+    return GATHERED
+
+
+cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t stop,
+                       dict state, tuple names, tuple needs, bint counts_steps):
     """Screen one group's ``params`` (flat indices start..stop-1) and load ``ws``.
 
     ``grads`` and ``state`` are indexed by flat index; ``params`` by position
@@ -210,6 +285,8 @@ def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t s
     ws.reserve(stop - start)
     ws.count = 0
     ws.total = 0
+    ws.cached = False
+    keep = []
     for i in range(start, stop):
         g_obj = grads[i]
         if g_obj is None:
@@ -230,7 +307,7 @@ def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t s
         if entry is None:
             slow = True
             continue
-        if type(entry) is not dict:
+        if not isinstance(entry, dict):
             return i, 0
         step_obj = (<dict>entry).get("step")
         if step_obj is not None:
@@ -264,6 +341,7 @@ def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t s
             nb += 1
             if needs[j]:
                 bufs[j] = b0
+                keep.append(b)
         if slow:
             continue  # keep screening; the workspace will not be used
         if counts_steps:
@@ -275,15 +353,29 @@ def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t s
         ws.put(p, g, bufs)
     if slow:
         return SLOW_PATH, 0
-    return GATHERED, (step if step > 0 else 0)
+    step = step if step > 0 else 0
+    ws.cached = isinstance(state, State)
+    if ws.cached:
+        ws.cached_state = state
+        ws.cached_version = state.version
+        ws.cached_needs = needs
+        ws.cached_start, ws.cached_stop, ws.cached_step = start, stop, step
+        ws.keep = keep
+    return GATHERED, step
 
 
-def commit_steps(dict state, list grads, Py_ssize_t start, Py_ssize_t stop, object step):
-    """Set state[i]["step"] = step for each i in range whose grad is not None."""
+def commit_steps(Workspace ws, object state, list grads, Py_ssize_t start, Py_ssize_t stop,
+                 object step):
+    """Set state[i]["step"] = step for each i in range whose grad is not None.
+
+    Written with PyDict_SetItem, which a State does not count as an edit: the
+    workspace's cache follows the step itself.
+    """
     cdef Py_ssize_t i
     for i in range(start, stop):
         if grads[i] is not None:
-            (<dict>state[i])["step"] = step
+            (<dict>(<dict>state)[i])["step"] = step
+    ws.cached_step = step
 
 
 # ------------------------------------------------------------ step scalars
@@ -367,7 +459,7 @@ DONE = 0
 NEEDS_PYTHON = 1
 
 
-def step_groups(list groups, list grads, dict state, list workspaces, tuple names,
+def step_groups(list groups, list grads, object state, list workspaces, tuple names,
                 bint counts_steps):
     """A whole optimizer step when nothing needs Python's help, else NEEDS_PYTHON.
 
@@ -382,6 +474,8 @@ def step_groups(list groups, list grads, dict state, list workspaces, tuple name
     cdef Py_ssize_t ngroups = len(groups)
     cdef object checked, code, step, params
     cdef list steps = []
+    if not isinstance(state, dict):
+        return NEEDS_PYTHON
     for gi in range(ngroups):
         total += len(<list>(<dict>groups[gi])["params"])
     if total != len(grads) or len(workspaces) < ngroups:
@@ -404,7 +498,7 @@ def step_groups(list groups, list grads, dict state, list workspaces, tuple name
         stop = start + len(<list>(<dict>groups[gi])["params"])
         if counts_steps:
             run(<Workspace>workspaces[gi], <Scalars>checked[3], steps[gi] + 1, False)
-            commit_steps(state, grads, start, stop, steps[gi] + 1)
+            commit_steps(workspaces[gi], state, grads, start, stop, steps[gi] + 1)
         else:
             run(<Workspace>workspaces[gi], <Scalars>checked[3], 0, False)
         start = stop

@@ -514,3 +514,51 @@ def test_param_group_notices_every_kind_of_edit():
 def test_repr_lists_groups():
     text = repr(fastopt.Adam([np.zeros(2)], lr=0.5))
     assert "Adam (" in text and "lr: 0.5" in text
+
+
+# ------------------------------------------------- cached state on the hot path
+
+def test_replacing_a_state_buffer_between_steps_takes_effect():
+    # The hot path caches buffer pointers; an edit of opt.state must win.
+    params, twin = make_params(), make_params()
+    opt, ref = fastopt.Adam(params, lr=0.1), fastopt.Adam(twin, lr=0.1, backend="numpy")
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        grads = grads_like(params, rng)
+        opt.step(grads)
+        ref.step(grads)
+    opt.state[1]["exp_avg"] = np.zeros_like(params[1])
+    ref.state[1]["exp_avg"] = np.zeros_like(twin[1])
+    opt.state[2] = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in opt.state[2].items()}
+    opt.state[2]["exp_avg_sq"][...] = 1.0  # an edit of the adopted entry, in place
+    ref.state[2]["exp_avg_sq"][...] = 1.0
+    grads = grads_like(params, rng)
+    opt.step(grads)
+    ref.step(grads)
+    for a, b in zip(params, twin):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_entries_are_adopted_and_report_edits():
+    from fastopt._watched import ParamState, State
+    opt = fastopt.SGD(make_params(), momentum=0.9)
+    assert isinstance(opt.state, State)
+    before = opt.state.version
+    opt.state[0] = {"momentum_buffer": np.zeros(5, np.float32)}
+    assert isinstance(opt.state[0], ParamState) and opt.state[0].owner is opt.state
+    opt.state[0]["momentum_buffer"] = np.ones(5, np.float32)
+    assert opt.state.version == before + 2
+    copied = copy.deepcopy(opt)
+    assert copied.state[0].owner is copied.state
+
+
+def test_swapping_a_parameter_for_another_shape_is_refused():
+    params = make_params()
+    opt = fastopt.Adam(params)
+    rng = np.random.default_rng(0)
+    opt.step(grads_like(params, rng))
+    opt.param_groups[0]["params"][1] = np.zeros(7, np.float64)  # list edited in place
+    grads = grads_like(params, rng)
+    grads[1] = np.zeros(7, np.float64)
+    with pytest.raises(ValueError, match=r"state\[1\]\['exp_avg'\] has shape"):
+        opt.step(grads)
