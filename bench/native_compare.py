@@ -79,7 +79,7 @@ def main():
                 for _ in range(7):  # alternate the two builds, 7 rounds
                     for label, opt in opts.items():
                         if label == "native":
-                            _fastpath.install_runner(native.runner())
+                            _fastpath.install_runner(native.runner(), native.stats())
                         else:
                             _dispatch.select_simd(dispatched)
                         results[label].append(time_step(opt, g, 300))

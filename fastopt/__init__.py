@@ -7,11 +7,14 @@ between the two without surprises.
 from . import kernels, reference
 from ._dispatch import get_num_threads, set_num_threads, show_config, simd_level
 from ._version import __version__
+from .accumulate import GradientAccumulator
 from .batching import Batches, batches
+from .clip import clip_grad_norm, clip_grad_value, grad_norm
 from .flat import FlatParams
 from .optimizer import Optimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 
-__all__ = ["Batches", "batches", "FlatParams", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "kernels",
+__all__ = ["GradientAccumulator", "clip_grad_norm", "clip_grad_value", "grad_norm",
+           "Batches", "batches", "FlatParams", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "kernels",
            "reference", "set_num_threads", "get_num_threads", "show_config", "simd_level",
            "__version__"]

@@ -68,10 +68,12 @@ class Optimizer:
     rule = None
     extra_hyper = {}
 
-    def __init__(self, params, defaults, *, backend="cython"):
+    def __init__(self, params, defaults, *, backend="cython", skip_nonfinite=False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
+        self.skipped_steps = 0  # steps skipped for NaN/Inf gradients
         self.defaults = self._check_group_hyper(defaults, "")
         self.param_groups = []
         self.state = State()
@@ -293,13 +295,26 @@ class Optimizer:
         ------
         TypeError, ValueError
             On any invalid input, before anything is modified.
+
+        Notes
+        -----
+        With ``skip_nonfinite=True`` a step whose gradients hold NaN or Inf
+        changes nothing and is counted in ``skipped_steps``.
         """
-        if (self.backend == "cython" and type(grads) is list
+        if (self.backend == "cython" and not self.skip_nonfinite and type(grads) is list
                 and _fastpath.step_groups(self.param_groups, grads, self.state, self._workspaces,
                                           self.rule.buffers, self.rule.step_arg == "step")
                 == _fastpath.DONE):
             return  # the common case, done in Cython with no work per parameter here
         grads, plan = self._plan(grads)
+        if self.skip_nonfinite:
+            present = [g for g in grads if g is not None]
+            if present:
+                ws = _fastpath.Workspace()
+                ws.fill(present, present, ())
+                if _fastpath.grad_stats(ws)[1]:
+                    self.skipped_steps += 1
+                    return
         # Everything is valid: from here on nothing raises.
         rule = self.rule
         for gi, ((hyper, kernel_hyper, needs, scalars), start, stop, gathered, step) in enumerate(plan):

@@ -15,17 +15,22 @@ _PARAMS_DOC = """params : list of ndarray, dict or list of dict
         param-group dicts ``{"params": ..., "lr": ..., ...}``.
     backend : {"cython", "numpy"}
         ``"numpy"`` runs the pure-NumPy reference twins instead of the fused
-        kernels (for comparison; much slower)."""
+        kernels (for comparison; much slower).
+    skip_nonfinite : bool
+        Skip (and count in ``skipped_steps``) any step whose gradients hold
+        NaN or Inf: parameters and state stay untouched."""
 
 
 class SGD(Optimizer):
     rule = K.SGD_RULE
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, maximize=False, *, backend="cython"):
+                 nesterov=False, maximize=False, *, backend="cython",
+                 skip_nonfinite=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize), backend=backend)
+                                      maximize=maximize), backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
     def _advance(self, state, created):
         # torch.optim.SGD keeps no step count; what matters is whether the
@@ -39,10 +44,11 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False, *,
-                 backend="cython"):
+                 backend="cython", skip_nonfinite=False):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, maximize=maximize), backend=backend)
+                                      eps=eps, maximize=maximize), backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
     def _initial_value(self, name, hyper):
         return hyper["initial_accumulator_value"]
@@ -52,10 +58,12 @@ class RMSprop(Optimizer):
     rule = K.RMSPROP_RULE
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                 momentum=0.0, centered=False, maximize=False, *, backend="cython"):
+                 momentum=0.0, centered=False, maximize=False, *, backend="cython",
+                 skip_nonfinite=False):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered,
-                                      maximize=maximize), backend=backend)
+                                      maximize=maximize), backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
 
 class Adam(Optimizer):
@@ -63,19 +71,20 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=False, *,
-                 backend="cython"):
+                 backend="cython", skip_nonfinite=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay),
-                         backend=backend)
+                         backend=backend, skip_nonfinite=skip_nonfinite)
 
 
 class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, *, backend="cython"):
+                 amsgrad=False, maximize=False, *, backend="cython",
+                 skip_nonfinite=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
-                         backend=backend)
+                         backend=backend, skip_nonfinite=skip_nonfinite)
 
 
 SGD.__doc__ = f"""Stochastic gradient descent, optionally with (Nesterov) momentum.

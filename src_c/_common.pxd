@@ -7,6 +7,8 @@ cdef enum:
     RULE_RMSPROP = 2
     RULE_ADAM = 3
     RULE_STREAM = 4   # not an optimizer: the bandwidth probe (Adam's traffic, no math)
+    RULE_AXPY = 5     # p += lr * g: gradient accumulation
+    RULE_SCALE = 6    # p *= lr: gradient clipping
     MAX_BUFFERS = 3
 
 
@@ -41,7 +43,12 @@ cdef struct Slot:
     bint f64
 
 
-# The compute layer's single entry: run `rule` over `count` slots, splitting
+# The compute layer's entries. runner: run `rule` over `count` slots, splitting
 # the elements over at most `max_threads` threads when the work is large.
 ctypedef void (*runner_t)(int rule, const Slot* slots, Py_ssize_t count,
                           const StepScalars* s, int max_threads) noexcept nogil
+# stats: the sum of squares of the slots' g arrays and whether any element is
+# NaN or infinite, in fixed blocks summed in a fixed order (the same bits for
+# every thread count and ISA level). Returns -1 if out of memory, else 0.
+ctypedef int (*stats_t)(const Slot* slots, Py_ssize_t count, int max_threads,
+                        double* sumsq, bint* nonfinite) noexcept nogil

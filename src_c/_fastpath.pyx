@@ -20,8 +20,9 @@ from libc.math cimport pow
 from libc.stdlib cimport realloc, free
 from libc.string cimport memset
 
-from _common cimport (Slot, StepScalars, runner_t, RULE_SGD, RULE_ADAGRAD,
-                      RULE_RMSPROP, RULE_ADAM, RULE_STREAM, MAX_BUFFERS)
+from _common cimport (Slot, StepScalars, runner_t, stats_t, RULE_SGD, RULE_ADAGRAD,
+                      RULE_RMSPROP, RULE_ADAM, RULE_STREAM, RULE_AXPY, RULE_SCALE,
+                      MAX_BUFFERS)
 
 cnp.import_array()
 
@@ -56,15 +57,17 @@ def cpu_features():
 # ------------------------------------------------------------ runner, threads
 
 cdef runner_t runner = NULL
+cdef stats_t stats = NULL
 cdef int max_threads = 1
 # Below this many elements the GIL is kept: releasing it costs more than the work.
 cdef Py_ssize_t NOGIL_MIN_SIZE = 16384
 
 
-def install_runner(capsule):
-    """Use the compute layer whose runner() made ``capsule``."""
-    global runner
-    runner = <runner_t>PyCapsule_GetPointer(capsule, b"fastopt.runner")
+def install_runner(runner_capsule, stats_capsule):
+    """Use the compute layer whose runner() and stats() made the capsules."""
+    global runner, stats
+    runner = <runner_t>PyCapsule_GetPointer(runner_capsule, b"fastopt.runner")
+    stats = <stats_t>PyCapsule_GetPointer(stats_capsule, b"fastopt.stats")
 
 
 def set_max_threads(int n):
@@ -449,6 +452,34 @@ def stream(Workspace ws):
     cdef StepScalars s
     memset(&s, 0, sizeof(s))
     ws.run(RULE_STREAM, &s)
+
+
+def grad_stats(Workspace ws):
+    """(sum of squares, any NaN/Inf) over the g arrays of a loaded workspace."""
+    cdef double sumsq = 0.0
+    cdef bint nonfinite = False
+    cdef int failed
+    with nogil:
+        failed = stats(ws.slots, ws.count, max_threads, &sumsq, &nonfinite)
+    if failed:
+        raise MemoryError()
+    return sumsq, bool(nonfinite)
+
+
+def axpy(Workspace ws, double a):
+    """p += a * g over a loaded workspace."""
+    cdef StepScalars s
+    memset(&s, 0, sizeof(s))
+    s.lr = a
+    ws.run(RULE_AXPY, &s)
+
+
+def scale(Workspace ws, double a):
+    """p *= a over a loaded workspace."""
+    cdef StepScalars s
+    memset(&s, 0, sizeof(s))
+    s.lr = a
+    ws.run(RULE_SCALE, &s)
 
 
 # ------------------------------------------------------------ whole step

@@ -19,9 +19,11 @@
 from cpython.pycapsule cimport PyCapsule_New
 from cython.parallel cimport parallel, threadid
 from libc.math cimport sqrt, sqrtf
+from libc.stdlib cimport malloc, free
 
-from _common cimport (Slot, StepScalars, runner_t, RULE_SGD, RULE_ADAGRAD,
-                     RULE_RMSPROP, RULE_ADAM, RULE_STREAM, MAX_BUFFERS)
+from _common cimport (Slot, StepScalars, runner_t, stats_t, RULE_SGD, RULE_ADAGRAD,
+                     RULE_RMSPROP, RULE_ADAM, RULE_STREAM, RULE_AXPY, RULE_SCALE,
+                     MAX_BUFFERS)
 
 cdef extern from *:
     """
@@ -60,8 +62,8 @@ ctypedef fused floating:
 # more than a small update (shared/ANCHORS.md). Measured with
 # bench/thread_threshold.py on 2 cores: two threads win from about 6k elements
 # for Adam, 16k for SGD with momentum and 32k for plain SGD.
-cdef Py_ssize_t RULE_COST[5]
-RULE_COST[:] = [1, 4, 5, 5, 2]  # sgd, adagrad, rmsprop, adam, bandwidth probe
+cdef Py_ssize_t RULE_COST[7]
+RULE_COST[:] = [1, 4, 5, 5, 2, 1, 1]  # sgd, adagrad, rmsprop, adam, probe, axpy, scale
 cdef Py_ssize_t parallel_min_work = 32768
 
 # Split points between threads fall on multiples of 16 elements (64 bytes of
@@ -287,6 +289,24 @@ cdef void stream_kernel(floating* a, const floating* b, floating** bufs,
         d[i] = d[i] + x
 
 
+cdef void axpy_kernel(floating* p, const floating* g, floating** bufs,
+                      Py_ssize_t n, const StepScalars* s) noexcept nogil:
+    # Gradient accumulation: p += a * g (a = 1 for a sum, 1/k for a mean of k).
+    cdef floating a = <floating>s.lr
+    cdef Py_ssize_t i
+    for i in range(n):
+        p[i] = p[i] + a * g[i]
+
+
+cdef void scale_kernel(floating* p, const floating* g, floating** bufs,
+                       Py_ssize_t n, const StepScalars* s) noexcept nogil:
+    # Gradient clipping: p *= a.
+    cdef floating a = <floating>s.lr
+    cdef Py_ssize_t i
+    for i in range(n):
+        p[i] = p[i] * a
+
+
 # ----------------------------------------------------------------- driver
 
 cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssize_t n,
@@ -306,6 +326,10 @@ cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssiz
             adagrad_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
         elif rule == RULE_RMSPROP:
             rmsprop_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
+        elif rule == RULE_AXPY:
+            axpy_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
+        elif rule == RULE_SCALE:
+            scale_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
         else:
             stream_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
     else:
@@ -319,6 +343,10 @@ cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssiz
             adagrad_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
         elif rule == RULE_RMSPROP:
             rmsprop_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
+        elif rule == RULE_AXPY:
+            axpy_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
+        elif rule == RULE_SCALE:
+            scale_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
         else:
             stream_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
 
@@ -360,12 +388,111 @@ cdef void run_slots(int rule, const Slot* slots, Py_ssize_t count, const StepSca
         run_range(rule, slots, count, lo, hi, s)
 
 
+# ---------------------------------------------------------- gradient stats
+# The global gradient norm must not depend on the thread count or the ISA
+# level: the elements, laid end to end, are cut into fixed blocks; each block
+# is summed in double with eight interleaved accumulators (a fixed order the
+# compiler may vectorize as it is, without reassociating), and the block sums
+# are added in block order on one thread.
+
+cdef enum:
+    STATS_BLOCK = 8192
+    LANES = 8
+
+
+cdef inline void sumsq_piece(const floating* x, Py_ssize_t n, double* acc,
+                             double* bad) noexcept nogil:
+    """Add x's squares into acc[0..LANES) (element i into lane i % LANES), and x * 0 into bad."""
+    cdef Py_ssize_t i, j, base
+    cdef double v
+    cdef Py_ssize_t whole = n - n % LANES
+    for i in range(whole // LANES):
+        base = i * LANES
+        for j in range(LANES):
+            v = <double>x[base + j]
+            acc[j] = acc[j] + v * v
+            bad[j] = bad[j] + v * 0.0   # NaN once any element is NaN or infinite
+    for i in range(whole, n):
+        v = <double>x[i]
+        acc[i - whole] = acc[i - whole] + v * v
+        bad[i - whole] = bad[i - whole] + v * 0.0
+
+
+cdef void stats_blocks(const Slot* slots, Py_ssize_t count, Py_ssize_t total,
+                       Py_ssize_t k0, Py_ssize_t k1, double* sums, double* bads) noexcept nogil:
+    """Blocks k0..k1-1: sums[k] = sum of squares, bads[k] = NaN if any non-finite."""
+    cdef Py_ssize_t i = 0, offset = 0, k, pos, stop, end, j
+    cdef double acc[LANES]
+    cdef double bad[LANES]
+    for k in range(k0, k1):
+        for j in range(LANES):
+            acc[j] = 0.0
+            bad[j] = 0.0
+        pos = k * STATS_BLOCK
+        stop = pos + STATS_BLOCK if pos + STATS_BLOCK < total else total
+        while pos < stop:
+            while offset + slots[i].size <= pos:  # the slot holding pos (skips empty ones)
+                offset += slots[i].size
+                i += 1
+            end = offset + slots[i].size if offset + slots[i].size < stop else stop
+            if slots[i].f64:
+                sumsq_piece(<double*>slots[i].g + (pos - offset), end - pos, acc, bad)
+            else:
+                sumsq_piece(<float*>slots[i].g + (pos - offset), end - pos, acc, bad)
+            pos = end
+        sums[k] = 0.0
+        bads[k] = 0.0
+        for j in range(LANES):
+            sums[k] += acc[j]
+            bads[k] += bad[j]
+
+
+cdef int grad_stats(const Slot* slots, Py_ssize_t count, int max_threads, double* sumsq,
+                    bint* nonfinite) noexcept nogil:
+    cdef Py_ssize_t total = 0, nblocks, k, k0, k1, i
+    cdef int tid, nthreads
+    cdef int threads = omp_get_max_threads()
+    cdef double* sums
+    cdef double* bads
+    cdef double s = 0.0, b = 0.0
+    for i in range(count):
+        total += slots[i].size
+    nblocks = (total + STATS_BLOCK - 1) // STATS_BLOCK
+    sums = <double*>malloc((nblocks + 1) * 2 * sizeof(double))
+    if sums == NULL:
+        return -1
+    bads = sums + nblocks + 1
+    if max_threads < threads:
+        threads = max_threads
+    if threads <= 1 or total < parallel_min_work:
+        stats_blocks(slots, count, total, 0, nblocks, sums, bads)
+    else:
+        with parallel(num_threads=threads):
+            tid = threadid()
+            nthreads = omp_get_num_threads()
+            k0 = nblocks * tid // nthreads
+            k1 = nblocks * (tid + 1) // nthreads
+            stats_blocks(slots, count, total, k0, k1, sums, bads)
+    for k in range(nblocks):
+        s += sums[k]
+        b += bads[k]
+    free(sums)
+    sumsq[0] = s
+    nonfinite[0] = b != b
+    return 0
+
+
 # ------------------------------------------------------------------ exports
 
 
 def runner():
     """This module's runner, as a capsule for fastopt._fastpath."""
     return PyCapsule_New(<void*>run_slots, b"fastopt.runner", NULL)
+
+
+def stats():
+    """This module's gradient statistics, as a capsule for fastopt._fastpath."""
+    return PyCapsule_New(<void*>grad_stats, b"fastopt.stats", NULL)
 
 
 def info():

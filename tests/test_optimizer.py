@@ -562,3 +562,27 @@ def test_swapping_a_parameter_for_another_shape_is_refused():
     grads[1] = np.zeros(7, np.float64)
     with pytest.raises(ValueError, match=r"state\[1\]\['exp_avg'\] has shape"):
         opt.step(grads)
+
+
+@pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
+def test_skip_nonfinite_skips_and_counts(case):
+    cls, kwargs = case
+    params = make_params()
+    opt = cls(params, skip_nonfinite=True, **kwargs)
+    rng = np.random.default_rng(0)
+    opt.step(grads_like(params, rng))
+    snap = snapshot(opt, params)
+    for bad in (np.nan, np.inf, -np.inf):
+        grads = grads_like(params, rng)
+        grads[2][5] = bad
+        opt.step(grads)
+        assert_unchanged(opt, params, snap)
+    assert opt.skipped_steps == 3
+    opt.step(grads_like(params, rng))  # finite again: steps
+    assert not np.array_equal(params[0], snap[0][0])
+
+
+def test_without_skip_nonfinite_nan_propagates():
+    p = np.ones(3)
+    fastopt.SGD([p], lr=0.1).step([np.array([np.nan, 1.0, 1.0])])
+    assert np.isnan(p[0]) and p[1] == 0.9
