@@ -1,12 +1,14 @@
-"""Command line: ``python -m fastopt bench [options]`` or ``python -m fastopt --version``."""
+"""Command line: ``python -m fastopt bench|demo [options]`` or ``python -m fastopt --version``."""
 import sys
 
 from ._version import __version__
 
-USAGE = """usage: python -m fastopt {bench,--version} [options]
+USAGE = """usage: python -m fastopt {bench,demo,--version} [options]
 
   bench      time fastopt's optimizer step against the NumPy reference
              (and torch.optim when installed); --help for its options
+  demo       train one model with GD, SGD, mini-batch, momentum, RMSProp and
+             Adam, and show momentum and learning-rate choices at work
   --version  print fastopt's version
 """
 
@@ -22,6 +24,9 @@ def main(argv=None):
     if argv[0] == "bench":
         from . import bench
         return bench.run(argv[1:])
+    if argv[0] == "demo":
+        from . import demo
+        return demo.run(argv[1:])
     print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
