@@ -11,11 +11,17 @@ from .accumulate import GradientAccumulator
 from .batching import Batches, batches
 from .clip import clip_grad_norm, clip_grad_value, grad_norm
 from .flat import FlatParams
-from .training import EarlyStopping, History, fit, lr_range_test
 from .optimizer import Optimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from .training import EarlyStopping, History, fit, lr_range_test
 
-__all__ = ["fit", "History", "EarlyStopping", "lr_range_test", "GradientAccumulator", "clip_grad_norm", "clip_grad_value", "grad_norm",
-           "Batches", "batches", "FlatParams", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "kernels",
-           "reference", "set_num_threads", "get_num_threads", "show_config", "simd_level",
-           "__version__"]
+__all__ = [
+    # optimizers
+    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "kernels", "reference",
+    # layout and runtime
+    "FlatParams", "set_num_threads", "get_num_threads", "show_config", "simd_level",
+    # training loops
+    "batches", "Batches", "clip_grad_norm", "clip_grad_value", "grad_norm",
+    "GradientAccumulator", "fit", "History", "EarlyStopping", "lr_range_test",
+    "__version__",
+]
