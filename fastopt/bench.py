@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import fastopt
-from fastopt import _dispatch, _fastpath
+from fastopt import _dispatch, _fastpath, _plotting
 
 RULES = {  # name -> (optimizer class name, options, streams of memory per element)
     "adam": ("Adam", {}, 7),
@@ -277,11 +277,8 @@ def format_table(results, with_flat):
 
 def plot(results, path):
     """Throughput vs size per implementation (Adam float32, one array), if matplotlib is here."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _plotting.pyplot()
+    if plt is None:
         return None
     chosen = [r for r in results if r["rule"] == "adam" and r["dtype"] == "float32"
               and r["arrays"] == 1]
@@ -299,10 +296,7 @@ def plot(results, path):
     ax.set_title("Adam float32 step, one array")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _plotting.save(fig, path, dpi=120)
 
 
 def run(argv=None):

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 import fastopt
+from fastopt import _plotting
 from fastopt.models import MLP
 from fastopt.training import fit, lr_range_test
 
@@ -157,11 +158,8 @@ def table(rows):
 
 
 def plot(curves, path_ball, path_gd, found, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _plotting.pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for label, losses in curves.items():
@@ -181,10 +179,7 @@ def plot(curves, path_ball, path_gd, found, path):
     axes[2].set_xscale("log")
     axes[2].set(xlabel="learning rate", ylabel="smoothed loss", title="Learning-rate range test")
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _plotting.save(fig, path)
 
 
 def run(argv=None):

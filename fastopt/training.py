@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from . import _plotting
 from .batching import batches
 from .clip import clip_grad_norm
 
@@ -184,7 +185,7 @@ def fit(model, optimizer, X, y, epochs=1, batch_size=None, schedule=None, clip=N
         raise ValueError("ReduceLROnPlateau steps once per epoch")
     callbacks = list(callbacks)
     data = batches(X, y, batch_size=batch_size, shuffle=shuffle, seed=seed)
-    params, grads = model.parameters(), model.gradients()
+    grads = model.gradients()
     history = History()
     steps_per_epoch = -(-len(data) // accumulate)
     bar = _Progress(epochs * steps_per_epoch, progress)
@@ -245,11 +246,8 @@ class LRRangeTest(dict):
 
     def plot(self, path):
         """Save the loss-vs-lr curve as a PNG (needs matplotlib); return the path or None."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = _plotting.pyplot()
+        if plt is None:
             return None
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self["lrs"], self["losses"], label="smoothed loss")
@@ -260,10 +258,7 @@ class LRRangeTest(dict):
         ax.set_ylabel("loss")
         ax.set_title("Learning-rate range test")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return _plotting.save(fig, path)
 
 
 def lr_range_test(model, optimizer, X, y, start_lr=1e-7, end_lr=10.0, steps=100,

@@ -48,19 +48,22 @@ def test_clip_matches_torch():
 
 def test_norm_is_identical_for_every_thread_count_and_simd_level():
     gs = grads(5, np.float32, sizes=(3, 70001, 123457, 8192, 9))
-    module = _dispatch._active["module"]
-    level, threads, threshold = _dispatch.simd_level(), fastopt.get_num_threads(), module.get_parallel_min_work()
+    level, threads = _dispatch.simd_level(), fastopt.get_num_threads()
+    saved = {}
     results = set()
     try:
         for lvl in set(_dispatch.built_levels()) & set(_dispatch.cpu_levels()):
             _dispatch.select_simd(lvl)
-            _dispatch._active["module"].set_parallel_min_work(0)
+            module = _dispatch._active["module"]
+            saved[module] = module.get_parallel_min_work()
+            module.set_parallel_min_work(0)
             for t in (1, 2, 3):
                 fastopt.set_num_threads(t)
                 results.add(grad_norm(gs))
     finally:
+        for module, threshold in saved.items():
+            module.set_parallel_min_work(threshold)
         _dispatch.select_simd(level)
-        _dispatch._active["module"].set_parallel_min_work(threshold)
         fastopt.set_num_threads(threads)
     assert len(results) == 1
 

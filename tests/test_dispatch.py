@@ -37,20 +37,9 @@ import fastopt
 from fastopt import _dispatch
 
 
-def _load_test_kernels():
-    """tests/test_kernels.py, for its option sets and defaults (tests/ is no package)."""
-    name = "fastopt_tests_test_kernels"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().with_name("test_kernels.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-tk = _load_test_kernels()
+import test_kernels as tk  # noqa: E402  (tests/ is on sys.path under pytest)
 
 RUNNABLE = [lvl for lvl in _dispatch.built_levels() if lvl in _dispatch.cpu_levels()]
 THREADS = (1, 2, 3, 4)

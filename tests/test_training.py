@@ -3,7 +3,6 @@
 A small least-squares model is defined here so these tests do not depend on
 fastopt.models (tests/test_models.py covers those with fit as well).
 """
-import math
 
 import numpy as np
 import pytest
