@@ -4,7 +4,7 @@ Each update (SGD, Adagrad, RMSprop, Adam, AdamW) is one pass over memory in
 Cython, following torch.optim's formulas, so a training loop can switch
 between the two without surprises.
 """
-from . import kernels, reference
+from . import kernels, losses, lr_scheduler, models, reference
 from ._dispatch import get_num_threads, set_num_threads, show_config, simd_level
 from ._version import __version__
 from .accumulate import GradientAccumulator
@@ -23,5 +23,6 @@ __all__ = [
     # training loops
     "batches", "Batches", "clip_grad_norm", "clip_grad_value", "grad_norm",
     "GradientAccumulator", "fit", "History", "EarlyStopping", "lr_range_test",
+    "lr_scheduler", "models", "losses",
     "__version__",
 ]
