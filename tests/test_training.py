@@ -171,3 +171,31 @@ def test_lr_range_test_arguments():
 
 def test_history_repr():
     assert "0 epochs" in repr(History())
+
+
+def test_progress_is_silent_off_a_terminal(capsys):
+    X, y = problem(16)
+    model = LeastSquares(5)
+    fit(model, fastopt.SGD(model.parameters()), X, y, epochs=2, progress=True)
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a TTY
+
+
+def test_progress_plain_line_on_a_terminal_without_tqdm(monkeypatch, capsys):
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setitem(sys.modules, "tqdm", None)      # as if tqdm were not installed
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    X, y = problem(16)
+    model = LeastSquares(5)
+    fit(model, fastopt.SGD(model.parameters()), X, y, epochs=3, progress=True)
+    err = capsys.readouterr().err
+    assert "step 3/3" in err and "loss" in err
+
+
+def test_lr_range_test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    X, y = problem(128)
+    model = LeastSquares(5)
+    result = lr_range_test(model, fastopt.SGD(model.parameters()), X, y, steps=30)
+    path = result.plot(tmp_path / "range.png")
+    assert path and (tmp_path / "range.png").stat().st_size > 1000
