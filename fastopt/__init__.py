@@ -9,6 +9,7 @@ from ._dispatch import get_num_threads, set_num_threads, show_config, simd_level
 from ._version import __version__
 from .accumulate import GradientAccumulator
 from .batching import Batches, batches
+from .checkpoint import load_optimizer
 from .clip import clip_grad_norm, clip_grad_value, grad_norm
 from .flat import FlatParams
 from .optimizer import Optimizer
@@ -22,7 +23,7 @@ __all__ = [
     "FlatParams", "set_num_threads", "get_num_threads", "show_config", "simd_level",
     # training loops
     "batches", "Batches", "clip_grad_norm", "clip_grad_value", "grad_norm",
-    "GradientAccumulator", "fit", "History", "EarlyStopping", "lr_range_test",
+    "GradientAccumulator", "fit", "History", "EarlyStopping", "lr_range_test", "load_optimizer",
     "lr_scheduler", "models", "losses",
     "__version__",
 ]

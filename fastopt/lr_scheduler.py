@@ -245,6 +245,16 @@ class LRScheduler:
     def _save_special(self):
         return {}
 
+    def save(self, path):
+        """Write the scheduler's state to ``path`` (JSON, atomically; see fastopt.checkpoint)."""
+        from .checkpoint import save_scheduler
+        save_scheduler(self, path)
+
+    def load(self, path):
+        """Restore a state written by :meth:`save` (checked; unchanged on error)."""
+        from .checkpoint import restore_scheduler
+        restore_scheduler(self, path)
+
     def load_state_dict(self, state_dict):
         """Restore a state from :meth:`state_dict` (torch's state_dicts load too).
 

@@ -9,6 +9,8 @@ A step runs in two phases. First every input is validated - the structure of
 array - without touching anything. Only then is state allocated and are the
 kernels run, so a step that raises has modified no parameter and no state.
 """
+import threading
+
 import numpy as np
 
 from . import _fastpath
@@ -74,6 +76,9 @@ class Optimizer:
         self.backend = backend
         self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
         self.skipped_steps = 0  # steps skipped for NaN/Inf gradients
+        # step() from two threads on one optimizer would race on its
+        # workspaces and state; they take turns instead.
+        self._lock = threading.Lock()
         self.defaults = self._check_group_hyper(defaults, "")
         self.param_groups = []
         self.state = State()
@@ -300,7 +305,15 @@ class Optimizer:
         -----
         With ``skip_nonfinite=True`` a step whose gradients hold NaN or Inf
         changes nothing and is counted in ``skipped_steps``.
+
+        Thread safety: the kernels release the GIL, so optimizers stepping in
+        different threads run in parallel; concurrent calls on one optimizer
+        are serialized by a lock.
         """
+        with self._lock:
+            self._step(grads)
+
+    def _step(self, grads):
         if (self.backend == "cython" and not self.skip_nonfinite and type(grads) is list
                 and _fastpath.step_groups(self.param_groups, grads, self.state, self._workspaces,
                                           self.rule.buffers, self.rule.step_arg == "step")
@@ -463,6 +476,34 @@ class Optimizer:
             hyper = {k: v for k, v in hyper.items() if k != "param_names"}
             group.update(hyper)
         self.state = State(new_state)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]  # locks do not pickle; a copy gets its own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def save(self, path):
+        """Write this optimizer's state and hyperparameters to ``path`` atomically.
+
+        A NumPy ``.npz`` file (loaded with ``allow_pickle=False``) with JSON
+        metadata; see ``fastopt.checkpoint``.
+        """
+        from .checkpoint import save_optimizer
+        save_optimizer(self, path)
+
+    def load(self, path):
+        """Restore state and hyperparameters saved by :meth:`save`.
+
+        Raises ValueError/TypeError, leaving the optimizer unchanged, when the
+        checkpoint does not fit (other optimizer, shapes, dtypes, counts, a
+        newer format, a truncated or corrupt file, pickled objects).
+        """
+        from .checkpoint import restore_optimizer
+        restore_optimizer(self, path)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]

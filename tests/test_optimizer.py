@@ -586,3 +586,80 @@ def test_without_skip_nonfinite_nan_propagates():
     p = np.ones(3)
     fastopt.SGD([p], lr=0.1).step([np.array([np.nan, 1.0, 1.0])])
     assert np.isnan(p[0]) and p[1] == 0.9
+
+
+# --------------------------------------------------------------- threads
+
+def test_optimizers_stepping_in_threads_match_serial_runs():
+    import threading
+    rng = np.random.default_rng(0)
+    seqs = [[[rng.standard_normal(400_003).astype(np.float32)] for _ in range(5)] for _ in range(4)]
+    serial, threaded = [], []
+    for out, parallel in ((serial, False), (threaded, True)):
+        params = [np.ones(400_003, np.float32) for _ in seqs]
+        opts = [fastopt.Adam([p], lr=0.01) for p in params]
+        work = [lambda o=o, s=s: [o.step(g) for g in s] for o, s in zip(opts, seqs)]
+        if parallel:
+            threads = [threading.Thread(target=w) for w in work]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        else:
+            [w() for w in work]
+        out.extend(params)
+    for a, b in zip(serial, threaded):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_steps_on_one_optimizer_take_turns():
+    import threading
+    p_threads, p_serial = np.zeros(100_001), np.zeros(100_001)
+    g = [np.full(100_001, 0.5)]
+    shared = fastopt.Adam([p_threads], lr=0.01)
+    threads = [threading.Thread(target=lambda: [shared.step(g) for _ in range(50)]) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    serial = fastopt.Adam([p_serial], lr=0.01)
+    for _ in range(200):
+        serial.step(g)
+    assert shared.state[0]["step"] == 200
+    np.testing.assert_array_equal(p_threads, p_serial)
+
+
+def test_large_steps_release_the_gil():
+    import threading
+    import time
+    p = np.zeros(8_000_000, np.float32)
+    g = [np.ones_like(p)]
+    opt = fastopt.Adam([p])
+    opt.step(g)
+    ticks = []
+    done = threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+    counter = threading.Thread(target=count)
+    fastopt.set_num_threads(1)
+    try:
+        counter.start()
+        time.sleep(0.01)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            opt.step(g)
+        t1 = time.perf_counter()
+    finally:
+        done.set()
+        counter.join()
+        fastopt.set_num_threads(fastopt._dispatch._default_threads())
+    during = [t for t in ticks if t0 < t < t1]
+    assert len(during) > 50  # Python ran in the other thread while the kernels worked
+
+
+def test_optimizer_pickles_and_copies():
+    import pickle
+    params = make_params()
+    opt = fastopt.Adam(params)
+    opt.step(grads_like(params, np.random.default_rng(0)))
+    again = pickle.loads(pickle.dumps(opt))
+    again.step(grads_like(params, np.random.default_rng(1)))  # its own lock and workspaces
+    assert again.state[0]["step"] == 2 and opt.state[0]["step"] == 1

@@ -1,0 +1,250 @@
+"""Checkpoints: optimizer and scheduler state on disk, safely.
+
+Training runs for hours, and a lost or corrupted optimizer state costs the
+run. So a checkpoint is
+
+- **plain data**: an optimizer is one ``.npz`` file (state arrays) whose
+  member ``meta.json`` holds JSON metadata - optimizer type, hyperparameters
+  per group, step counts, the parameters' shapes and dtypes, format and
+  fastopt versions. It is read with ``allow_pickle=False``: loading never
+  runs code from the file. A scheduler is one JSON file.
+- **written atomically**: to a temporary file in the same folder, flushed and
+  fsync'ed, then renamed over the target (and the folder fsync'ed), so a crash
+  mid-write leaves the old checkpoint or the new one, never a broken file.
+- **checked before use**: a checkpoint that does not fit the optimizer (other
+  type, other shapes, dtypes or counts, a newer format, a truncated or corrupt
+  file, pickled objects) raises ValueError/TypeError and changes nothing.
+"""
+import io
+import json
+import math
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from ._version import __version__
+
+FORMAT = "fastopt-optimizer"
+SCHEDULER_FORMAT = "fastopt-scheduler"
+FORMAT_VERSION = 1
+META = "meta.json"
+
+__all__ = ["save_optimizer", "restore_optimizer", "load_optimizer", "save_scheduler",
+           "restore_scheduler"]
+
+
+# ---------------------------------------------------------------- atomic write
+
+def atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file, then rename it to ``path``.
+
+    The data is flushed and fsync'ed before the rename and the folder after
+    it, so the rename is durable and a crash leaves either the old file or
+    the complete new one.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without folder handles (Windows)
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ------------------------------------------------------------------ optimizer
+
+def _json_value(value):
+    """Hyperparameters as JSON: tuples become lists, and back in _from_json."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def save_optimizer(optimizer, path):
+    """Write ``optimizer``'s state and hyperparameters to ``path`` (an .npz file)."""
+    sd = optimizer.state_dict()
+    params = optimizer._flat_params()
+    arrays, steps = {}, {}
+    for index, entry in sd["state"].items():
+        for key, value in entry.items():
+            if key == "step":
+                steps[str(index)] = int(value)
+            else:
+                arrays[f"state/{index}/{key}"] = np.ascontiguousarray(value)
+    groups = []
+    for group in sd["param_groups"]:
+        groups.append({k: _finite_or_tagged(_json_value(v)) for k, v in group.items()
+                       if isinstance(v, (bool, int, float, str, tuple, list, type(None)))})
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "fastopt_version": __version__,
+        "optimizer": type(optimizer).__name__, "param_groups": groups, "steps": steps,
+        "state_keys": {str(i): sorted(k for k in e if k != "step") for i, e in sd["state"].items()},
+        "params": [{"shape": list(p.shape), "dtype": str(p.dtype)} for p in params],
+        "skipped_steps": int(getattr(optimizer, "skipped_steps", 0)),
+    }
+    meta_bytes = np.frombuffer(json.dumps(meta, allow_nan=False).encode(), dtype=np.uint8)
+
+    def write(f):
+        np.savez(f, **{META: meta_bytes}, **arrays)
+    atomic_write(path, write)
+
+
+def _read_npz(path):
+    """The arrays and metadata of an optimizer checkpoint; ValueError if unreadable."""
+    if not os.path.exists(os.fspath(path)):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(os.fspath(path)):
+        raise ValueError(f"{path}: truncated or corrupt checkpoint (not an .npz archive)")
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except ValueError as e:
+        if "object arrays" in str(e).lower():
+            raise ValueError(f"{path}: holds pickled objects; fastopt never loads those") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
+    if META not in arrays:
+        raise ValueError(f"{path}: no {META}; not a fastopt optimizer checkpoint")
+    try:
+        meta = _untag(json.loads(arrays.pop(META).tobytes().decode()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a fastopt optimizer checkpoint")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {version!r} is newer than this fastopt "
+                         f"understands ({FORMAT_VERSION}); upgrade fastopt to load it")
+    return meta, arrays
+
+
+def _state_dict_from(meta, arrays, path):
+    """Rebuild a state_dict from checkpoint contents (shape checks happen in load_state_dict)."""
+    try:
+        state = {}
+        for index, keys in meta["state_keys"].items():
+            entry = {key: arrays[f"state/{index}/{key}"] for key in keys}
+            if index in meta["steps"]:
+                entry["step"] = meta["steps"][index]
+            state[int(index)] = entry
+        groups = []
+        for group in meta["param_groups"]:
+            groups.append({k: (tuple(v) if k == "betas" else v) for k, v in group.items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
+    return {"state": state, "param_groups": groups}
+
+
+def restore_optimizer(optimizer, path):
+    """Load the checkpoint at ``path`` into ``optimizer`` (validated; all or nothing)."""
+    meta, arrays = _read_npz(path)
+    kind = type(optimizer).__name__
+    if meta.get("optimizer") != kind:
+        raise ValueError(f"{path}: holds a {meta.get('optimizer')} optimizer, not a {kind}")
+    params = optimizer._flat_params()
+    saved = meta.get("params", [])
+    if len(saved) != len(params):
+        raise ValueError(f"{path}: has {len(saved)} parameters, the optimizer has {len(params)}")
+    for i, (p, s) in enumerate(zip(params, saved)):
+        if list(p.shape) != s.get("shape") or str(p.dtype) != s.get("dtype"):
+            raise ValueError(f"{path}: parameter {i} was {s.get('dtype')} {tuple(s.get('shape', ()))}, "
+                             f"the optimizer's is {p.dtype} {p.shape}")
+    optimizer.load_state_dict(_state_dict_from(meta, arrays, path))
+    optimizer.skipped_steps = int(meta.get("skipped_steps", 0))
+
+
+def load_optimizer(path, params, *, backend="cython"):
+    """A new optimizer of the saved type, over ``params``, restored from ``path``.
+
+    ``params`` are the model's arrays in the saved order (a list, or a dict
+    for an optimizer saved with named parameters); the param-group layout and
+    hyperparameters come from the checkpoint.
+    """
+    from . import optimizers
+    meta, _ = _read_npz(path)
+    cls = getattr(optimizers, str(meta.get("optimizer")), None)
+    if cls is None or cls.__name__ not in optimizers.__all__:
+        raise ValueError(f"{path}: unknown optimizer type {meta.get('optimizer')!r}")
+    items = list(params.items()) if isinstance(params, dict) else list(enumerate(params))
+    groups = []
+    for group in meta["param_groups"]:
+        members = group.get("params", [])
+        if any(not isinstance(i, int) or not 0 <= i < len(items) for i in members):
+            raise ValueError(f"{path}: the checkpoint's groups do not fit {len(items)} parameters")
+        chosen = [items[i] for i in members]
+        hyper = {k: (tuple(v) if k == "betas" else v) for k, v in group.items()
+                 if k not in ("params", "param_names")}
+        groups.append({**hyper, "params": dict(chosen) if isinstance(params, dict)
+                       else [p for _, p in chosen]})
+    # Every group carries its saved hyperparameters: constructor defaults do not matter.
+    optimizer = cls(groups, backend=backend)
+    restore_optimizer(optimizer, path)
+    return optimizer
+
+
+# ------------------------------------------------------------------ scheduler
+
+def _finite_or_tagged(value):
+    """JSON without NaN/Infinity extensions: tag non-finite floats."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if isinstance(value, dict):
+        return {k: _finite_or_tagged(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_tagged(v) for v in value]
+    return value
+
+
+def _untag(value):
+    if isinstance(value, dict):
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: _untag(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    return value
+
+
+def save_scheduler(scheduler, path):
+    """Write a learning-rate scheduler's state to ``path`` (JSON, atomically)."""
+    payload = {"format": SCHEDULER_FORMAT, "format_version": FORMAT_VERSION,
+               "fastopt_version": __version__, "scheduler": type(scheduler).__name__,
+               "state": _finite_or_tagged(scheduler.state_dict())}
+    text = json.dumps(payload, allow_nan=False, indent=1).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def restore_scheduler(scheduler, path):
+    """Load a scheduler checkpoint into ``scheduler`` (validated by its load_state_dict)."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            payload = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: truncated or corrupt scheduler checkpoint ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != SCHEDULER_FORMAT:
+        raise ValueError(f"{path}: not a fastopt scheduler checkpoint")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {version!r} is newer than this fastopt "
+                         f"understands ({FORMAT_VERSION})")
+    kind = type(scheduler).__name__
+    if payload.get("scheduler") != kind:
+        raise ValueError(f"{path}: holds a {payload.get('scheduler')} scheduler, not a {kind}")
+    scheduler.load_state_dict(_untag(payload.get("state")))
