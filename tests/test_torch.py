@@ -1,0 +1,163 @@
+"""fastopt.torch: torch.optim subclasses stepped by fastopt's kernels."""
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as ft  # noqa: E402
+
+CASES = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.1, maximize=True)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True)),
+    ("Adam", dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1, betas=(0.3, 0.6))),
+    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.01, amsgrad=True, weight_decay=0.5)),
+]
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # of the total change (SEMANTICS.md)
+
+
+def case_id(case):
+    return case[0] + "".join(f"-{k}={v}" for k, v in case[1].items())
+
+
+def tensors(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(37, dtype=dtype, generator=gen), torch.randn(3, 4, dtype=dtype, generator=gen)]
+
+
+def run_pair(name, kwargs, dtype, steps=40, groups=False):
+    start = tensors(dtype)
+    mine = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    make = (lambda ps: [{"params": ps[:1]}, {"params": ps[1:], "lr": kwargs.get("lr", 0.01) / 3}]) \
+        if groups else (lambda ps: ps)
+    a = getattr(ft, name)(make(mine), **kwargs)
+    b = getattr(torch.optim, name)(make(theirs), foreach=False, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for x, y in zip(mine, theirs):
+            g = torch.randn(x.shape, dtype=dtype, generator=gen)
+            x.grad, y.grad = g.clone(), g.clone()
+        if step % 7 == 3:
+            mine[1].grad = theirs[1].grad = None
+        if step == 20:
+            for opt in (a, b):
+                opt.param_groups[0]["lr"] *= 0.5
+        a.step()
+        b.step()
+    return start, mine, theirs, a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_trajectories_match_torch(case, dtype):
+    start, mine, theirs, a, b = run_pair(*case, dtype, groups=True)
+    for p0, x, y in zip(start, mine, theirs):
+        x, y = x.detach(), y.detach()
+        scale = float((y - p0).abs().max())
+        assert float((x - y).abs().max()) <= RTOL[dtype] * scale
+    # state in torch's layout: same keys, dtypes, and close values
+    for p, q in zip(mine, theirs):
+        sa, sb = a.state[p], b.state[q]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_state_dict_loads_both_ways(case):
+    name, kwargs = case
+    start, mine, theirs, a, b = run_pair(name, kwargs, torch.float64, steps=10)
+    # fastopt -> torch and torch -> fastopt, then one more identical step each
+    into_torch = getattr(torch.optim, name)([p.detach().clone().requires_grad_() for p in mine],
+                                            foreach=False, **kwargs)
+    into_torch.load_state_dict(copy.deepcopy(a.state_dict()))
+    into_fastopt = getattr(ft, name)([p.detach().clone().requires_grad_() for p in theirs], **kwargs)
+    into_fastopt.load_state_dict(copy.deepcopy(b.state_dict()))
+    for opt in (into_torch, into_fastopt, a, b):
+        for p in (q for g in opt.param_groups for q in g["params"]):
+            p.grad = torch.ones_like(p)
+        opt.step()
+    for x, y in zip(a.param_groups[0]["params"], into_torch.param_groups[0]["params"]):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    for x, y in zip(b.param_groups[0]["params"], into_fastopt.param_groups[0]["params"]):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_updates_the_parameter_memory_in_place():
+    model = torch.nn.Linear(5, 3)
+    addresses = [p.data_ptr() for p in model.parameters()]
+    opt = ft.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(8, 5)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert [p.data_ptr() for p in model.parameters()] == addresses
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_scheduler_zero_grad_and_closure():
+    model = torch.nn.Linear(4, 1)
+    opt = ft.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    X, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(X), y)
+        loss.backward()
+        return loss
+    losses = []
+    for _ in range(3):
+        losses.append(float(opt.step(closure)))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
+    assert losses[-1] < losses[0]
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch.zeros(4, 4).t().contiguous().t().requires_grad_(), "not contiguous"),
+    (lambda: torch.zeros(4, dtype=torch.float16, requires_grad=True), "float32 or float64"),
+])
+def test_parameters_fastopt_cannot_serve_are_refused(make, message):
+    p = make()
+    ok = torch.zeros(3, requires_grad=True)
+    opt = ft.Adam([ok, p])
+    ok.grad = torch.ones(3)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*" + message):
+        opt.step()
+    assert torch.equal(ok, torch.zeros(3)) and len(opt.state) == 0  # nothing changed
+
+
+def test_sparse_and_mismatched_grads_are_refused():
+    p = torch.zeros(5, requires_grad=True)
+    opt = ft.SGD([p], lr=0.1)
+    p.grad = torch.zeros(5).to_sparse()
+    with pytest.raises(ValueError, match="sparse gradient"):
+        opt.step()
+    p.grad = torch.zeros(10)[::2]
+    with pytest.raises(ValueError, match="non-contiguous gradient"):
+        opt.step()
+
+
+def test_unsupported_torch_options_are_refused():
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="differentiable=True"):
+        ft.Adam([p], differentiable=True).step()
+
+
+def test_is_a_torch_optimizer():
+    p = torch.zeros(3, requires_grad=True)
+    for name in ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW"):
+        opt = getattr(ft, name)([p])
+        assert isinstance(opt, getattr(torch.optim, name))
