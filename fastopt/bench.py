@@ -308,9 +308,16 @@ def run(argv=None):
                         help="where to save the results (default: %(default)s)")
     parser.add_argument("--plot", metavar="PATH", default="fastopt-bench.png",
                         help="where to save the plot when matplotlib is installed (default: %(default)s)")
+    parser.add_argument("--torch", action="store_true",
+                        help="only the torch comparison: fastopt.torch vs torch.optim on torch models")
     parser.add_argument("--cases", metavar="RULE:DTYPE:SIZE", nargs="+",
                         help="run only these cases, e.g. adam:float32:1e5 sgd:float64:'200 x 16..4096'")
     args = parser.parse_args(argv)
+    if args.torch:
+        from .bench_torch import format_rows, run_torch
+        print(format_rows(run_torch(budget_s=0.3 if args.quick else 1.0)))
+        print("medians of rotating blocks of steps; results checked against torch.optim's default")
+        return 0
     if args.cases:
         cases = [tuple(c.split(":", 2)) for c in args.cases]
         for rule, dtype, label in cases:

@@ -161,3 +161,10 @@ def test_is_a_torch_optimizer():
     for name in ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW"):
         opt = getattr(ft, name)([p])
         assert isinstance(opt, getattr(torch.optim, name))
+
+
+def test_bench_torch_runs_and_checks():
+    from fastopt.bench_torch import format_rows, run_torch
+    rows = run_torch(budget_s=0.05)
+    assert [label.split(",")[0] for label, _ in rows] == ["optimizer step", "training step"]
+    assert "fastopt vs fused" in format_rows(rows)

@@ -1,0 +1,111 @@
+"""python -m fastopt bench --torch: fastopt.torch against torch.optim on torch models.
+
+Two cases, every implementation on its own copy of the same model, in
+rotating rounds of blocks of steps (see fastopt.bench): the optimizer step
+alone on a model with many parameter tensors, and a whole training step
+(forward, backward, step) of a small MLP. Results are checked against
+torch.optim's default implementation after the timed steps.
+"""
+import statistics
+import time
+
+import numpy as np
+
+
+def _many_tensor_model(torch, width=64, blocks=26):
+    """26 blocks of Linear + LayerNorm: 104 parameter tensors."""
+    layers = []
+    for _ in range(blocks):
+        layers += [torch.nn.Linear(width, width), torch.nn.LayerNorm(width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def _small_mlp(torch):
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 10))
+
+
+def _optimizers(torch):
+    import fastopt.torch as ft
+    return {
+        "fastopt.torch": lambda ps: ft.Adam(ps, lr=1e-3),
+        "torch fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+        "torch foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+        "torch default": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False),
+    }
+
+
+def _time(runners, budget_s, block):
+    times = {name: [] for name in runners}
+    deadline = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < 3 or time.perf_counter() < deadline:
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                run()
+            times[name].append((time.perf_counter() - t0) / block)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}, rounds * block
+
+
+def _check(models, steps_label):
+    ref = [p.detach() for p in models["torch default"].parameters()]
+    for name, model in models.items():
+        for p, q in zip(model.parameters(), ref):
+            scale = float((q).abs().max()) or 1.0
+            if not float((p.detach() - q).abs().max()) <= 1e-4 * scale:
+                raise AssertionError(f"{name} left torch's trajectory ({steps_label})")
+
+
+def run_torch(budget_s=1.0):
+    """Return rows for the two cases; each row maps implementation -> seconds."""
+    import torch
+    torch.manual_seed(0)
+    rows = []
+    base = _many_tensor_model(torch)
+    grads = [torch.randn_like(p) for p in base.parameters()]
+    models, runners = {}, {}
+    for name, make in _optimizers(torch).items():
+        model = _many_tensor_model(torch)
+        model.load_state_dict(base.state_dict())
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        opt = make(list(model.parameters()))
+        models[name], runners[name] = model, opt.step
+    medians, steps = _time(runners, budget_s, block=5)
+    _check(models, f"{steps} optimizer steps")
+    n_tensors = len(list(base.parameters()))
+    rows.append((f"optimizer step, {n_tensors} tensors", medians))
+
+    base = _small_mlp(torch)
+    X, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
+    models, runners = {}, {}
+    for name, make in _optimizers(torch).items():
+        model = _small_mlp(torch)
+        model.load_state_dict(base.state_dict())
+        opt = make(list(model.parameters()))
+
+        def train_step(model=model, opt=opt):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+        models[name], runners[name] = model, train_step
+    medians, steps = _time(runners, budget_s, block=5)
+    _check(models, f"{steps} training steps")
+    rows.append(("training step, MLP 64-128-128-10, batch 256", medians))
+    return rows
+
+
+def format_rows(rows):
+    names = list(rows[0][1])
+    header = ["case"] + names + ["fastopt vs fused", "fastopt vs default"]
+    body = []
+    for label, med in rows:
+        body.append([label] + [f"{med[n] * 1e6:.0f} us" for n in names]
+                    + [f"{med['torch fused'] / med['fastopt.torch']:.2f}x",
+                       f"{med['torch default'] / med['fastopt.torch']:.2f}x"])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
+    return "\n".join(lines + [" | ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body])
