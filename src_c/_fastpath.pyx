@@ -289,6 +289,8 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
     ws.count = 0
     ws.total = 0
     ws.cached = False
+    ws.cached_state = None  # drop what the last gather held on to, now
+    ws.keep = None
     keep = []
     for i in range(start, stop):
         g_obj = grads[i]
@@ -357,13 +359,13 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
     if slow:
         return SLOW_PATH, 0
     step = step if step > 0 else 0
+    ws.keep = keep  # the buffers whose pointers the slots now hold, cached or not
     ws.cached = isinstance(state, State)
     if ws.cached:
         ws.cached_state = state
         ws.cached_version = state.version
         ws.cached_needs = needs
         ws.cached_start, ws.cached_stop, ws.cached_step = start, stop, step
-        ws.keep = keep
     return GATHERED, step
 
 
