@@ -48,9 +48,10 @@ class Rule(NamedTuple):
     #: cross-field constraints, hyper -> None or raise
     check: Callable = None
 
-    def scalars(self, hyper):
+    def scalars(self, hyper, flush_denormals=False):
         """The compiled scalars for validated ``hyper``; the step adds the rest."""
-        return _fastpath.Scalars(self.rule_id, **self.consts(hyper))
+        return _fastpath.Scalars(self.rule_id, **self.consts(hyper),
+                                 flush_denormals=flush_denormals)
 
 
 # Step-independent scalars, computed once per group in double precision;

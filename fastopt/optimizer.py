@@ -70,12 +70,14 @@ class Optimizer:
     rule = None
     extra_hyper = {}
 
-    def __init__(self, params, defaults, *, backend="cython", skip_nonfinite=False):
+    def __init__(self, params, defaults, *, backend="cython", skip_nonfinite=False,
+                 flush_denormals=False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
         self.skipped_steps = 0  # steps skipped for NaN/Inf gradients
+        self.flush_denormals = V.flag("flush_denormals", flush_denormals)
         # step() from two threads on one optimizer would race on its
         # workspaces and state; they take turns instead.
         self._lock = threading.Lock()
@@ -212,7 +214,7 @@ class Optimizer:
             hyper = self._check_group_hyper(group, f"param_groups[{gi}]: ")
             kernel_hyper = {k: hyper[k] for k in self.rule.hyper}
             checked = (hyper, kernel_hyper, self.rule.needs(hyper),
-                       self.rule.scalars(kernel_hyper))
+                       self.rule.scalars(kernel_hyper, self.flush_denormals))
             if isinstance(group, ParamGroup):
                 group.checked = checked
         return checked

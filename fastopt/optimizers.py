@@ -18,7 +18,12 @@ _PARAMS_DOC = """params : list of ndarray, dict or list of dict
         kernels (for comparison; much slower).
     skip_nonfinite : bool
         Skip (and count in ``skipped_steps``) any step whose gradients hold
-        NaN or Inf: parameters and state stay untouched."""
+        NaN or Inf: parameters and state stay untouched.
+    flush_denormals : bool
+        Run the kernels with the CPU's flush-to-zero and denormals-are-zero
+        modes (x86; restored after every call): subnormal values, which make
+        each operation 10-20x slower, count as zero. Off by default, because
+        results then differ from torch.optim's in the subnormal range."""
 
 
 class SGD(Optimizer):
@@ -26,11 +31,12 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, maximize=False, *, backend="cython",
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, flush_denormals=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize), backend=backend,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite,
+                         flush_denormals=flush_denormals)
 
     def _advance(self, state, created):
         # torch.optim.SGD keeps no step count; what matters is whether the
@@ -44,11 +50,12 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False, *,
-                 backend="cython", skip_nonfinite=False):
+                 backend="cython", skip_nonfinite=False, flush_denormals=False):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
                                       eps=eps, maximize=maximize), backend=backend,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite,
+                         flush_denormals=flush_denormals)
 
     def _initial_value(self, name, hyper):
         return hyper["initial_accumulator_value"]
@@ -59,11 +66,12 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, maximize=False, *, backend="cython",
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, flush_denormals=False):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered,
                                       maximize=maximize), backend=backend,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite,
+                         flush_denormals=flush_denormals)
 
 
 class Adam(Optimizer):
@@ -71,20 +79,22 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=False, *,
-                 backend="cython", skip_nonfinite=False):
+                 backend="cython", skip_nonfinite=False, flush_denormals=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay),
-                         backend=backend, skip_nonfinite=skip_nonfinite)
+                         backend=backend, skip_nonfinite=skip_nonfinite,
+                         flush_denormals=flush_denormals)
 
 
 class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, maximize=False, *, backend="cython",
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, flush_denormals=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
-                         backend=backend, skip_nonfinite=skip_nonfinite)
+                         backend=backend, skip_nonfinite=skip_nonfinite,
+                         flush_denormals=flush_denormals)
 
 
 SGD.__doc__ = f"""Stochastic gradient descent, optionally with (Nesterov) momentum.

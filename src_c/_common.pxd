@@ -31,6 +31,7 @@ cdef struct StepScalars:
     double bc2_sqrt      # sqrt(1 - beta2 ** t)
     double decay         # AdamW: p *= decay, decay = 1 - lr * wd (1.0 when off: exact)
     bint amsgrad
+    bint flush_denormals  # run with the FPU's flush-to-zero / denormals-are-zero modes on
 
 
 cdef struct Slot:

@@ -399,7 +399,8 @@ cdef class Scalars:
     def __init__(self, int rule, *, double lr=0.0, double lr_decay=0.0, bint maximize=False,
                  double weight_decay=0.0, double momentum=0.0, double dampening=0.0,
                  bint nesterov=False, double eps=0.0, double alpha=0.0, bint centered=False,
-                 double beta1=0.0, double beta2=0.0, double decay=1.0, bint amsgrad=False):
+                 double beta1=0.0, double beta2=0.0, double decay=1.0, bint amsgrad=False,
+                 bint flush_denormals=False):
         if rule not in (RULE_SGD, RULE_ADAGRAD, RULE_RMSPROP, RULE_ADAM):
             raise ValueError(f"unknown rule {rule}")
         memset(&self.s, 0, sizeof(self.s))
@@ -418,6 +419,7 @@ cdef class Scalars:
         self.s.beta2 = beta2
         self.s.decay = decay
         self.s.amsgrad = amsgrad
+        self.s.flush_denormals = flush_denormals
 
     cdef StepScalars at_step(self, Py_ssize_t step, bint first_step) noexcept:
         cdef StepScalars s = self.s

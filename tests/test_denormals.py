@@ -265,3 +265,33 @@ def test_a_step_in_another_thread_leaves_its_fp_control_state_alone(restore_disp
     thread.join()
     assert seen["before"] == seen["after"] == IEEE
     assert fpu_probe() == IEEE
+
+
+# ------------------------------------------------------- flush_denormals=True
+
+def _subnormal_adam(flush, n=20_003, threads=None):
+    import fastopt as fo
+    p = np.ones(n, np.float32)
+    opt = fo.Adam([p], lr=1e-3, flush_denormals=flush)
+    opt.step([np.full(n, 1e-20, np.float32)])  # v = 1e-43: subnormal
+    for _ in range(3):
+        opt.step([np.zeros(n, np.float32)])
+    return opt.state[0]
+
+
+def test_flush_denormals_zeroes_subnormal_state_and_restores_the_fpu():
+    kept = _subnormal_adam(False)
+    flushed = _subnormal_adam(True)
+    tiny = np.finfo(np.float32).tiny
+    assert np.all((kept["exp_avg_sq"] > 0) & (kept["exp_avg_sq"] < tiny))  # IEEE: subnormals
+    assert np.all(flushed["exp_avg_sq"] == 0)                               # flushed to zero
+    # The mode was restored: NumPy's own arithmetic still makes subnormals.
+    x = np.float32(1e-38) / np.float32(100.0)
+    assert 0 < x < tiny
+
+
+def test_flush_denormals_is_validated_and_default_off():
+    import fastopt as fo
+    with pytest.raises(TypeError, match="flush_denormals must be a bool"):
+        fo.SGD([np.zeros(2)], flush_denormals="yes")
+    assert fo.AdamW([np.zeros(2)]).flush_denormals is False
