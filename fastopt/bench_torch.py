@@ -9,7 +9,6 @@ torch.optim's default implementation after the timed steps.
 import statistics
 import time
 
-import numpy as np
 
 
 def _many_tensor_model(torch, width=64, blocks=26):

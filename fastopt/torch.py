@@ -18,7 +18,6 @@ torch's ``differentiable=True`` and ``capturable=True`` are refused; the
 ``foreach`` and ``fused`` flags are accepted and ignored (every fastopt step is
 a fused one). Only this module imports torch.
 """
-import numpy as np
 import torch
 
 from . import _validation as V

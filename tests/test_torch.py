@@ -1,7 +1,6 @@
 """fastopt.torch: torch.optim subclasses stepped by fastopt's kernels."""
 import copy
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
