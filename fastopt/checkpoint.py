@@ -126,13 +126,18 @@ def _read_npz(path):
         meta = _untag(json.loads(arrays.pop(META).tobytes().decode()))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt metadata ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fastopt optimizer checkpoint")
-    version = meta.get("format_version")
+    _check_header(meta, FORMAT, "optimizer", path)
+    return meta, arrays
+
+
+def _check_header(payload, kind, what, path):
+    """A checkpoint's format tag and version: ours, and not newer than we read."""
+    if not isinstance(payload, dict) or payload.get("format") != kind:
+        raise ValueError(f"{path}: not a fastopt {what} checkpoint")
+    version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {version!r} is newer than this fastopt "
                          f"understands ({FORMAT_VERSION}); upgrade fastopt to load it")
-    return meta, arrays
 
 
 def _state_dict_from(meta, arrays, path):
@@ -238,12 +243,7 @@ def restore_scheduler(scheduler, path):
             payload = json.load(io.TextIOWrapper(f, encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: truncated or corrupt scheduler checkpoint ({e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != SCHEDULER_FORMAT:
-        raise ValueError(f"{path}: not a fastopt scheduler checkpoint")
-    version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {version!r} is newer than this fastopt "
-                         f"understands ({FORMAT_VERSION})")
+    _check_header(payload, SCHEDULER_FORMAT, "scheduler", path)
     kind = type(scheduler).__name__
     if payload.get("scheduler") != kind:
         raise ValueError(f"{path}: holds a {payload.get('scheduler')} scheduler, not a {kind}")
