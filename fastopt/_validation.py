@@ -13,13 +13,27 @@ import numpy as np
 #: dtypes the compute layer has kernels for.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+#: ndarray subclasses whose elements are not simply their memory: a masked
+#: array's mask would be ignored by the kernels, and np.matrix changes what the
+#: operators of the reference twins mean. Other subclasses (np.memmap, ...) are
+#: fine. numpy.asarray(x) gives a plain view of the same memory.
+REFUSED_SUBCLASSES = (np.ma.MaskedArray, np.matrix)
+
 
 # ------------------------------------------------------------ hyperparameters
+
+#: The largest step count a kernel takes: steps travel as a C int64. A stored
+#: count must stay below it so that the next step still fits.
+MAX_STEP = 2 ** 63 - 1
+
 
 def _real(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64's range, e.g. 10**400
+        raise ValueError(f"{name} must be within float64's range (about 1.8e308)") from None
 
 
 def nonnegative(name, value):
@@ -69,12 +83,30 @@ def betas(name, value):
 
 
 def step_count(name, value):
-    """A step count ``t >= 1`` (the count after this step's increment)."""
+    """A count ``1 <= t <= MAX_STEP`` (a step count after this step's increment)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if value > MAX_STEP:
+        raise ValueError(f"{name} must be <= 2**63 - 1 (counts are int64), got {value!r}")
     return int(value)
+
+
+def stored_step(name, value):
+    """A step count kept in optimizer state: an int with ``0 <= value < MAX_STEP``.
+
+    Only exact ``int`` passes (not bool, not None, not a NumPy integer): the
+    fast path compares it with C integers and commits ``value + 1``.
+    """
+    if type(value) is not int:
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if value >= MAX_STEP:
+        raise ValueError(f"{name} must be < 2**63 - 1, so that the next step's count "
+                         f"fits an int64; got {value!r}")
+    return value
 
 
 def check_hyper(rules, hyper, where=""):
@@ -96,6 +128,12 @@ def check_float_array(name, a, writeable):
     """An ndarray of float32/float64 in C order (writeable when updated in place)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if isinstance(a, REFUSED_SUBCLASSES):
+        raise TypeError(
+            f"{name} is a {type(a).__name__}, which fastopt does not update (it would "
+            "update every element, masked or not); pass numpy.asarray of it, a plain "
+            "view of the same memory"
+        )
     if a.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     if not a.flags.c_contiguous:
@@ -126,29 +164,46 @@ def check_no_overlap(name, a, others):
             raise ValueError(f"{name} shares memory with {other_name}")
 
 
+def _spans(named):
+    """``(start, end, name)`` byte ranges of the non-empty contiguous arrays in ``named``."""
+    for name, a in named:
+        if a.size:
+            start = a.__array_interface__["data"][0]
+            yield start, start + a.nbytes, name
+
+
+def check_no_aliasing(writes, reads=()):
+    """No two arrays of ``writes`` overlap, nor any of ``reads`` one of ``writes``.
+
+    ``writes`` and ``reads`` are lists of ``(name, array)`` of contiguous
+    arrays; arrays in ``reads`` may overlap each other. One sweep over the
+    ranges sorted by address: O(n log n) for models with many arrays.
+    """
+    spans = sorted([(*span, True) for span in _spans(writes)]
+                   + [(*span, False) for span in _spans(reads)], key=lambda span: span[0])
+    reach = reach_write = (-1, None)  # the furthest end so far (of any array, of a write), whose
+    for start, end, name, written in spans:
+        other = reach[1] if written and start < reach[0] else (
+            reach_write[1] if start < reach_write[0] else None)
+        if other is not None:
+            raise ValueError(f"{name} shares memory with {other}")
+        if end > reach[0]:
+            reach = (end, name)
+        if written and end > reach_write[0]:
+            reach_write = (end, name)
+
+
 def check_distinct_params(named_params):
     """No two parameters are the same array or overlap in memory.
 
-    An overlap would update the same memory twice in one step. Sorting by
-    address keeps this O(n log n) for models with many arrays.
+    An overlap would update the same memory twice in one step.
     """
     seen = {}
     for name, p in named_params:
         if id(p) in seen:
             raise ValueError(f"{name} is the same array as {seen[id(p)]}: each parameter may appear once")
         seen[id(p)] = name
-    spans = []
-    for name, p in named_params:
-        if p.size == 0:
-            continue
-        start = p.__array_interface__["data"][0]
-        spans.append((start, start + p.nbytes, name))
-    spans.sort(key=lambda span: span[0])
-    reach, reach_name = -1, None  # the furthest end seen so far, and whose it is
-    for start, end, name in spans:
-        if start < reach:
-            raise ValueError(
-                f"{name} shares memory with {reach_name}: a parameter may appear only once"
-            )
-        if end > reach:
-            reach, reach_name = end, name
+    try:
+        check_no_aliasing(named_params)
+    except ValueError as e:
+        raise ValueError(f"{e}: a parameter may appear only once") from None

@@ -8,8 +8,6 @@ Models from ``fastopt.models`` can do the same in their backward pass
 (``loss_and_grad(..., accumulate=True, scale=1/k)``); this class is for
 gradients computed elsewhere.
 """
-import numbers
-
 from . import _fastpath
 from . import _validation as V
 
@@ -43,8 +41,7 @@ class GradientAccumulator:
     """
 
     def __init__(self, buffers, steps, reduction="mean"):
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        steps = V.step_count("steps", steps)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if not isinstance(buffers, (list, tuple)) or not buffers:
@@ -54,8 +51,9 @@ class GradientAccumulator:
             V.check_float_array(name, b, writeable=True)
         V.check_distinct_params(named)
         self.buffers = list(buffers)
-        self.steps = int(steps)
+        self.steps = steps
         self.reduction = reduction
+        self._scale = 1.0 / steps if reduction == "mean" else 1.0
         self.count = 0
         self._ws = _fastpath.Workspace()
         self.reset()
@@ -72,9 +70,12 @@ class GradientAccumulator:
         for i, (b, g) in enumerate(zip(self.buffers, grads)):
             V.check_float_array(f"grads[{i}]", g, writeable=False)
             V.check_like(f"grads[{i}]", g, f"buffers[{i}]", b)
-            V.check_no_overlap(f"grads[{i}]", g, {f"buffers[{i}]": b})
+        # A gradient overlapping any buffer (not only its own) would be read
+        # while another buffer's update writes it.
+        V.check_no_aliasing([(f"buffers[{i}]", b) for i, b in enumerate(self.buffers)],
+                            [(f"grads[{i}]", g) for i, g in enumerate(grads)])
         self._ws.fill(self.buffers, list(grads), ())
-        _fastpath.axpy(self._ws, 1.0 / self.steps if self.reduction == "mean" else 1.0)
+        _fastpath.axpy(self._ws, self._scale)
         self.count += 1
 
     def reset(self):

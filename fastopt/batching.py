@@ -13,6 +13,8 @@ import numbers
 
 import numpy as np
 
+from . import _validation as V
+
 __all__ = ["batches", "Batches"]
 
 
@@ -66,6 +68,8 @@ class Batches:
                 raise TypeError(f"y must be an ndarray with samples along axis 0, got {type(y).__name__}")
             if len(y) != n:
                 raise ValueError(f"X has {n} samples but y has {len(y)}")
+        shuffle = V.flag("shuffle", shuffle)
+        drop_last = V.flag("drop_last", drop_last)
         if batch_size is not None:
             if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
                 raise TypeError(f"batch_size must be an int or None, got {batch_size!r}")
@@ -77,8 +81,8 @@ class Batches:
             batch_size = int(batch_size)
         self.X, self.y = X, y
         self.batch_size = batch_size
-        self.shuffle = bool(shuffle) and batch_size is not None
-        self.drop_last = bool(drop_last)
+        self.shuffle = shuffle and batch_size is not None
+        self.drop_last = drop_last
         self._rng = np.random.default_rng(seed)
         self._identity = np.arange(n) if self.shuffle else None
         self._order = self._identity.copy() if self.shuffle else None
@@ -107,8 +111,9 @@ class Batches:
         np.copyto(self._order, self._identity)
         self._rng.shuffle(self._order)
         if self._buffers is None:
-            self._buffers = (np.empty((k,) + self.X.shape[1:], self.X.dtype),
-                             None if self.y is None else np.empty((k,) + self.y.shape[1:], self.y.dtype))
+            rows = min(k, n)  # no batch is longer than the data set
+            self._buffers = (np.empty((rows,) + self.X.shape[1:], self.X.dtype),
+                             None if self.y is None else np.empty((rows,) + self.y.shape[1:], self.y.dtype))
         xbuf, ybuf = self._buffers
         for start in range(0, len(self) * k, k):
             index = self._order[start:start + k]

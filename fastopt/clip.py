@@ -39,11 +39,30 @@ def _stats(arrays):
     ws = _fastpath.Workspace()
     ws.fill(arrays, arrays, ())
     sumsq, nonfinite = _fastpath.grad_stats(ws)
-    return ws, math.sqrt(sumsq), nonfinite
+    norm = math.sqrt(sumsq)
+    if math.isinf(norm) and not nonfinite:
+        norm = _scaled_norm(arrays)
+    return ws, norm, nonfinite
+
+
+def _scaled_norm(arrays):
+    """The norm of finite arrays whose sum of squares overflows a double.
+
+    Squares of |g| > ~1.3e154 overflow; dividing by the largest magnitude
+    first keeps every square <= 1. Rare, so plain NumPy (with temporaries).
+    """
+    top = max(float(np.max(np.abs(a))) for a in arrays if a.size)
+    total = math.fsum(float(np.sum(np.square(np.asarray(a, np.float64) / top))) for a in arrays)
+    return top * math.sqrt(total)  # inf only if the norm itself exceeds float64
 
 
 def grad_norm(grads):
-    """The global L2 norm of ``grads`` (a float; inf or nan if any element is)."""
+    """The global L2 norm of ``grads``.
+
+    A float: inf if an element is inf or the norm exceeds float64's range,
+    nan if an element is NaN. Squares that would overflow on the way to a
+    representable norm (elements beyond ~1e154) do not make it inf.
+    """
     _, norm, nonfinite = _stats(_as_list(grads, writeable=False))
     return math.nan if nonfinite and not math.isinf(norm) else norm
 
@@ -62,7 +81,8 @@ def clip_grad_norm(grads, max_norm, error_if_nonfinite=False):
         The largest norm allowed (>= 0).
     error_if_nonfinite : bool
         Raise ValueError when the norm is NaN or infinite. Otherwise such
-        gradients are left as they are (scaling would only spread the NaN).
+        gradients are left as they are (scaling would only spread the NaN,
+        or, for a norm beyond float64, zero every gradient as torch does).
 
     Returns
     -------
@@ -71,10 +91,11 @@ def clip_grad_norm(grads, max_norm, error_if_nonfinite=False):
     """
     max_norm = V.nonnegative("max_norm", max_norm)
     ws, norm, nonfinite = _stats(_as_list(grads, writeable=True))
-    if nonfinite:
+    if nonfinite or math.isinf(norm):
         if error_if_nonfinite:
-            raise ValueError(f"the total gradient norm is {norm}: gradients hold NaN or Inf")
-        return math.nan if not math.isinf(norm) else norm
+            why = "gradients hold NaN or Inf" if nonfinite else "beyond float64's range"
+            raise ValueError(f"the total gradient norm is {norm}: {why}")
+        return math.nan if nonfinite and not math.isinf(norm) else norm
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         _fastpath.scale(ws, coef)

@@ -9,6 +9,7 @@ A step runs in two phases. First every input is validated - the structure of
 array - without touching anything. Only then is state allocated and are the
 kernels run, so a step that raises has modified no parameter and no state.
 """
+import numbers
 import threading
 
 import numpy as np
@@ -85,6 +86,7 @@ class Optimizer:
         self.param_groups = []
         self.state = State()
         self._workspaces = []  # one reusable pointer array per group (fast path)
+        self._guard = _fastpath.Guard()  # the step's protected memory, for check_step
         self._named = None  # True/False once the first group fixes it
         for group in _split_groups(params):
             self.add_param_group(group)
@@ -219,23 +221,51 @@ class Optimizer:
                 group.checked = checked
         return checked
 
-    def _explain(self, params, grads, names):
-        """Raise the error for the first parameter the screen flagged."""
-        for index, (p, g) in enumerate(zip(params, grads)):
-            if g is None:
-                continue
-            p_label, g_label = self._labels(index, None if names is None else names[index])
+    def _explain(self, grads):
+        """Raise the error for what the screen flagged (a parameter, or aliasing)."""
+        self._check_each(grads)
+        self._check_aliasing(grads)
+        raise RuntimeError(  # pragma: no cover - the screen and the checks disagree
+            "fastopt internal error: the fast input screen refused a step that the "
+            "checks accept; please report this"
+        )
+
+    def _touched(self, grads):
+        """``(index, param label, grad label, param, grad, state or None)`` per param with a grad."""
+        names = self._flat_names()
+        for index, (p, g) in enumerate(zip(self._flat_params(), grads)):
+            if g is not None:
+                p_label, g_label = self._labels(index, None if names is None else names[index])
+                yield index, p_label, g_label, p, g, self.state.get(index)
+
+    def _check_aliasing(self, grads):
+        """No memory is both written by this step and read or written elsewhere in it.
+
+        Across all parameters: a gradient may not overlap any parameter or
+        state buffer, and no two of those may overlap each other.
+        """
+        writes, reads = [], []
+        for index, p_label, g_label, p, g, state in self._touched(grads):
+            writes.append((p_label, p))
+            reads.append((g_label, g))
+            for name in self.rule.buffers:
+                if state is not None and state.get(name) is not None:
+                    writes.append((f"state[{index}][{name!r}]", state[name]))
+        V.check_no_aliasing(writes, reads)
+
+    def _check_each(self, grads):
+        """Every rule on each parameter with a gradient, its gradient and its state."""
+        for index, p_label, g_label, p, g, state in self._touched(grads):
             V.check_float_array(p_label, p, writeable=True)
             V.check_float_array(g_label, g, writeable=False)
             V.check_like(g_label, g, p_label, p)
             V.check_no_overlap(g_label, g, {p_label: p})
-            state = self.state.get(index)
             if state is None:
                 continue
             if not isinstance(state, dict):
                 raise TypeError(f"state[{index}] must be a dict, got {type(state).__name__}")
-            if "step" in state and (type(state["step"]) is not int or state["step"] < 0):
-                raise ValueError(f"state[{index}]['step'] must be an int >= 0, got {state['step']!r}")
+            if "step" in state:
+                V.stored_step(f"state[{index}]['step']", state["step"])
             checked = {p_label: p}
             for name in self.rule.buffers:
                 if state.get(name) is None:
@@ -246,10 +276,6 @@ class Optimizer:
                 V.check_no_overlap(label, state[name], checked)
                 V.check_no_overlap(g_label, g, {label: state[name]})
                 checked[label] = state[name]
-        raise RuntimeError(  # pragma: no cover - the screen and the checks disagree
-            "fastopt internal error: the fast input screen refused a step that the "
-            "checks accept; please report this"
-        )
 
     def _plan(self, grads):
         """Validate everything a step touches.
@@ -259,11 +285,16 @@ class Optimizer:
         This runs on every step: it avoids any work per parameter in Python.
         """
         groups = self.param_groups
+        for gi, group in enumerate(groups):
+            if not isinstance(group, dict) or type(group.get("params")) is not list:
+                raise TypeError(f"param_groups[{gi}] must be a dict whose 'params' is a list "
+                                f"of arrays, got {type(group).__name__}")
         grads = self._align(grads, sum([len(group["params"]) for group in groups]))
         rule = self.rule
         counts_steps = rule.step_arg == "step"
         plan = []
         start = 0
+        everything_gathered = True
         for gi, group in enumerate(groups):
             checked = self._group_hyper(gi, group)
             params = group["params"]
@@ -271,9 +302,16 @@ class Optimizer:
             code, step = _fastpath.gather(self._workspaces[gi], params, grads, start, stop,
                                           self.state, rule.buffers, checked[2], counts_steps)
             if code >= 0:
-                self._explain(self._flat_params(), grads, self._flat_names())
+                self._explain(grads)
             plan.append((checked, start, stop, code == _fastpath.GATHERED, step))
+            everything_gathered &= code == _fastpath.GATHERED
             start = stop
+        # Aliasing across parameters: in C when every workspace is loaded,
+        # else (the general path, Python work per parameter anyway) here.
+        if not everything_gathered:
+            self._check_aliasing(grads)
+        elif not _fastpath.check_step(self._guard, self._workspaces, len(groups)):
+            self._explain(grads)
         return grads, plan
 
     def _initial_value(self, name, hyper):
@@ -296,7 +334,8 @@ class Optimizer:
             means that parameter has no gradient this step: it and its state
             are left alone. Gradients must be C-contiguous arrays of the
             parameter's dtype and shape (non-contiguous ones are refused, not
-            copied) and must not share memory with the parameter or its state.
+            copied) and must not share memory with any parameter or state
+            buffer of the step.
 
         Raises
         ------
@@ -318,6 +357,7 @@ class Optimizer:
     def _step(self, grads):
         if (self.backend == "cython" and not self.skip_nonfinite and type(grads) is list
                 and _fastpath.step_groups(self.param_groups, grads, self.state, self._workspaces,
+                                          self._guard,
                                           self.rule.buffers, self.rule.step_arg == "step")
                 == _fastpath.DONE):
             return  # the common case, done in Cython with no work per parameter here
@@ -519,10 +559,14 @@ class Optimizer:
 
 def _step_from(where, value):
     """A saved step count: an integer >= 0 (an integral float, as torch saves, is fine)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where} must be a number, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return V.stored_step(where, int(value))
     try:
         as_float = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{where} must be a number, got {value!r}") from None
-    if not as_float.is_integer() or as_float < 0:
+    if not as_float.is_integer():
         raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
-    return int(as_float)
+    return V.stored_step(where, int(as_float))

@@ -17,7 +17,8 @@ pointer, installed by fastopt/_dispatch.py for the CPU's best ISA level.
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.math cimport pow
-from libc.stdlib cimport realloc, free
+from libc.stdint cimport uintptr_t
+from libc.stdlib cimport realloc, free, qsort
 from libc.string cimport memset
 
 from _common cimport (Slot, StepScalars, runner_t, stats_t, RULE_SGD, RULE_ADAGRAD,
@@ -26,7 +27,25 @@ from _common cimport (Slot, StepScalars, runner_t, stats_t, RULE_SGD, RULE_ADAGR
 
 cnp.import_array()
 
+from fastopt._validation import MAX_STEP, REFUSED_SUBCLASSES
 from fastopt._watched import State
+
+
+ctypedef struct Span:
+    # The bytes [start, end) of a contiguous array.
+    char* start
+    char* end
+
+
+cdef int grow_spans(Span** spans, Py_ssize_t* capacity, Py_ssize_t n) except -1:
+    cdef Span* grown
+    if n > capacity[0]:
+        grown = <Span*>realloc(spans[0], n * sizeof(Span))
+        if grown == NULL:
+            raise MemoryError()
+        spans[0] = grown
+        capacity[0] = n
+    return 0
 
 cdef extern from *:
     """
@@ -96,10 +115,27 @@ cdef class Workspace:
     cdef Py_ssize_t cached_version
     cdef object cached_needs
     cdef Py_ssize_t cached_start, cached_stop, cached_step
-    cdef list keep  # the buffer arrays whose pointers the slots hold
+    cdef list keep  # the buffer arrays whose pointers the slots hold, in slot order
+    # The memory a step over these slots must keep apart from every gradient:
+    # each param and every state buffer it has (used by the options or not).
+    # Rebuilt by each full gather, which bumps generation (see Guard).
+    cdef Span* protect
+    cdef Py_ssize_t nprotect, protect_capacity
+    cdef Py_ssize_t generation
+    # check_step found the slots' gradients clear of the guard's spans; any
+    # new gradient pointer (or a new gather) clears the flag.
+    cdef bint grads_clear
 
     def __dealloc__(self):
         free(self.slots)
+        free(self.protect)
+
+    cdef inline void add_protect(self, char* start, char* end) noexcept:
+        # Capacity reserved by full_gather; empty ranges overlap nothing.
+        if start < end:
+            self.protect[self.nprotect].start = start
+            self.protect[self.nprotect].end = end
+            self.nprotect += 1
 
     def __reduce__(self):
         # Scratch space only: a copy (deepcopy, pickle) starts empty.
@@ -157,6 +193,8 @@ cdef inline bint usable(object obj, bint writeable):
     """A native-order, aligned, C-contiguous float32/float64 ndarray."""
     if not cnp.PyArray_Check(obj):
         return False
+    if not cnp.PyArray_CheckExact(obj) and isinstance(obj, REFUSED_SUBCLASSES):
+        return False
     cdef cnp.ndarray a = <cnp.ndarray>obj
     cdef int kind = cnp.PyArray_TYPE(a)
     if kind != cnp.NPY_FLOAT32 and kind != cnp.NPY_FLOAT64:
@@ -205,20 +243,19 @@ def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t s
 
 
 cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start):
-    """Re-check params and grads against the cached slots; GATHERED or not.
+    """Re-check params, grads and the buffers in use against the cached slots.
 
-    Any doubt (a missing grad, a param of another size or dtype, an overlap)
-    returns SLOW_PATH so that full_gather decides, with everything checked.
+    GATHERED when every parameter is the same memory as before, every buffer
+    still usable and shaped like its parameter, every gradient usable and
+    shaped like its parameter; then only the gradients' pointers are new
+    (check_step keeps them off the protected memory). Any doubt returns
+    SLOW_PATH so that full_gather decides, with everything checked.
     """
-    cdef Py_ssize_t k, j
+    cdef Py_ssize_t k, j, kept = 0
     cdef Slot* slot
-    cdef object p_obj, g_obj
+    cdef object p_obj, g_obj, b_obj
     cdef cnp.ndarray p, g
-    cdef char* p0
-    cdef char* p1
     cdef char* g0
-    cdef char* g1
-    cdef Py_ssize_t itemsize
     for k in range(ws.count):
         slot = &ws.slots[k]
         g_obj = grads[start + k]
@@ -227,24 +264,25 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
             return SLOW_PATH
         p = <cnp.ndarray>p_obj
         g = <cnp.ndarray>g_obj
-        # The cached buffers were sized for this slot: the param must still match.
-        if (cnp.PyArray_SIZE(p) != slot.size or (cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64) != slot.f64
+        # The buffers and the protected spans were made for this param's memory.
+        if (<char*>cnp.PyArray_DATA(p) != slot.p or cnp.PyArray_SIZE(p) != slot.size
+                or (cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64) != slot.f64
                 or not same_layout(g, p)):
             return SLOW_PATH
-        p0 = <char*>cnp.PyArray_DATA(p)
-        p1 = end_of(p)
-        g0 = <char*>cnp.PyArray_DATA(g)
-        g1 = end_of(g)
-        if ranges_overlap(g0, g1, p0, p1):
-            return SLOW_PATH
-        itemsize = cnp.PyArray_ITEMSIZE(p)
+        # A buffer can be made read-only or reshaped in place without an edit
+        # of the state that State.version would see.
         for j in range(MAX_BUFFERS):
-            if slot.buf[j] != NULL and (
-                    ranges_overlap(g0, g1, slot.buf[j], slot.buf[j] + slot.size * itemsize)
-                    or ranges_overlap(p0, p1, slot.buf[j], slot.buf[j] + slot.size * itemsize)):
-                return SLOW_PATH
-        slot.p = p0
-        slot.g = g0
+            if slot.buf[j] != NULL:
+                b_obj = ws.keep[kept]
+                kept += 1
+                if (not usable(b_obj, True) or not same_layout(<cnp.ndarray>b_obj, p)
+                        or <char*>cnp.PyArray_DATA(<cnp.ndarray>b_obj) != slot.buf[j]):
+                    return SLOW_PATH
+    for k in range(ws.count):
+        g0 = <char*>cnp.PyArray_DATA(<cnp.ndarray>grads[start + k])
+        if g0 != ws.slots[k].g:
+            ws.slots[k].g = g0
+            ws.grads_clear = False  # same pointer and size: the same span as checked
     return GATHERED
 
 
@@ -259,7 +297,7 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
     usable writeable array; ``grads[i]`` is usable, of the same dtype and
     shape, and overlaps neither ``params[i]`` nor a buffer of ``state[i]``;
     ``state[i]``, if present, is a dict whose ``"step"`` (if any) is an int
-    >= 0 and whose buffers named in ``names`` (if present) are usable,
+    in [0, MAX_STEP) and whose buffers named in ``names`` (if present) are usable,
     writeable, of the parameter's dtype and shape, and overlap neither the
     parameter nor each other.
 
@@ -286,6 +324,10 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
     if len(params) != stop - start:
         raise ValueError("internal: params does not match start..stop")
     ws.reserve(stop - start)
+    grow_spans(&ws.protect, &ws.protect_capacity, (stop - start) * (1 + nnames))
+    ws.nprotect = 0
+    ws.generation += 1
+    ws.grads_clear = False
     ws.count = 0
     ws.total = 0
     ws.cached = False
@@ -314,13 +356,14 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
             continue
         if not isinstance(entry, dict):
             return i, 0
-        step_obj = (<dict>entry).get("step")
-        if step_obj is not None:
-            if type(step_obj) is not int or step_obj < 0:
+        if "step" in <dict>entry:  # present but None is refused, like any non-int
+            step_obj = (<dict>entry)["step"]
+            if type(step_obj) is not int or not 0 <= step_obj < MAX_STEP:
                 return i, 0
             this_step = step_obj
         elif counts_steps:
             slow = True
+        ws.add_protect(p0, p1)
         nb = 0
         for j in range(MAX_BUFFERS):
             bufs[j] = NULL
@@ -344,6 +387,7 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
             seen0[nb] = b0
             seen1[nb] = b1
             nb += 1
+            ws.add_protect(b0, b1)
             if needs[j]:
                 bufs[j] = b0
                 keep.append(b)
@@ -381,6 +425,106 @@ def commit_steps(Workspace ws, object state, list grads, Py_ssize_t start, Py_ss
         if grads[i] is not None:
             (<dict>(<dict>state)[i])["step"] = step
     ws.cached_step = step
+
+
+# ------------------------------------------------------------------ aliasing
+
+cdef int span_order(const void* a, const void* b) noexcept nogil:
+    cdef uintptr_t x = <uintptr_t>(<const Span*>a).start
+    cdef uintptr_t y = <uintptr_t>(<const Span*>b).start
+    return (x > y) - (x < y)
+
+
+cdef class Guard:
+    """The protected memory of a whole step (every group), sorted; cached.
+
+    A step writes its params and state buffers and reads its gradients, so
+    no two protected spans may overlap, and no gradient may overlap one -
+    across parameters and groups, not only within one parameter. Otherwise
+    the result would depend on the order of the writes, and so on the number
+    of threads. The spans change only when a workspace is fully gathered
+    again; the guard rebuilds then, and otherwise only places each gradient
+    (a binary search, or nothing when it lies outside all of them).
+    """
+    cdef Span* spans
+    cdef Py_ssize_t count, capacity
+    cdef list sources  # [(workspace, generation)] the spans were merged from
+    cdef bint disjoint
+
+    def __dealloc__(self):
+        free(self.spans)
+
+    def __reduce__(self):
+        return (Guard, ())
+
+    cdef int refresh(self, list workspaces, Py_ssize_t ngroups) except -1:
+        """Merge the workspaces' spans unless they are those merged last; 1 if rebuilt."""
+        cdef Py_ssize_t gi, k, total = 0
+        cdef Workspace ws
+        cdef list sources = []
+        for gi in range(ngroups):
+            ws = <Workspace>workspaces[gi]
+            sources.append((ws, ws.generation))
+            total += ws.nprotect
+        if sources == self.sources:
+            return 0
+        for gi in range(ngroups):  # their gradients were checked against other spans
+            (<Workspace>workspaces[gi]).grads_clear = False
+        grow_spans(&self.spans, &self.capacity, total)
+        self.count = 0
+        for gi in range(ngroups):
+            ws = <Workspace>workspaces[gi]
+            for k in range(ws.nprotect):
+                self.spans[self.count] = ws.protect[k]
+                self.count += 1
+        qsort(self.spans, self.count, sizeof(Span), span_order)
+        self.disjoint = True
+        for k in range(1, self.count):
+            if self.spans[k].start < self.spans[k - 1].end:
+                self.disjoint = False
+        self.sources = sources
+        return 1
+
+    cdef bint clear_of(self, char* start, char* end) noexcept:
+        """Whether [start, end) overlaps no span (which are sorted and disjoint)."""
+        cdef Py_ssize_t lo = 0, hi = self.count, mid
+        if start >= end or self.count == 0:
+            return True
+        if end <= self.spans[0].start or start >= self.spans[self.count - 1].end:
+            return True
+        # Disjoint and sorted by start, so sorted by end too: find the first
+        # span ending after start; only it can begin before end.
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.spans[mid].end <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo == self.count or self.spans[lo].start >= end
+
+
+def check_step(Guard guard, list workspaces, Py_ssize_t ngroups):
+    """Whether the gathered workspaces of a step are free of cross-aliasing.
+
+    True when no protected spans overlap and no gradient overlaps any of them.
+    False means that Python must find and name the overlap.
+    """
+    cdef Py_ssize_t gi, k
+    cdef Workspace ws
+    cdef Slot* slot
+    guard.refresh(workspaces, ngroups)
+    if not guard.disjoint:
+        return False
+    for gi in range(ngroups):
+        ws = <Workspace>workspaces[gi]
+        if ws.grads_clear:
+            continue
+        for k in range(ws.count):
+            slot = &ws.slots[k]
+            if not guard.clear_of(slot.g, slot.g + slot.size * (8 if slot.f64 else 4)):
+                return False
+        ws.grads_clear = True
+    return True
 
 
 # ------------------------------------------------------------ step scalars
@@ -429,8 +573,9 @@ cdef class Scalars:
             s.lr = s.base_lr / (1.0 - pow(s.beta1, t))
             s.bc2_sqrt = pow(1.0 - pow(s.beta2, t), 0.5)
         elif self.rule == RULE_ADAGRAD:
-            # torch: clr = lr / (1 + (step - 1) * lr_decay)
-            s.lr = s.base_lr / (1.0 + (t - 1.0) * s.lr_decay)
+            # torch: clr = lr / (1 + (step - 1) * lr_decay), the subtraction on
+            # integers (exact), then one rounding to double, as Python does
+            s.lr = s.base_lr / (1.0 + <double>(step - 1) * s.lr_decay)
         else:
             s.lr = s.base_lr
         s.first_step = first_step
@@ -494,25 +639,32 @@ DONE = 0
 NEEDS_PYTHON = 1
 
 
-def step_groups(list groups, list grads, object state, list workspaces, tuple names,
-                bint counts_steps):
+def step_groups(list groups, list grads, object state, list workspaces, Guard guard,
+                tuple names, bint counts_steps):
     """A whole optimizer step when nothing needs Python's help, else NEEDS_PYTHON.
 
     ``groups`` are the optimizer's ParamGroups, each with a ``checked`` cache
     ``(hyper, kernel_hyper, needs, Scalars)`` made by the Python layer. Every
-    group is screened and gathered first; only if all are ready do the kernels
-    run. Anything else - an edited group, a grad count that does not match, a
-    suspect array, missing state or grads, uneven steps - returns NEEDS_PYTHON
-    with nothing modified, and the Python path validates and reports.
+    group is screened and gathered first and the whole step checked for
+    aliasing (check_step); only if all is ready do the kernels run. Anything
+    else - an edited group, a grad count that does not match, a suspect array,
+    missing state or grads, uneven steps - returns NEEDS_PYTHON with nothing
+    modified, and the Python path validates and reports.
     """
     cdef Py_ssize_t gi, start = 0, stop, total = 0
     cdef Py_ssize_t ngroups = len(groups)
-    cdef object checked, code, step, params
+    cdef object checked, code, step, params, group
     cdef list steps = []
     if not isinstance(state, dict):
         return NEEDS_PYTHON
     for gi in range(ngroups):
-        total += len(<list>(<dict>groups[gi])["params"])
+        group = groups[gi]
+        if not isinstance(group, dict):
+            return NEEDS_PYTHON
+        params = (<dict>group).get("params")
+        if type(params) is not list:
+            return NEEDS_PYTHON
+        total += len(<list>params)
     if total != len(grads) or len(workspaces) < ngroups:
         return NEEDS_PYTHON
     for gi in range(ngroups):
@@ -527,6 +679,8 @@ def step_groups(list groups, list grads, object state, list workspaces, tuple na
             return NEEDS_PYTHON
         steps.append(step)
         start = stop
+    if not check_step(guard, workspaces, ngroups):
+        return NEEDS_PYTHON
     start = 0
     for gi in range(ngroups):
         checked = getattr(groups[gi], "checked")

@@ -100,12 +100,14 @@ cdef inline floating lerp(floating a, floating b, floating w) noexcept nogil:
 
 
 cdef inline floating nan_max(floating a, floating b) noexcept nogil:
-    # torch.maximum: NaN if either side is NaN, so a NaN never vanishes here.
+    # NaN if either side is NaN (torch.maximum, numpy.maximum), so a NaN never
+    # vanishes here. Of two equal values b wins, as in numpy.maximum: that
+    # decides max(-0.0, +0.0), and the reference twin uses numpy.maximum.
     if a != a:
         return a
     if b != b:
         return b
-    return a if a >= b else b
+    return a if a > b else b
 
 
 cdef inline floating root(floating x) noexcept nogil:

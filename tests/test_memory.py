@@ -185,7 +185,7 @@ def test_100k_fast_path_steps_do_not_grow_memory(name):
     opt.step(grads)
     # The configuration really runs on the Cython fast path (this is a step too).
     assert _fastpath.step_groups(opt.param_groups, grads, opt.state, opt._workspaces,
-                                 opt.rule.buffers, opt.rule.step_arg == "step") == _fastpath.DONE
+                                 opt._guard, opt.rule.buffers, opt.rule.step_arg == "step") == _fastpath.DONE
     def step():
         opt.step(grads)
 

@@ -354,7 +354,7 @@ def test_param_made_read_only_after_construction_is_refused():
     (lambda s: s[0].__setitem__("exp_avg", np.zeros(2, np.float32)), ValueError, r"state\[0\]\['exp_avg'\] has shape"),
     (lambda s: s[0].__setitem__("exp_avg", s[0]["exp_avg"].astype(np.float64)), TypeError, r"state\[0\]\['exp_avg'\] has dtype"),
     (lambda s: s[0].__setitem__("exp_avg_sq", s[0]["exp_avg"]), ValueError, "shares memory"),
-    (lambda s: s[1].__setitem__("step", 1.5), ValueError, r"state\[1\]\['step'\] must be an int"),
+    (lambda s: s[1].__setitem__("step", 1.5), TypeError, r"state\[1\]\['step'\] must be an int"),
     (lambda s: s.__setitem__(2, []), TypeError, r"state\[2\] must be a dict"),
 ])
 def test_corrupted_state_is_refused_before_any_update(corrupt, error, message):
@@ -470,7 +470,7 @@ def _good_state_dict():
     (lambda sd: sd["state"][0].__setitem__("exp_avg", np.zeros(3)), ValueError, "has shape"),
     (lambda sd: sd["state"][0].__setitem__("exp_avg", np.zeros(5, np.int64)), TypeError, "float array"),
     (lambda sd: sd["state"][0].__setitem__("momentum_buffer", np.zeros(5)), ValueError, "not state of Adam"),
-    (lambda sd: sd["state"][1].__setitem__("step", -1), ValueError, "whole number >= 0"),
+    (lambda sd: sd["state"][1].__setitem__("step", -1), ValueError, "must be an int >= 0"),
     (lambda sd: sd["state"][1].__setitem__("step", "x"), TypeError, "must be a number"),
     (lambda sd: sd["state"].__setitem__(9, {}), ValueError, "parameter id 9"),
     (lambda sd: sd["param_groups"][1].__setitem__("eps", 0.0), ValueError, "eps must be > 0"),
