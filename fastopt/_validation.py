@@ -10,6 +10,11 @@ import numbers
 
 import numpy as np
 
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # NumPy < 2
+    from numpy import byte_bounds
+
 #: dtypes the compute layer has kernels for.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -164,24 +169,34 @@ def check_no_overlap(name, a, others):
             raise ValueError(f"{name} shares memory with {other_name}")
 
 
-def _spans(named):
-    """``(start, end, name)`` byte ranges of the non-empty contiguous arrays in ``named``."""
-    for name, a in named:
-        if a.size:
-            start = a.__array_interface__["data"][0]
-            yield start, start + a.nbytes, name
+def array_span(a):
+    """The byte range ``(start, end)`` of a non-empty ndarray's elements."""
+    if a.flags.c_contiguous:
+        start = a.__array_interface__["data"][0]
+        return start, start + a.nbytes
+    return byte_bounds(a)  # rare here (refused elsewhere): its whole strided extent
 
 
 def check_no_aliasing(writes, reads=()):
     """No two arrays of ``writes`` overlap, nor any of ``reads`` one of ``writes``.
 
-    ``writes`` and ``reads`` are lists of ``(name, array)`` of contiguous
-    arrays; arrays in ``reads`` may overlap each other. One sweep over the
-    ranges sorted by address: O(n log n) for models with many arrays.
+    ``writes`` and ``reads`` are lists of ``(name, array)``; arrays in
+    ``reads`` may overlap each other. Exact for contiguous arrays; a strided
+    one counts as its whole extent.
     """
-    spans = sorted([(*span, True) for span in _spans(writes)]
-                   + [(*span, False) for span in _spans(reads)], key=lambda span: span[0])
-    reach = reach_write = (-1, None)  # the furthest end so far (of any array, of a write), whose
+    check_spans_apart([(*array_span(a), name) for name, a in writes if a.size],
+                      [(*array_span(a), name) for name, a in reads if a.size])
+
+
+def check_spans_apart(writes, reads=()):
+    """:func:`check_no_aliasing` on byte ranges ``(start, end, name)``.
+
+    One sweep over the ranges sorted by address: O(n log n) for models with
+    many arrays.
+    """
+    spans = sorted([(*span, True) for span in writes] + [(*span, False) for span in reads],
+                   key=lambda span: span[0])
+    reach = reach_write = (-1, None)  # the furthest end so far (of any range, of a write), whose
     for start, end, name, written in spans:
         other = reach[1] if written and start < reach[0] else (
             reach_write[1] if start < reach_write[0] else None)

@@ -230,32 +230,37 @@ class Optimizer:
             "checks accept; please report this"
         )
 
-    def _touched(self, grads):
-        """``(index, param label, grad label, param, grad, state or None)`` per param with a grad."""
-        names = self._flat_names()
-        for index, (p, g) in enumerate(zip(self._flat_params(), grads)):
-            if g is not None:
-                p_label, g_label = self._labels(index, None if names is None else names[index])
-                yield index, p_label, g_label, p, g, self.state.get(index)
-
     def _check_aliasing(self, grads):
-        """No memory is both written by this step and read or written elsewhere in it.
+        """What the optimizer holds is disjoint, and no gradient overlaps it.
 
-        Across all parameters: a gradient may not overlap any parameter or
-        state buffer, and no two of those may overlap each other.
+        Every parameter and every state buffer, across all groups - also of
+        parameters without a gradient this step, whose memory a write through
+        an alias would change on a step that leaves them alone. Otherwise the
+        result would depend on the order of the writes (the thread count).
+        Objects that are not arrays are left to the other checks.
         """
-        writes, reads = [], []
-        for index, p_label, g_label, p, g, state in self._touched(grads):
-            writes.append((p_label, p))
-            reads.append((g_label, g))
-            for name in self.rule.buffers:
-                if state is not None and state.get(name) is not None:
-                    writes.append((f"state[{index}][{name!r}]", state[name]))
-        V.check_no_aliasing(writes, reads)
+        held, reads = [], []
+        names = self._flat_names()
+        for index, p in enumerate(self._flat_params()):
+            p_label, g_label = self._labels(index, None if names is None else names[index])
+            if isinstance(p, np.ndarray):
+                held.append((p_label, p))
+            if grads[index] is not None:
+                reads.append((g_label, grads[index]))
+            state = self.state.get(index)
+            for name in self.rule.buffers if isinstance(state, dict) else ():
+                if isinstance(state.get(name), np.ndarray):
+                    held.append((f"state[{index}][{name!r}]", state[name]))
+        V.check_no_aliasing(held, reads)
 
     def _check_each(self, grads):
         """Every rule on each parameter with a gradient, its gradient and its state."""
-        for index, p_label, g_label, p, g, state in self._touched(grads):
+        names = self._flat_names()
+        for index, (p, g) in enumerate(zip(self._flat_params(), grads)):
+            if g is None:
+                continue
+            p_label, g_label = self._labels(index, None if names is None else names[index])
+            state = self.state.get(index)
             V.check_float_array(p_label, p, writeable=True)
             V.check_float_array(g_label, g, writeable=False)
             V.check_like(g_label, g, p_label, p)

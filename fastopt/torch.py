@@ -20,6 +20,7 @@ a fused one). Only this module imports torch.
 """
 import torch
 
+from . import _fastpath
 from . import _validation as V
 from . import kernels as K
 
@@ -32,12 +33,15 @@ def _name(gi, k, p):
     return f"param_groups[{gi}]['params'][{k}] ({tuple(p.shape)} {str(p.dtype).replace('torch.', '')})"
 
 
+def _dense_cpu(t):
+    return t.is_cpu and t.layout is torch.strided
+
+
 def _check(gi, k, p, g):
     """Why fastopt cannot update ``p`` in place with ``g``, or None."""
-    if (p.is_cpu and g.is_cpu and p.layout is torch.strided and g.layout is torch.strided
-            and g.dtype is p.dtype and p.dtype in _DTYPES and g.shape == p.shape
-            and p.is_contiguous() and g.is_contiguous() and p.data_ptr() != g.data_ptr()):
-        return None if not p.numel() else _overlap(p, g)
+    if (_dense_cpu(p) and _dense_cpu(g) and g.dtype is p.dtype and p.dtype in _DTYPES
+            and g.shape == p.shape and p.is_contiguous() and g.is_contiguous()):
+        return None
     if p.device.type != "cpu":
         return f"is on {p.device}; fastopt updates CPU tensors"
     if p.layout != torch.strided:
@@ -46,28 +50,54 @@ def _check(gi, k, p, g):
         return "must be float32 or float64"
     if not p.is_contiguous():
         return "is not contiguous; fastopt updates in place, never through a copy"
-    if g.is_sparse or g.layout != torch.strided:
+    if g.layout != torch.strided:
         return "has a sparse gradient; fastopt needs dense gradients"
     if g.device.type != "cpu" or g.dtype != p.dtype or g.shape != p.shape:
         return f"has a gradient of {g.dtype} {tuple(g.shape)} on {g.device}, unlike the parameter"
-    if not g.is_contiguous():
-        return "has a non-contiguous gradient"
-    return _overlap(p, g)
+    return "has a non-contiguous gradient"
 
 
-def _overlap(p, g):
-    p0, g0 = p.data_ptr(), g.data_ptr()
-    nbytes = p.numel() * p.element_size()
-    if p.numel() and p0 < g0 + nbytes and g0 < p0 + nbytes:
-        return "shares memory with its gradient"
+def _check_state(p, name, t):
+    """Why state tensor ``name`` of ``p`` cannot be updated in place, or None."""
+    if name == "step":
+        if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.numel() == 1
+                and t.dtype in _DTYPES):
+            return f"has state['step'] = {t!r}; fastopt needs a float32/float64 CPU tensor"
+        return None
+    if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.dtype is p.dtype
+            and t.shape == p.shape and t.is_contiguous()):
+        return (f"has state[{name!r}] unlike the parameter (it must be a contiguous CPU "
+                "tensor of its dtype and shape)")
     return None
 
 
+def _span(t, name):
+    """``(start, end, name)``: the bytes a dense CPU tensor spans, or None (empty, elsewhere)."""
+    if not (isinstance(t, torch.Tensor) and _dense_cpu(t)) or t.numel() == 0:
+        return None
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + extent * t.element_size(), name
+
+
+def _view(t):
+    return t.detach().numpy()
+
+
 class _FastoptStep:
-    """The fastopt ``step`` shared by the five optimizers (a mixin before the torch class)."""
+    """The fastopt ``step`` shared by the five optimizers (a mixin before the torch class).
+
+    A step takes one of two paths. The general one, in Python, validates
+    every parameter, gradient and state tensor, creates missing state and
+    runs the kernels; it then gathers the step (``_gather``): per group a
+    ``_fastpath.TensorGroup`` with the pointers of params and state. While
+    nothing changes but the gradients (and hyperparameters whose buffers stay
+    the same: an lr schedule), later steps run in ``_fastpath.tensor_step``,
+    which re-checks in C what could have changed and costs well under a
+    microsecond per tensor. Anything else falls back to the general path.
+    """
 
     _rule = None        # fastopt.kernels.Rule
-    _hyper_keys = ()    # torch group keys -> fastopt kernel hyperparameters
 
     def _kernel_hyper(self, gi, group):
         for flag in ("differentiable", "capturable"):
@@ -94,22 +124,6 @@ class _FastoptStep:
             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state[name]
 
-    def _views(self, p, state, needs):
-        """NumPy views (no copies) of p, its needed state buffers and its step count.
-
-        Cached per parameter while the state holds the same tensors, because
-        making a view costs about a microsecond.
-        """
-        tensors = (p, state.get("step")) + tuple(state.get(n) if need else None
-                                                  for n, need in zip(self._rule.buffers, needs))
-        hit = self._fastopt_cache.get(id(p))
-        if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
-            return hit[1]
-        views = tuple(None if t is None else t.detach().numpy() for t in tensors)
-        self._fastopt_cache[id(p)] = (tensors, views)
-        return views
-
-    @torch.no_grad()
     def step(self, closure=None):
         """One fastopt step over every parameter with a gradient (torch's contract).
 
@@ -120,8 +134,20 @@ class _FastoptStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not hasattr(self, "_fastopt_cache"):
-            self._fastopt_cache = {}
+        fast = self.__dict__.get("_fastopt_fast")
+        if (fast is not None and self._fast_ready(fast) and _fastpath.tensor_step(
+                fast["groups"], [group["params"] for group in self.param_groups], self.state,
+                fast["guard"], torch.strided) == _fastpath.DONE):
+            return loss
+        self._fastopt_fast = None
+        with torch.no_grad():
+            self._general_step()
+        self._fastopt_fast = self._gather()
+        return loss
+
+    # ---------------------------------------------------------- general path
+
+    def _general_step(self):
         rule = self._rule
         counts_steps = rule.step_arg == "step"
         plan = []
@@ -133,11 +159,14 @@ class _FastoptStep:
                 g = p.grad
                 if g is None:
                     continue
-                problem = _check(gi, k, p, g)
+                state = self.state.get(p, {})
+                problem = _check(gi, k, p, g) or next(
+                    (why for name, t in state.items() if (why := _check_state(p, name, t))), None)
                 if problem:
                     raise ValueError(f"{_name(gi, k, p)} {problem}")
                 members.append((p, g))
             plan.append((group, hyper, needs, members))
+        self._check_aliasing()
         # Checked: allocate state, then run one kernel call per group and step count.
         for group, hyper, needs, members in plan:
             batches = {}
@@ -148,28 +177,106 @@ class _FastoptStep:
                 created = [n for n, need in zip(rule.buffers, needs) if need and n not in state]
                 for n in created:
                     self._buffer(state, n, p, group)
-                views = self._views(p, state, needs)
                 if counts_steps:
-                    step_view = views[1]
-                    step_view += 1  # torch's float32 step tensor, through its view
+                    step_view = _view(state["step"])
+                    step_view += 1  # torch's step tensor, through its view
                     key = int(step_view)
                 else:
                     key = "momentum_buffer" in created
                 batch = batches.get(key)
                 if batch is None:
                     batch = batches[key] = ([], [], [[] if n else None for n in needs])
-                batch[0].append(views[0])
-                batch[1].append(g.detach().numpy())
-                for lst, view in zip(batch[2], views[2:]):
+                batch[0].append(_view(p))
+                batch[1].append(_view(g))
+                for lst, name in zip(batch[2], rule.buffers):
                     if lst is not None:
-                        lst.append(view)
+                        lst.append(_view(state[name]))
             for key, (ps, gs, buffer_lists) in batches.items():
                 K.run_lists(rule, ps, gs, tuple(buffer_lists), key, hyper)
-        return loss
+
+    def _check_aliasing(self):
+        """Params and state tensors are disjoint, and no gradient overlaps one.
+
+        Across all groups: otherwise the result would depend on the order of
+        the writes (see fastopt.Optimizer).
+        """
+        held, reads = [], []
+        for gi, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                held.append(_span(p, _name(gi, k, p)))
+                if p.grad is not None:
+                    reads.append(_span(p.grad, f"the gradient of {_name(gi, k, p)}"))
+                for name, t in self.state.get(p, {}).items():
+                    held.append(_span(t, f"state[{name!r}] of {_name(gi, k, p)}"))
+        V.check_spans_apart([s for s in held if s], [s for s in reads if s])
+
+    # ------------------------------------------------------------- fast path
+
+    def _fast_ready(self, fast):
+        """Whether the gathered step still fits; new hyperparameter values are taken."""
+        if self.state is not fast["state"] or len(self.param_groups) != len(fast["groups"]):
+            return False
+        for gi, group in enumerate(self.param_groups):
+            # One C-level comparison with a copy taken when gathered, holding the
+            # same params list (tensor_step checks its members; a new list, or
+            # a group without one, is gathered again).
+            snapshot = fast["snapshots"][gi]
+            if not isinstance(group, dict) or group.get("params") is not snapshot["params"]:
+                return False
+            if group != snapshot:
+                hyper = self._kernel_hyper(gi, group)
+                if self._rule.needs(hyper) != fast["needs"][gi]:
+                    return False
+                fast["groups"][gi].set_scalars(self._rule.scalars(hyper))
+                fast["snapshots"][gi] = dict(group)
+        return True
+
+    def _gather(self):
+        """The fast path's view of the step just taken, or None if it cannot serve it."""
+        rule = self._rule
+        groups, snapshots, needs_list = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            hyper = self._kernel_hyper(gi, group)
+            needs = rule.needs(hyper)
+            params = list(group["params"])
+            slot_of, dtypes, states, expected, counters, held = [], [], [], [], [], []
+            ps, gs, buffer_lists = [], [], [[] if n else None for n in needs]
+            for p in params:
+                if not (_dense_cpu(p) and p.dtype in _DTYPES and p.is_contiguous()):
+                    return None  # only the general path knows such a group
+                state = self.state.get(p, {})
+                held += [_view(p)] + [_view(t) for t in state.values()
+                                      if isinstance(t, torch.Tensor) and t.numel()]
+                if p.grad is None:
+                    slot_of.append(-1)
+                    continue
+                slot_of.append(len(ps))
+                ps.append(_view(p))
+                gs.append(_view(p.grad))
+                for lst, name in zip(buffer_lists, rule.buffers):
+                    if lst is not None:
+                        lst.append(_view(state[name]))
+                # what the slot's pointers came from: tensor_step checks they are still there
+                watched = [n for n, need in zip(rule.buffers, needs) if need]
+                watched += ["step"] if "step" in state else []
+                expected.append(tuple((n, state[n]) for n in watched))
+                counters.append(_view(state["step"]) if "step" in state else None)
+                dtypes.append(p.dtype)
+                states.append(state)
+            ws = _fastpath.Workspace()
+            ws.fill(ps, gs, tuple(buffer_lists))
+            ws.protect_arrays(held)
+            groups.append(_fastpath.TensorGroup(
+                ws, params, slot_of, dtypes, states, expected, counters,
+                rule.scalars(hyper), rule.step_arg == "step"))
+            snapshots.append(dict(group))
+            needs_list.append(needs)
+        return {"groups": groups, "snapshots": snapshots, "needs": needs_list,
+                "state": self.state, "guard": _fastpath.Guard()}
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        self._fastopt_cache = {}  # the state tensors were replaced
+        self._fastopt_fast = None  # the state tensors were replaced
 
 
 class SGD(_FastoptStep, torch.optim.SGD):

@@ -148,6 +148,109 @@ def test_sparse_and_mismatched_grads_are_refused():
         opt.step()
 
 
+# ------------------------------------------------------------- fast path
+# From the second step, fastopt.torch steps in C (_fastpath.tensor_step) while
+# nothing but the gradients changed; these pin what it must notice.
+
+def warm_pair(name="Adam", steps=2, **kwargs):
+    """(fastopt opt, torch opt, their params): the same two-tensor model, stepped."""
+    start = tensors(torch.float64)
+    mine = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    a = getattr(ft, name)(mine, lr=0.1, **kwargs)
+    b = getattr(torch.optim, name)(theirs, lr=0.1, foreach=False, **kwargs)
+    for k in range(steps):
+        step_both(a, b, mine, theirs, seed=k)
+    return a, b, mine, theirs
+
+
+def step_both(a, b, mine, theirs, seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    for x, y in zip(mine, theirs):
+        g = torch.randn(x.shape, dtype=x.dtype, generator=gen)
+        x.grad, y.grad = g.clone(), g.clone()
+    a.step()
+    b.step()
+
+
+def assert_same(mine, theirs):
+    for x, y in zip(mine, theirs):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_fast_path_is_taken_and_matches_torch():
+    from fastopt import _fastpath
+    a, b, mine, theirs = warm_pair()
+    fast = a._fastopt_fast
+    assert fast is not None
+    calls = []
+    original = _fastpath.tensor_step
+
+    def spy(*args):
+        calls.append(original(*args))
+        return calls[-1]
+    _fastpath.tensor_step = spy
+    try:
+        for k in range(5):
+            step_both(a, b, mine, theirs, seed=10 + k)
+    finally:
+        _fastpath.tensor_step = original
+    assert calls == [_fastpath.DONE] * 5
+    assert_same(mine, theirs)
+    assert float(a.state[mine[0]]["step"]) == float(b.state[theirs[0]]["step"]) == 7
+
+
+@pytest.mark.parametrize("change", ["param.data", "state dict", "state tensor", "lr",
+                                    "momentum on", "new params list", "grad None"])
+def test_fast_path_notices_changes(change):
+    a, b, mine, theirs = warm_pair("SGD" if change == "momentum on" else "Adam")
+    if change == "param.data":  # e.g. ZeroRedundancyOptimizer's bucket views
+        for x, y in ((mine[0], theirs[0]),):
+            x.data = x.detach().clone()
+            y.data = y.detach().clone()
+    elif change == "state dict":
+        a.state[mine[1]] = {}
+        b.state[theirs[1]] = {}
+    elif change == "state tensor":
+        for opt, p in ((a, mine[0]), (b, theirs[0])):
+            opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].clone() * 0.5
+    elif change == "lr":
+        for opt in (a, b):
+            opt.param_groups[0]["lr"] = 0.03
+    elif change == "momentum on":  # a state buffer comes into use
+        for opt in (a, b):
+            opt.param_groups[0]["momentum"] = 0.9
+    elif change == "new params list":
+        a.param_groups[0]["params"] = list(a.param_groups[0]["params"])
+    for k in range(3):
+        step_both(a, b, mine, theirs, seed=20 + k)
+        if change == "grad None" and k == 0:
+            for x, y in zip(mine[1:], theirs[1:]):
+                x.grad = y.grad = None
+    assert_same(mine, theirs)
+    if change == "param.data":
+        assert a._fastopt_fast is not None  # gathered again, at the new memory
+
+
+def test_fast_path_refuses_what_the_general_path_refuses():
+    a, b, mine, theirs = warm_pair()
+    snapshot = [p.detach().clone() for p in mine]
+    state = copy.deepcopy(a.state_dict())
+    bad = {
+        "non-contiguous gradient": lambda: torch.zeros(mine[1].shape[::-1], dtype=torch.float64).t(),
+        "sparse gradient": lambda: torch.zeros(mine[1].shape, dtype=torch.float64).to_sparse(),
+        "shares memory with": lambda: mine[0].detach()[:12].view(3, 4),
+        "shares memory with ": lambda: a.state[mine[0]]["exp_avg_sq"][:12].view(3, 4),
+    }
+    for message, make in bad.items():
+        mine[0].grad = torch.ones_like(mine[0])
+        mine[1].grad = make()
+        with pytest.raises(ValueError, match=message.strip()):
+            a.step()
+        assert all(torch.equal(p, q) for p, q in zip(mine, snapshot)), message
+        assert float(a.state[mine[0]]["step"]) == state["state"][0]["step"]
+
+
 def test_unsupported_torch_options_are_refused():
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.ones(3)
