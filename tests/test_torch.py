@@ -269,4 +269,4 @@ def test_bench_torch_runs_and_checks():
     from fastopt.bench_torch import format_rows, run_torch
     rows = run_torch(budget_s=0.05)
     assert [label.split(",")[0] for label, _ in rows] == ["optimizer step", "training step"]
-    assert "fastopt vs fused" in format_rows(rows)
+    assert "fastopt vs best fused" in format_rows(rows)
