@@ -270,3 +270,20 @@ def test_bench_torch_runs_and_checks():
     rows = run_torch(budget_s=0.05)
     assert [label.split(",")[0] for label, _ in rows] == ["optimizer step", "training step"]
     assert "fastopt vs best fused" in format_rows(rows)
+
+
+def parity_table():
+    """Max deviation from torch.optim per case, relative to the total change (f32, f64)."""
+    rows = []
+    for case in CASES:
+        worst = []
+        for dtype in (torch.float32, torch.float64):
+            start, mine, theirs, _, _ = run_pair(*case, dtype, groups=True)
+            change = max(float((y - s).abs().max()) for y, s in zip(theirs, start))
+            worst.append(max(float((x - y).abs().max()) for x, y in zip(mine, theirs)) / change)
+        rows.append(f"{case_id(case):78s} f32 {worst[0]:.1e}  f64 {worst[1]:.1e}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python tests/test_torch.py
+    print(parity_table())
