@@ -233,7 +233,7 @@ def test_fast_path_notices_changes(change):
 
 
 def test_fast_path_refuses_what_the_general_path_refuses():
-    a, b, mine, theirs = warm_pair()
+    a, _, mine, _ = warm_pair()
     snapshot = [p.detach().clone() for p in mine]
     state = copy.deepcopy(a.state_dict())
     bad = {
