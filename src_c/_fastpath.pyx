@@ -115,7 +115,9 @@ cdef class Workspace:
     cdef Py_ssize_t cached_version
     cdef object cached_needs
     cdef Py_ssize_t cached_start, cached_stop, cached_step
-    cdef list keep  # the buffer arrays whose pointers the slots hold, in slot order
+    # Per slot, ((j, buffer), ...) for every state buffer the param has (used
+    # or not): the arrays the slots' pointers came from, re-checked by regather.
+    cdef list keep
     # The memory a step over these slots must keep apart from every gradient:
     # each param and every state buffer it has (used by the options or not).
     # Rebuilt by each full gather, which bumps generation (see Guard).
@@ -261,9 +263,9 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
     (check_step keeps them off the protected memory). Any doubt returns
     SLOW_PATH so that full_gather decides, with everything checked.
     """
-    cdef Py_ssize_t k, j, kept = 0
+    cdef Py_ssize_t k, j
     cdef Slot* slot
-    cdef object p_obj, g_obj, b_obj
+    cdef object p_obj, g_obj, b_obj, pair
     cdef cnp.ndarray p, g
     cdef char* g0
     for k in range(ws.count):
@@ -280,14 +282,15 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
                 or not same_layout(g, p)):
             return SLOW_PATH
         # A buffer can be made read-only or reshaped in place without an edit
-        # of the state that State.version would see.
-        for j in range(MAX_BUFFERS):
-            if slot.buf[j] != NULL:
-                b_obj = ws.keep[kept]
-                kept += 1
-                if (not usable(b_obj, True) or not same_layout(<cnp.ndarray>b_obj, p)
-                        or <char*>cnp.PyArray_DATA(<cnp.ndarray>b_obj) != slot.buf[j]):
-                    return SLOW_PATH
+        # of the state that State.version would see; the full screen refuses
+        # that for every buffer, in use or not.
+        for pair in <tuple>ws.keep[k]:
+            j = (<tuple>pair)[0]
+            b_obj = (<tuple>pair)[1]
+            if not usable(b_obj, True) or not same_layout(<cnp.ndarray>b_obj, p):
+                return SLOW_PATH
+            if slot.buf[j] != NULL and <char*>cnp.PyArray_DATA(<cnp.ndarray>b_obj) != slot.buf[j]:
+                return SLOW_PATH
     for k in range(ws.count):
         g0 = <char*>cnp.PyArray_DATA(<cnp.ndarray>grads[start + k])
         if g0 != ws.slots[k].g:
@@ -375,6 +378,7 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
             slow = True
         ws.add_protect(p0, p1)
         nb = 0
+        present = []
         for j in range(MAX_BUFFERS):
             bufs[j] = NULL
         for j in range(nnames):
@@ -398,9 +402,9 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
             seen1[nb] = b1
             nb += 1
             ws.add_protect(b0, b1)
+            present.append((j, b))
             if needs[j]:
                 bufs[j] = b0
-                keep.append(b)
         if slow:
             continue  # keep screening; the workspace will not be used
         if counts_steps:
@@ -410,6 +414,7 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
                 slow = True
                 continue
         ws.put(p, g, bufs)
+        keep.append(tuple(present))
     if slow:
         return SLOW_PATH, 0
     step = step if step > 0 else 0

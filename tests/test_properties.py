@@ -2642,13 +2642,15 @@ def test_b4_state_buffer_changed_in_place():
     """B4: with the step cache warm, a state buffer made read-only or reshaped in
     place is refused, as in the numpy backend (it was written through)."""
     problems = {}
-    for change in ("read-only", "reshaped"):
+    for change in ("read-only", "reshaped", "unused, read-only"):
         w = np.ones(3)
-        opt = fastopt.Adam([w], lr=0.1)
-        for _ in range(3):
+        opt = fastopt.Adam([w], lr=0.1, amsgrad=change.startswith("unused"))
+        opt.step([np.ones(3)])
+        opt.param_groups[0]["amsgrad"] = False  # max_exp_avg_sq stays, unused
+        for _ in range(3):  # from the third step on the cache is warm
             opt.step([np.ones(3)])
-        buf = opt.state[0]["exp_avg"]
-        if change == "read-only":
+        buf = opt.state[0]["max_exp_avg_sq" if change.startswith("unused") else "exp_avg"]
+        if change.endswith("read-only"):
             buf.flags.writeable = False
         else:
             buf.shape = (3, 1)
