@@ -115,8 +115,8 @@ cdef class Workspace:
     cdef Py_ssize_t cached_version
     cdef object cached_needs
     cdef Py_ssize_t cached_start, cached_stop, cached_step
-    # Per slot, ((j, buffer), ...) for every state buffer the param has (used
-    # or not): the arrays the slots' pointers came from, re-checked by regather.
+    # Per slot, (j, buffer, j, buffer, ...) for every state buffer the param
+    # has (used or not): what the slots' pointers came from, for regather.
     cdef list keep
     # The memory a step over these slots must keep apart from every gradient:
     # each param and every state buffer it has (used by the options or not).
@@ -263,7 +263,7 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
     (check_step keeps them off the protected memory). Any doubt returns
     SLOW_PATH so that full_gather decides, with everything checked.
     """
-    cdef Py_ssize_t k, j
+    cdef Py_ssize_t k, j, idx
     cdef Slot* slot
     cdef object p_obj, g_obj, b_obj, pair
     cdef cnp.ndarray p, g
@@ -284,9 +284,10 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
         # A buffer can be made read-only or reshaped in place without an edit
         # of the state that State.version would see; the full screen refuses
         # that for every buffer, in use or not.
-        for pair in <tuple>ws.keep[k]:
-            j = (<tuple>pair)[0]
-            b_obj = (<tuple>pair)[1]
+        pair = ws.keep[k]
+        for idx in range(0, len(<tuple>pair), 2):
+            j = (<tuple>pair)[idx]
+            b_obj = (<tuple>pair)[idx + 1]
             if not usable(b_obj, True) or not same_layout(<cnp.ndarray>b_obj, p):
                 return SLOW_PATH
             if slot.buf[j] != NULL and <char*>cnp.PyArray_DATA(<cnp.ndarray>b_obj) != slot.buf[j]:
@@ -402,7 +403,7 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
             seen1[nb] = b1
             nb += 1
             ws.add_protect(b0, b1)
-            present.append((j, b))
+            present += (j, b)
             if needs[j]:
                 bufs[j] = b0
         if slow:
@@ -476,13 +477,22 @@ cdef class Guard:
         """Merge the workspaces' spans unless they are those merged last; 1 if rebuilt."""
         cdef Py_ssize_t gi, k, total = 0
         cdef Workspace ws
-        cdef list sources = []
+        cdef list sources
+        cdef tuple seen
+        cdef bint same = self.sources is not None and len(self.sources) == ngroups
+        for gi in range(ngroups):  # compared without allocating: a step allocates nothing
+            if not same:
+                break
+            ws = <Workspace>workspaces[gi]
+            seen = <tuple>self.sources[gi]
+            same = seen[0] is ws and seen[1] == ws.generation
+        if same:
+            return 0
+        sources = []
         for gi in range(ngroups):
             ws = <Workspace>workspaces[gi]
             sources.append((ws, ws.generation))
             total += ws.nprotect
-        if sources == self.sources:
-            return 0
         for gi in range(ngroups):  # their gradients were checked against other spans
             (<Workspace>workspaces[gi]).grads_clear = False
         grow_spans(&self.spans, &self.capacity, total)
