@@ -499,6 +499,21 @@ def expect_clean_error(call):
     return None
 
 
+def settle(call, verdict, mem, what):
+    """Run ``call`` as ``verdict`` says: ``(True, its result)`` when it was
+    accepted (and had to be), ``(False, None)`` when refused cleanly (and could
+    be) with every array ``mem`` owns untouched."""
+    out = []
+    error = expect_clean_error(lambda: out.append(call()))
+    if error is not None:
+        assert verdict != OK, f"valid {what} refused: {error!r}"
+        mem.assert_untouched()
+        event(f"{what} outcome: refused cleanly")
+        return False, None
+    assert verdict != BAD, f"invalid {what} accepted"
+    return True, out[0]
+
+
 # ================================================================ kernels
 
 KERNELS = {
@@ -746,14 +761,11 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
     mem.own(*[arrays[n] for n in live])
     g_before = arrays["g"].tobytes() if isinstance(arrays["g"], np.ndarray) else None
     call_buffers = [arrays[n] for n in spec["buffers"]]
-    error = expect_clean_error(lambda: spec["fast"](
-        arrays["p"], arrays["g"], *call_buffers, **{spec["step_arg"]: step_value}, **kwargs))
-    if error is not None:
-        assert verdict != OK, f"valid call refused: {error!r}"
-        mem.assert_untouched()
-        event("kernel outcome: refused cleanly")
+    accepted, _ = settle(lambda: spec["fast"](
+        arrays["p"], arrays["g"], *call_buffers, **{spec["step_arg"]: step_value}, **kwargs),
+        verdict, mem, "kernel")
+    if not accepted:
         return
-    assert verdict != BAD, "invalid call accepted"
     event("kernel outcome: matched the reference")
     for name in live:
         if name != "g":
@@ -1886,16 +1898,10 @@ def test_optimizer_construction_accepts_valid_and_refuses_invalid(data):
     note(f"verdict={verdict} form={form} kwargs={kwargs} options={options}")
     event(f"construction verdict: {verdict}")
     mem.own(*[a for a in all_arrays if isinstance(a, np.ndarray)])
-    result = []
-    error = expect_clean_error(lambda: result.append(cls(params, **kwargs, **options)))
-    if error is not None:
-        assert verdict != OK, f"valid construction refused: {error!r}"
-        mem.assert_untouched()
-        event("construction outcome: refused cleanly")
+    accepted, opt = settle(lambda: cls(params, **kwargs, **options), verdict, mem, "construction")
+    if not accepted:
         return
-    assert verdict != BAD, "invalid construction accepted"
     event("construction outcome: accepted")
-    opt = result[0]
     defaults = {k: normalize(kind, v) for k, v in {**DEFAULTS[name], **kwargs}.items()
                 for kind in [GROUP_KINDS[name][k]]}
     _check_constructed(opt, name, groups_spec, defaults)
@@ -2045,15 +2051,10 @@ def test_flat_params_packs_aligned_views_or_refuses(data):
     verdict = combine(*verdicts)
     note(f"verdict={verdict} dtype={dtype_arg!r}")
     mem.own(*arrays_in)
-    result = []
-    error = expect_clean_error(lambda: result.append(fastopt.FlatParams(arg, dtype=dtype_arg)))
-    if error is not None:
-        assert verdict != OK, f"valid FlatParams refused: {error!r}"
-        mem.assert_untouched()
-        event("FlatParams outcome: refused cleanly")
+    accepted, flat = settle(lambda: fastopt.FlatParams(arg, dtype=dtype_arg), verdict, mem,
+                            "FlatParams")
+    if not accepted:
         return
-    assert verdict != BAD, "invalid FlatParams accepted"
-    flat = result[0]
     event("FlatParams outcome: built")
     mem.assert_untouched()  # the inputs are copied, never written
     for buf in (flat.data, flat.grad):
@@ -2299,13 +2300,8 @@ def test_clip_grad_value(data):
     event(f"clip_grad_value verdict: {verdict}")
     mem.own(*arrays)
     before = [native(a) for a in arrays]
-    error = expect_clean_error(lambda: fastopt.clip_grad_value(arg, clip))
-    if error is not None:
-        assert verdict != OK, f"valid call refused: {error!r}"
-        mem.assert_untouched()
-        event("clip_grad_value outcome: refused cleanly")
+    if not settle(lambda: fastopt.clip_grad_value(arg, clip), verdict, mem, "clip_grad_value")[0]:
         return
-    assert verdict != BAD, "invalid call accepted"
     c = float(clip)
     for a, b in zip(arrays, before):
         with quiet():
@@ -2373,15 +2369,10 @@ def test_gradient_accumulator(data):
         event(f"accumulator bad reduction: {reduction!r}")
     verdict = combine(*verdicts)
     mem.own(*buffers)
-    out = []
-    error = expect_clean_error(lambda: out.append(fastopt.GradientAccumulator(arg, steps, reduction)))
-    if error is not None:
-        assert verdict != OK, f"valid accumulator refused: {error!r}"
-        mem.assert_untouched()
-        event("accumulator outcome: refused cleanly")
+    accepted, acc = settle(lambda: fastopt.GradientAccumulator(arg, steps, reduction), verdict,
+                           mem, "accumulator")
+    if not accepted:
         return
-    assert verdict != BAD, "invalid accumulator accepted"
-    acc = out[0]
     for b in buffers:
         assert not b.any() and not np.signbit(b).any(), "buffers not zeroed"
     assert acc.count == 0 and not acc.ready
