@@ -10,7 +10,6 @@ array - without touching anything. Only then is state allocated and are the
 kernels run, so a step that raises has modified no parameter and no state.
 """
 import numbers
-import threading
 
 import numpy as np
 
@@ -22,6 +21,9 @@ from .flat import packed_like
 from .kernels import run_lists, run_workspace
 
 BACKENDS = ("cython", "numpy")
+# The attributes an optimizer's Stepper is bound to (see Optimizer.__setattr__).
+_STEPPER_INPUTS = frozenset({"_lock", "param_groups", "state", "_workspaces", "_guard",
+                             "backend", "skip_nonfinite", "rule"})
 
 
 def _split_groups(params):
@@ -75,13 +77,14 @@ class Optimizer:
                  flush_denormals=False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._fast = None  # the fast path (a _fastpath.Stepper), made on the first step
         self.backend = backend
         self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
         self.skipped_steps = 0  # steps skipped for NaN/Inf gradients
         self.flush_denormals = V.flag("flush_denormals", flush_denormals)
         # step() from two threads on one optimizer would race on its
         # workspaces and state; they take turns instead.
-        self._lock = threading.Lock()
+        self._lock = _fastpath.StepLock()
         self.defaults = self._check_group_hyper(defaults, "")
         self.param_groups = []
         self.state = State()
@@ -356,16 +359,27 @@ class Optimizer:
         different threads run in parallel; concurrent calls on one optimizer
         are serialized by a lock.
         """
+        fast = self._fast
+        if fast is None:
+            fast = self._fast = self._make_stepper()
+        if fast(grads):
+            return  # the common case, done in Cython with no work per parameter here
         with self._lock:
             self._step(grads)
 
+    def _make_stepper(self):
+        """The fast path (_fastpath.Stepper) bound to what this optimizer steps now."""
+        return _fastpath.Stepper(self._lock, self.param_groups, self.state, self._workspaces,
+                                 self._guard, self.rule.buffers, self.rule.step_arg == "step",
+                                 enabled=self.backend == "cython" and not self.skip_nonfinite)
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if name in _STEPPER_INPUTS:
+            # The Stepper holds the old object: make a new one on the next step.
+            object.__setattr__(self, "_fast", None)
+
     def _step(self, grads):
-        if (self.backend == "cython" and not self.skip_nonfinite and type(grads) is list
-                and _fastpath.step_groups(self.param_groups, grads, self.state, self._workspaces,
-                                          self._guard,
-                                          self.rule.buffers, self.rule.step_arg == "step")
-                == _fastpath.DONE):
-            return  # the common case, done in Cython with no work per parameter here
         grads, plan = self._plan(grads)
         if self.skip_nonfinite:
             present = [g for g in grads if g is not None]
@@ -527,11 +541,12 @@ class Optimizer:
     def __getstate__(self):
         state = dict(self.__dict__)
         del state["_lock"]  # locks do not pickle; a copy gets its own
+        del state["_fast"]  # bound to this optimizer's objects
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock = _fastpath.StepLock()  # (and, via __setattr__, _fast = None)
 
     def save(self, path):
         """Write this optimizer's state and hyperparameters to ``path`` atomically.

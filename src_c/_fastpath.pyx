@@ -16,6 +16,9 @@ pointer, installed by fastopt/_dispatch.py for the CPU's best ISA level.
 """
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, NOWAIT_LOCK,
+                               WAIT_LOCK)
 from libc.math cimport pow
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport realloc, free, qsort
@@ -100,6 +103,8 @@ def get_max_threads():
 
 # ------------------------------------------------------------------ workspace
 
+cdef class Scalars  # below, with the per-step scalars
+
 cdef class Workspace:
     """Reusable slot array: the pointers of one kernel call (grown, never shrunk)."""
     cdef Slot* slots
@@ -115,8 +120,10 @@ cdef class Workspace:
     cdef Py_ssize_t cached_version
     cdef object cached_needs
     cdef Py_ssize_t cached_start, cached_stop, cached_step
-    # Per slot, (j, buffer, j, buffer, ...) for every state buffer the param
-    # has (used or not): what the slots' pointers came from, for regather.
+    # Per slot, (entry, j, buffer, j, buffer, ...): the param's state dict
+    # (where the step count goes) and every state buffer it has (used or
+    # not), with its index in the rule's names: what the slots' pointers
+    # came from, for regather.
     cdef list keep
     # The memory a step over these slots must keep apart from every gradient:
     # each param and every state buffer it has (used by the options or not).
@@ -127,6 +134,10 @@ cdef class Workspace:
     # check_step found the slots' gradients clear of the guard's spans; any
     # new gradient pointer (or a new gather) clears the flag.
     cdef bint grads_clear
+    # Between fast_step's screening pass and its running pass: the group's
+    # scalars, common step count and parameter count.
+    cdef Scalars step_scalars
+    cdef Py_ssize_t step_count, params_in_group
 
     def __dealloc__(self):
         free(self.slots)
@@ -218,7 +229,28 @@ cdef inline bint usable(object obj, bint writeable):
 
 
 cdef inline bint same_layout(cnp.ndarray a, cnp.ndarray b):
-    return cnp.PyArray_TYPE(a) == cnp.PyArray_TYPE(b) and cnp.PyArray_SAMESHAPE(a, b)
+    # PyArray_SAMESHAPE, inlined: a warm step asks this several times per parameter.
+    cdef int d, nd = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp* da
+    cdef cnp.npy_intp* db
+    if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b) or cnp.PyArray_NDIM(b) != nd:
+        return False
+    da = cnp.PyArray_DIMS(a)
+    db = cnp.PyArray_DIMS(b)
+    for d in range(nd):
+        if da[d] != db[d]:
+            return False
+    return True
+
+
+cdef inline Py_ssize_t elements(cnp.ndarray a):
+    # PyArray_SIZE, inlined.
+    cdef int d
+    cdef Py_ssize_t n = 1
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(a)
+    for d in range(cnp.PyArray_NDIM(a)):
+        n *= dims[d]
+    return n
 
 
 cdef inline bint ranges_overlap(char* a0, char* a1, char* b0, char* b1):
@@ -239,19 +271,30 @@ def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t s
            object state, tuple names, tuple needs, bint counts_steps):
     """Screen one group and load ``ws``: see full_gather for what is checked.
 
-    When nothing in ``state`` was edited since the last successful gather into
-    ``ws`` (State.version), only the params and grads are re-checked.
+    Returns ``(code, step)``: GATHERED, SLOW_PATH or the first suspect index,
+    and the parameters' common step count.
     """
-    cdef Py_ssize_t code
+    cdef Py_ssize_t step = 0
     if not isinstance(state, dict):
         raise TypeError(f"the optimizer's state must be a dict, got {type(state).__name__}")
+    code = gather_group(ws, params, grads, start, stop, <dict>state, names, needs,
+                        counts_steps, &step)
+    return code, step
+
+
+cdef Py_ssize_t gather_group(Workspace ws, list params, list grads, Py_ssize_t start,
+                             Py_ssize_t stop, dict state, tuple names, tuple needs,
+                             bint counts_steps, Py_ssize_t* step) except? -3:
+    # When nothing in ``state`` was edited since the last successful gather
+    # into ``ws`` (State.version), only the params and grads are re-checked.
+    ws.params_in_group = stop - start
     if (ws.cached and state is ws.cached_state and state.version == ws.cached_version
             and needs is ws.cached_needs and start == ws.cached_start
             and stop == ws.cached_stop):
-        code = regather(ws, params, grads, start)
-        if code == GATHERED:
-            return GATHERED, ws.cached_step
-    return full_gather(ws, params, grads, start, stop, <dict>state, names, needs, counts_steps)
+        if regather(ws, params, grads, start) == GATHERED:
+            step[0] = ws.cached_step
+            return GATHERED
+    return full_gather(ws, params, grads, start, stop, state, names, needs, counts_steps, step)
 
 
 cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start):
@@ -277,7 +320,7 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
         p = <cnp.ndarray>p_obj
         g = <cnp.ndarray>g_obj
         # The buffers and the protected spans were made for this param's memory.
-        if (<char*>cnp.PyArray_DATA(p) != slot.p or cnp.PyArray_SIZE(p) != slot.size
+        if (<char*>cnp.PyArray_DATA(p) != slot.p or elements(p) != slot.size
                 or (cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64) != slot.f64
                 or not same_layout(g, p)):
             return SLOW_PATH
@@ -285,7 +328,7 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
         # of the state that State.version would see; the full screen refuses
         # that for every buffer, in use or not.
         pair = ws.keep[k]
-        for idx in range(0, len(<tuple>pair), 2):
+        for idx in range(1, len(<tuple>pair), 2):
             j = (<tuple>pair)[idx]
             b_obj = (<tuple>pair)[idx + 1]
             if not usable(b_obj, True) or not same_layout(<cnp.ndarray>b_obj, p):
@@ -300,8 +343,9 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
     return GATHERED
 
 
-cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t stop,
-                       dict state, tuple names, tuple needs, bint counts_steps):
+cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t start,
+                            Py_ssize_t stop, dict state, tuple names, tuple needs,
+                            bint counts_steps, Py_ssize_t* common_step) except? -3:
     """Screen one group's ``params`` (flat indices start..stop-1) and load ``ws``.
 
     ``grads`` and ``state`` are indexed by flat index; ``params`` by position
@@ -315,10 +359,9 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
     writeable, of the parameter's dtype and shape, and overlap neither the
     parameter nor each other.
 
-    Returns ``(code, step)``: ``code`` is the first suspect index, or
-    GATHERED (``ws`` holds the whole range; ``step`` is the parameters' common
-    step count, 0 if the rule counts none), or SLOW_PATH. Nothing is modified
-    except ``ws``.
+    Returns the first suspect index, or GATHERED (``ws`` holds the whole
+    range; ``common_step[0]`` is the parameters' common step count, 0 if the
+    rule counts none), or SLOW_PATH. Nothing is modified except ``ws``.
     """
     cdef Py_ssize_t i, j, k, nb
     cdef object p_obj, g_obj, b_obj, entry, step_obj
@@ -355,7 +398,7 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
             continue
         p_obj = params[i - start]
         if not usable(p_obj, True) or not usable(g_obj, False):
-            return i, 0
+            return i
         p = <cnp.ndarray>p_obj
         g = <cnp.ndarray>g_obj
         p0 = <char*>cnp.PyArray_DATA(p)
@@ -363,23 +406,23 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
         g0 = <char*>cnp.PyArray_DATA(g)
         g1 = end_of(g)
         if not same_layout(g, p) or ranges_overlap(g0, g1, p0, p1):
-            return i, 0
+            return i
         entry = state.get(i)
         if entry is None:
             slow = True
             continue
         if not isinstance(entry, dict):
-            return i, 0
+            return i
         if "step" in <dict>entry:  # present but None is refused, like any non-int
             step_obj = (<dict>entry)["step"]
             if type(step_obj) is not int or not 0 <= step_obj < MAX_STEP:
-                return i, 0
+                return i
             this_step = step_obj
         elif counts_steps:
             slow = True
         ws.add_protect(p0, p1)
         nb = 0
-        present = []
+        present = [entry]
         for j in range(MAX_BUFFERS):
             bufs[j] = NULL
         for j in range(nnames):
@@ -389,16 +432,16 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
                     slow = True
                 continue
             if not usable(b_obj, True):
-                return i, 0
+                return i
             b = <cnp.ndarray>b_obj
             b0 = <char*>cnp.PyArray_DATA(b)
             b1 = end_of(b)
             if (not same_layout(b, p) or ranges_overlap(b0, b1, p0, p1)
                     or ranges_overlap(b0, b1, g0, g1)):
-                return i, 0
+                return i
             for k in range(nb):
                 if ranges_overlap(b0, b1, seen0[k], seen1[k]):
-                    return i, 0
+                    return i
             seen0[nb] = b0
             seen1[nb] = b1
             nb += 1
@@ -417,7 +460,7 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
         ws.put(p, g, bufs)
         keep.append(tuple(present))
     if slow:
-        return SLOW_PATH, 0
+        return SLOW_PATH
     step = step if step > 0 else 0
     ws.keep = keep  # the buffers whose pointers the slots now hold, cached or not
     ws.cached = isinstance(state, State)
@@ -426,7 +469,8 @@ cdef tuple full_gather(Workspace ws, list params, list grads, Py_ssize_t start, 
         ws.cached_version = state.version
         ws.cached_needs = needs
         ws.cached_start, ws.cached_stop, ws.cached_step = start, stop, step
-    return GATHERED, step
+    common_step[0] = step
+    return GATHERED
 
 
 def commit_steps(Workspace ws, object state, list grads, Py_ssize_t start, Py_ssize_t stop,
@@ -436,11 +480,20 @@ def commit_steps(Workspace ws, object state, list grads, Py_ssize_t start, Py_ss
     Written with PyDict_SetItem, which a State does not count as an edit: the
     workspace's cache follows the step itself.
     """
-    cdef Py_ssize_t i
-    for i in range(start, stop):
-        if grads[i] is not None:
-            (<dict>(<dict>state)[i])["step"] = step
+    commit_group(ws, <dict>state, grads, start, stop, step)
+
+
+cdef int commit_group(Workspace ws, dict state, list grads, Py_ssize_t start, Py_ssize_t stop,
+                      object step) except -1:
+    # A gathered workspace has a slot for each param of the range (all have
+    # gradients), and each slot's record starts with the param's state dict.
+    cdef Py_ssize_t k
+    if ws.count != stop - start or ws.keep is None:
+        raise ValueError("internal: commit_steps needs the workspace gathered for this range")
+    for k in range(ws.count):
+        (<dict>(<tuple>ws.keep[k])[0])["step"] = step
     ws.cached_step = step
+    return 0
 
 
 # ------------------------------------------------------------------ aliasing
@@ -534,6 +587,10 @@ def check_step(Guard guard, list workspaces, Py_ssize_t ngroups):
     True when no protected spans overlap and no gradient overlaps any of them.
     False means that Python must find and name the overlap.
     """
+    return guard_clear(guard, workspaces, ngroups)
+
+
+cdef bint guard_clear(Guard guard, list workspaces, Py_ssize_t ngroups) except -1:
     cdef Py_ssize_t gi, k
     cdef Workspace ws
     cdef Slot* slot
@@ -658,8 +715,8 @@ def scale(Workspace ws, double a):
 
 # ------------------------------------------------------------ whole step
 
-# step_groups() outcome besides DONE: the Python path must take over. Nothing
-# was modified in either case below.
+# A whole step's outcome besides DONE: the Python path must take over. Nothing
+# was modified in either case.
 DONE = 0
 NEEDS_PYTHON = 1
 
@@ -668,19 +725,29 @@ def step_groups(list groups, list grads, object state, list workspaces, Guard gu
                 tuple names, bint counts_steps):
     """A whole optimizer step when nothing needs Python's help, else NEEDS_PYTHON.
 
+    What :class:`Stepper` runs, for callers that hold the optimizer's lock.
+    """
+    return fast_step(groups, grads, state, workspaces, guard, names, counts_steps)
+
+
+cdef int fast_step(list groups, list grads, object state, list workspaces, Guard guard,
+                   tuple names, bint counts_steps) except -1:
+    """DONE after a whole step, or NEEDS_PYTHON with nothing modified.
+
     ``groups`` are the optimizer's ParamGroups, each with a ``checked`` cache
     ``(hyper, kernel_hyper, needs, Scalars)`` made by the Python layer. Every
     group is screened and gathered first and the whole step checked for
-    aliasing (check_step); only if all is ready do the kernels run. Anything
+    aliasing (guard_clear); only if all is ready do the kernels run. Anything
     else - an edited group, a grad count that does not match, a suspect array,
-    missing state or grads, uneven steps - returns NEEDS_PYTHON with nothing
-    modified, and the Python path validates and reports.
+    missing state or grads, uneven steps - returns NEEDS_PYTHON, and the
+    Python path validates and reports. Allocates nothing: what the second
+    pass needs (scalars, step) waits in each group's Workspace.
     """
-    cdef Py_ssize_t gi, start = 0, stop, total = 0
+    cdef Py_ssize_t gi, start = 0, stop, total = 0, step
     cdef Py_ssize_t ngroups = len(groups)
-    cdef object checked, code, step, params, group
-    cdef list steps = []
-    if not isinstance(state, dict):
+    cdef object checked, params, group
+    cdef Workspace ws
+    if not isinstance(state, dict) or len(workspaces) < ngroups:
         return NEEDS_PYTHON
     for gi in range(ngroups):
         group = groups[gi]
@@ -690,33 +757,128 @@ def step_groups(list groups, list grads, object state, list workspaces, Guard gu
         if type(params) is not list:
             return NEEDS_PYTHON
         total += len(<list>params)
-    if total != len(grads) or len(workspaces) < ngroups:
+    if total != len(grads):
         return NEEDS_PYTHON
     for gi in range(ngroups):
         checked = getattr(groups[gi], "checked", None)
-        if checked is None:
+        if type(checked) is not tuple or len(<tuple>checked) != 4:
             return NEEDS_PYTHON
         params = (<dict>groups[gi])["params"]
-        stop = start + len(params)
-        code, step = gather(workspaces[gi], params, grads, start, stop, state, names,
-                            checked[2], counts_steps)
-        if code != GATHERED:
+        stop = start + len(<list>params)
+        ws = <Workspace?>workspaces[gi]
+        if gather_group(ws, params, grads, start, stop, <dict>state, names,
+                        (<tuple>checked)[2], counts_steps, &step) != GATHERED:
             return NEEDS_PYTHON
-        steps.append(step)
+        ws.step_scalars = <Scalars?>(<tuple>checked)[3]
+        ws.step_count = step
         start = stop
-    if not check_step(guard, workspaces, ngroups):
+    if not guard_clear(guard, workspaces, ngroups):
         return NEEDS_PYTHON
     start = 0
     for gi in range(ngroups):
-        checked = getattr(groups[gi], "checked")
-        stop = start + len(<list>(<dict>groups[gi])["params"])
+        ws = <Workspace>workspaces[gi]
+        stop = start + ws.params_in_group
         if counts_steps:
-            run(<Workspace>workspaces[gi], <Scalars>checked[3], steps[gi] + 1, False)
-            commit_steps(workspaces[gi], state, grads, start, stop, steps[gi] + 1)
+            run(ws, ws.step_scalars, ws.step_count + 1, False)
+            commit_group(ws, <dict>state, grads, start, stop, ws.step_count + 1)
         else:
-            run(<Workspace>workspaces[gi], <Scalars>checked[3], 0, False)
+            run(ws, ws.step_scalars, 0, False)
+        ws.step_scalars = None
         start = stop
     return DONE
+
+
+cdef class StepLock:
+    """An optimizer's lock: concurrent step() calls on one optimizer take turns.
+
+    A plain C lock, so that the fast path takes it in nanoseconds; waiting
+    for it releases the GIL. Not reentrant, like threading.Lock.
+    """
+    cdef PyThread_type_lock handle
+    cdef bint held
+
+    def __cinit__(self):
+        self.handle = PyThread_allocate_lock()
+        if self.handle == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.handle != NULL:
+            PyThread_free_lock(self.handle)
+
+    cdef inline bint try_acquire(self) noexcept:
+        if PyThread_acquire_lock(self.handle, NOWAIT_LOCK):
+            self.held = True
+            return True
+        return False
+
+    cdef inline void release_held(self) noexcept:
+        self.held = False
+        PyThread_release_lock(self.handle)
+
+    def acquire(self):
+        """Wait for the lock (with the GIL released) and take it."""
+        if not self.try_acquire():
+            with nogil:
+                PyThread_acquire_lock(self.handle, WAIT_LOCK)
+            self.held = True
+        return True
+
+    def release(self):
+        if not self.held:
+            raise RuntimeError("release of an unlocked StepLock")
+        self.release_held()
+
+    def locked(self):
+        return self.held
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+        return False
+
+    def __reduce__(self):
+        return (StepLock, ())  # a copy gets its own, unlocked
+
+
+cdef class Stepper:
+    """``opt.step(grads)`` in C when nothing needs Python's help.
+
+    Bound to the objects an optimizer steps - its lock, param_groups, state,
+    workspaces and guard - so that a step reads no Python attributes. The
+    optimizer makes a new one whenever it rebinds any of them.
+    """
+    cdef StepLock lock
+    cdef object groups, state
+    cdef list workspaces
+    cdef Guard guard
+    cdef tuple names
+    cdef bint counts_steps, enabled
+
+    def __init__(self, StepLock lock, object groups, object state, list workspaces,
+                 Guard guard, tuple names, bint counts_steps, bint enabled=True):
+        self.lock, self.groups, self.state = lock, groups, state
+        self.workspaces, self.guard = workspaces, guard
+        self.names, self.counts_steps, self.enabled = names, counts_steps, enabled
+
+    def __call__(self, grads):
+        """True after a whole step; False, with nothing modified, if Python must take it."""
+        cdef int code
+        if not self.enabled or type(grads) is not list or type(self.groups) is not list:
+            return False
+        if not self.lock.try_acquire():
+            self.lock.acquire()  # another thread is stepping: wait, GIL released
+        try:
+            code = fast_step(<list>self.groups, <list>grads, self.state, self.workspaces,
+                             self.guard, self.names, self.counts_steps)
+        finally:
+            self.lock.release_held()
+        return code == DONE
+
+    def __reduce__(self):
+        raise TypeError("a Stepper is bound to one optimizer's objects; make a new one")
 
 
 # ------------------------------------------------------------ foreign tensors

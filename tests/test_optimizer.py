@@ -625,6 +625,59 @@ def test_concurrent_steps_on_one_optimizer_take_turns():
     np.testing.assert_array_equal(p_threads, p_serial)
 
 
+def test_step_lock_behaves_like_a_lock():
+    from fastopt._fastpath import StepLock
+    lock = StepLock()
+    assert not lock.locked()
+    with lock:
+        assert lock.locked()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="unlocked"):
+        lock.release()
+
+
+def test_a_step_waits_while_another_thread_holds_the_lock():
+    import threading
+    p = np.zeros(10)
+    opt = fastopt.SGD([p], lr=1.0)
+    opt.step([np.ones(10)])  # warm: the next step takes the fast path
+    finished = threading.Event()
+    with opt._lock:
+        worker = threading.Thread(target=lambda: (opt.step([np.ones(10)]), finished.set()))
+        worker.start()
+        assert not finished.wait(0.2)  # blocked on the lock, nothing written
+        assert p[0] == -1.0
+    worker.join()
+    assert finished.is_set() and p[0] == -2.0
+
+
+def test_rebinding_an_attribute_the_fast_path_holds_takes_effect():
+    params = make_params()
+    rng = np.random.default_rng(0)
+    opt = fastopt.Adam(params)
+    opt.step(grads_like(params, rng))
+    opt.step(grads_like(params, rng))  # the fast path is bound now
+    opt.skip_nonfinite = True
+    grads = grads_like(params, rng)
+    grads[0][0] = np.nan
+    snap = snapshot(opt, params)
+    opt.step(grads)
+    assert_unchanged(opt, params, snap)
+    assert opt.skipped_steps == 1
+    opt.skip_nonfinite = False
+    # A new state dict (as load_state_dict makes) is what the next step uses.
+    twin_params = [p.copy() for p in params]
+    twin = fastopt.Adam(twin_params)
+    opt.state = type(opt.state)()
+    for _ in range(2):
+        grads = grads_like(params, rng)
+        opt.step(grads)
+        twin.step([g.copy() for g in grads])
+    assert opt.state[0]["step"] == 2
+    for a, b in zip(params, twin_params):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_large_steps_release_the_gil():
     import threading
     import time
