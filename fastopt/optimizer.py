@@ -369,17 +369,26 @@ class Optimizer:
 
     def _make_stepper(self):
         """The fast path (_fastpath.Stepper) bound to what this optimizer steps now."""
-        return _fastpath.Stepper(self._lock, self.param_groups, self.state, self._workspaces,
+        lock = self._lock
+        bindings = lock.bindings  # read first: a rebind from here on makes it decline
+        return _fastpath.Stepper(lock, bindings, self.param_groups, self.state, self._workspaces,
                                  self._guard, self.rule.buffers, self.rule.step_arg == "step",
                                  enabled=self.backend == "cython" and not self.skip_nonfinite)
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
         if name in _STEPPER_INPUTS:
-            # The Stepper holds the old object: make a new one on the next step.
+            # The Stepper holds the old object: it declines from now on (even
+            # one being made in another thread right now), and the next step
+            # makes a new one.
             object.__setattr__(self, "_fast", None)
+            lock = self.__dict__.get("_lock")
+            if lock is not None:
+                lock.bindings += 1
 
     def _step(self, grads):
+        # The fast path declined. If it was made before a rebind, replace it.
+        self._fast = None
         grads, plan = self._plan(grads)
         if self.skip_nonfinite:
             present = [g for g in grads if g is not None]
@@ -396,8 +405,7 @@ class Optimizer:
                 # Every parameter has its state at the same step: one kernel call.
                 if rule.step_arg == "step":
                     run_workspace(rule, self._workspaces[gi], step + 1, scalars)
-                    _fastpath.commit_steps(self._workspaces[gi], self.state, grads, start, stop,
-                                           step + 1)
+                    _fastpath.commit_steps(self._workspaces[gi], step + 1)
                 else:
                     run_workspace(rule, self._workspaces[gi], False, scalars)
             else:

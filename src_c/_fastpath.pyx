@@ -16,9 +16,14 @@ pointer, installed by fastopt/_dispatch.py for the CPU's best ISA level.
 """
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, NOWAIT_LOCK,
-                               WAIT_LOCK)
+                               PyLockStatus, PY_LOCK_ACQUIRED)
+
+cdef extern from "pythread.h":
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                             int intr_flag) nogil
 from libc.math cimport pow
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport realloc, free, qsort
@@ -32,6 +37,8 @@ cnp.import_array()
 
 from fastopt._validation import MAX_STEP, REFUSED_SUBCLASSES
 from fastopt._watched import State
+
+cdef Py_ssize_t MAX_STEP_C = MAX_STEP  # stored step counts are < this
 
 
 ctypedef struct Span:
@@ -291,7 +298,10 @@ cdef Py_ssize_t gather_group(Workspace ws, list params, list grads, Py_ssize_t s
     if (ws.cached and state is ws.cached_state and state.version == ws.cached_version
             and needs is ws.cached_needs and start == ws.cached_start
             and stop == ws.cached_stop):
-        if regather(ws, params, grads, start) == GATHERED:
+        # The cached count was checked when it was read, not after the steps
+        # counted since: the full screen reports one at the limit (and the
+        # caller's step + 1 cannot overflow).
+        if regather(ws, params, grads, start) == GATHERED and ws.cached_step < MAX_STEP_C:
             step[0] = ws.cached_step
             return GATHERED
     return full_gather(ws, params, grads, start, stop, state, names, needs, counts_steps, step)
@@ -473,23 +483,21 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
     return GATHERED
 
 
-def commit_steps(Workspace ws, object state, list grads, Py_ssize_t start, Py_ssize_t stop,
-                 object step):
-    """Set state[i]["step"] = step for each i in range whose grad is not None.
+def commit_steps(Workspace ws, object step):
+    """Set ``"step"`` to ``step`` in the state dict of every param of a gathered workspace.
 
+    A gathered workspace holds a slot for each param of its group (all have
+    gradients), and each slot's record starts with the param's state dict.
     Written with PyDict_SetItem, which a State does not count as an edit: the
     workspace's cache follows the step itself.
     """
-    commit_group(ws, <dict>state, grads, start, stop, step)
+    if ws.keep is None or len(ws.keep) != ws.count:
+        raise ValueError("internal: commit_steps needs a gathered workspace")
+    commit_group(ws, step)
 
 
-cdef int commit_group(Workspace ws, dict state, list grads, Py_ssize_t start, Py_ssize_t stop,
-                      object step) except -1:
-    # A gathered workspace has a slot for each param of the range (all have
-    # gradients), and each slot's record starts with the param's state dict.
+cdef int commit_group(Workspace ws, object step) except -1:
     cdef Py_ssize_t k
-    if ws.count != stop - start or ws.keep is None:
-        raise ValueError("internal: commit_steps needs the workspace gathered for this range")
     for k in range(ws.count):
         (<dict>(<tuple>ws.keep[k])[0])["step"] = step
     ws.cached_step = step
@@ -721,15 +729,6 @@ DONE = 0
 NEEDS_PYTHON = 1
 
 
-def step_groups(list groups, list grads, object state, list workspaces, Guard guard,
-                tuple names, bint counts_steps):
-    """A whole optimizer step when nothing needs Python's help, else NEEDS_PYTHON.
-
-    What :class:`Stepper` runs, for callers that hold the optimizer's lock.
-    """
-    return fast_step(groups, grads, state, workspaces, guard, names, counts_steps)
-
-
 cdef int fast_step(list groups, list grads, object state, list workspaces, Guard guard,
                    tuple names, bint counts_steps) except -1:
     """DONE after a whole step, or NEEDS_PYTHON with nothing modified.
@@ -740,8 +739,9 @@ cdef int fast_step(list groups, list grads, object state, list workspaces, Guard
     aliasing (guard_clear); only if all is ready do the kernels run. Anything
     else - an edited group, a grad count that does not match, a suspect array,
     missing state or grads, uneven steps - returns NEEDS_PYTHON, and the
-    Python path validates and reports. Allocates nothing: what the second
-    pass needs (scalars, step) waits in each group's Workspace.
+    Python path validates and reports. Allocates no arrays or containers:
+    what the second pass needs (scalars, step) waits in each group's
+    Workspace; only the new step count is a new int.
     """
     cdef Py_ssize_t gi, start = 0, stop, total = 0, step
     cdef Py_ssize_t ngroups = len(groups)
@@ -780,7 +780,7 @@ cdef int fast_step(list groups, list grads, object state, list workspaces, Guard
         stop = start + ws.params_in_group
         if counts_steps:
             run(ws, ws.step_scalars, ws.step_count + 1, False)
-            commit_group(ws, <dict>state, grads, start, stop, ws.step_count + 1)
+            commit_group(ws, ws.step_count + 1)
         else:
             run(ws, ws.step_scalars, 0, False)
         ws.step_scalars = None
@@ -792,10 +792,15 @@ cdef class StepLock:
     """An optimizer's lock: concurrent step() calls on one optimizer take turns.
 
     A plain C lock, so that the fast path takes it in nanoseconds; waiting
-    for it releases the GIL. Not reentrant, like threading.Lock.
+    for it releases the GIL (and Ctrl-C interrupts it). Not reentrant, like
+    threading.Lock.
+
+    ``bindings`` counts the optimizer's rebinds of what its Stepper holds
+    (Optimizer.__setattr__): a Stepper made before a rebind declines to step.
     """
     cdef PyThread_type_lock handle
     cdef bint held
+    cdef public Py_ssize_t bindings
 
     def __cinit__(self):
         self.handle = PyThread_allocate_lock()
@@ -813,15 +818,22 @@ cdef class StepLock:
         return False
 
     cdef inline void release_held(self) noexcept:
-        self.held = False
-        PyThread_release_lock(self.handle)
+        # Never twice: had another thread wrongly released the lock meanwhile,
+        # a second release would leave it unable to exclude anyone.
+        if self.held:
+            self.held = False
+            PyThread_release_lock(self.handle)
 
     def acquire(self):
         """Wait for the lock (with the GIL released) and take it."""
-        if not self.try_acquire():
-            with nogil:
-                PyThread_acquire_lock(self.handle, WAIT_LOCK)
-            self.held = True
+        cdef PyLockStatus status
+        while not self.try_acquire():
+            with nogil:  # in slices, so that a signal (Ctrl-C) is seen
+                status = PyThread_acquire_lock_timed(self.handle, 20000, 0)
+            if status == PY_LOCK_ACQUIRED:
+                self.held = True
+                break
+            PyErr_CheckSignals()
         return True
 
     def release(self):
@@ -851,15 +863,18 @@ cdef class Stepper:
     optimizer makes a new one whenever it rebinds any of them.
     """
     cdef StepLock lock
+    cdef Py_ssize_t bindings
     cdef object groups, state
     cdef list workspaces
     cdef Guard guard
     cdef tuple names
     cdef bint counts_steps, enabled
 
-    def __init__(self, StepLock lock, object groups, object state, list workspaces,
-                 Guard guard, tuple names, bint counts_steps, bint enabled=True):
-        self.lock, self.groups, self.state = lock, groups, state
+    def __init__(self, StepLock lock, Py_ssize_t bindings, object groups, object state,
+                 list workspaces, Guard guard, tuple names, bint counts_steps,
+                 bint enabled=True):
+        # bindings: lock.bindings read before the other objects were
+        self.lock, self.bindings, self.groups, self.state = lock, bindings, groups, state
         self.workspaces, self.guard = workspaces, guard
         self.names, self.counts_steps, self.enabled = names, counts_steps, enabled
 
@@ -871,6 +886,8 @@ cdef class Stepper:
         if not self.lock.try_acquire():
             self.lock.acquire()  # another thread is stepping: wait, GIL released
         try:
+            if self.lock.bindings != self.bindings:
+                return False  # made before a rebind: the Python path makes a new one
             code = fast_step(<list>self.groups, <list>grads, self.state, self.workspaces,
                              self.guard, self.names, self.counts_steps)
         finally:

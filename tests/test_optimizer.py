@@ -678,6 +678,45 @@ def test_rebinding_an_attribute_the_fast_path_holds_takes_effect():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_stepper_made_before_a_rebind_declines_and_is_replaced():
+    # Another thread rebinds opt.state while this one is making the Stepper.
+    from fastopt._watched import State
+    params = [np.ones(3)]
+    grads = [np.ones(3)]
+    opt = fastopt.Adam(params)
+    opt.step(grads)
+    make = opt._make_stepper
+
+    def make_while_rebinding():
+        stepper = make()
+        opt.state = State()
+        return stepper
+    opt._fast = None
+    opt._make_stepper = make_while_rebinding
+    opt.step(grads)
+    del opt._make_stepper
+    for _ in range(3):
+        opt.step(grads)
+    assert opt.state[0]["step"] == 4  # every step landed in the state opt holds
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_step_count_at_the_int64_limit_is_refused_on_the_warm_path(groups):
+    params = [np.ones(3) for _ in range(groups)]
+    grads = [np.ones(3) for _ in range(groups)]
+    opt = fastopt.Adam([{"params": [p]} for p in params])
+    opt.step(grads)
+    for i in range(groups):
+        opt.state[i]["step"] = 2**63 - 2
+    opt.step(grads)  # the last count that fits; the next step's would not
+    assert opt.state[0]["step"] == 2**63 - 1
+    before = [p.copy() for p in params]
+    with pytest.raises(ValueError, match=r"state\[0\]\['step'\] must be < 2\*\*63 - 1"):
+        opt.step(grads)
+    assert all(np.array_equal(a, b) for a, b in zip(params, before))
+    assert all(opt.state[i]["step"] == 2**63 - 1 for i in range(groups))
+
+
 def test_large_steps_release_the_gil():
     import threading
     import time
