@@ -334,6 +334,18 @@ def value_specs(draw):
     return draw(st.integers(0, 2 ** 32 - 1)), draw(st.sampled_from(PROFILES))
 
 
+def draw_values(data, shape, dtype):
+    """make_values of this shape and dtype, from a drawn seed and profile."""
+    seed, profile = data.draw(value_specs())
+    return make_values(seed, shape, dtype, profile)
+
+
+def draw_float_array(data, shapes):
+    """Values of a drawn shape (from ``shapes``) and float dtype."""
+    shape = data.draw(shapes, label="shape")
+    return draw_values(data, shape, data.draw(st.sampled_from(FLOATS), label="dtype"))
+
+
 SMALL_SHAPES = st.one_of(
     st.sampled_from([(), (0,), (1,), (2, 0), (0, 3), (1, 1)]),
     st.tuples(st.integers(1, 33)),
@@ -1454,8 +1466,7 @@ def _state_edit_action(data, lock, grads, form_g, what):
             entry["step"] = value
         elif how == "buffer" and bufs:
             key = data.draw(st.sampled_from(bufs), label="buffer")
-            seed, profile = data.draw(value_specs())
-            values = make_values(seed, entry[key].shape, entry[key].dtype, profile)
+            values = draw_values(data, entry[key].shape, entry[key].dtype)
             for opt in lock.opts:
                 opt.state[i][key] = values.copy()
             entry[key] = values.copy()
@@ -1644,10 +1655,7 @@ def _draw_param_arrays(data, n, mode, mem, existing):
     """n parameter arrays (plus events); mode "arrays"/"mixed" makes some bad."""
     arrays = []
     for _ in range(n):
-        shape = data.draw(SMALL_SHAPES, label="shape")
-        dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
-        seed, profile = data.draw(value_specs())
-        values = make_values(seed, shape, dtype, profile)
+        values = draw_float_array(data, SMALL_SHAPES)
         layouts = VALID_LAYOUTS
         if mode in ("arrays", "mixed") and data.draw(st.integers(0, 2)) == 0:
             kind = data.draw(st.sampled_from(["layout", "dtype", "not_array"]), label="bad array")
@@ -1757,8 +1765,7 @@ def _random_grads(data, params):
         if data.draw(st.integers(0, 4)) == 0:
             grads.append(None)
         else:
-            seed, profile = data.draw(value_specs())
-            grads.append(make_values(seed, p.shape, native(p).dtype, profile))
+            grads.append(draw_values(data, p.shape, native(p).dtype))
     return grads
 
 
@@ -2001,8 +2008,7 @@ def test_flat_params_packs_aligned_views_or_refuses(data):
             shape = data.draw(st.one_of(SMALL_SHAPES, LARGE_SHAPES), label="shape")
             dtype = data.draw(st.sampled_from(list(FLOATS) + [np.dtype(np.int32), np.dtype(np.bool_),
                                                               np.dtype(np.float16)]))
-            seed, profile = data.draw(value_specs())
-            values = make_values(seed, shape, dtype, profile)
+            values = draw_values(data, shape, dtype)
             layout = data.draw(st.sampled_from(VALID_LAYOUTS + NONCONTIG_LAYOUTS + OTHER_LAYOUTS))
             items[nm] = lay_out(values, layout, mem)
     dtype_arg = data.draw(st.sampled_from([None, None, np.float32, np.float64, "float32", "f8",
@@ -2124,8 +2130,7 @@ def test_flat_params_packs_aligned_views_or_refuses(data):
         k: normalize(GROUP_KINDS[oname][k], v) for k, v in {**DEFAULTS[oname], **kw}.items()})],
         False)
     for nm in names:
-        seed, profile = data.draw(value_specs())
-        flat.grads[nm][...] = make_values(seed, flat.grads[nm].shape, target, profile)
+        flat.grads[nm][...] = draw_values(data, flat.grads[nm].shape, target)
     for _ in range(2):
         with quiet():
             opt.step([flat.grad])
@@ -2158,10 +2163,7 @@ def _grads_for_clip(data, writeable_needed):
     n = data.draw(st.integers(0, 4), label="n")
     arrays = []
     for _ in range(n):
-        shape = data.draw(SHAPES, label="shape")
-        dtype = data.draw(st.sampled_from(FLOATS))
-        seed, profile = data.draw(value_specs())
-        values = make_values(seed, shape, dtype, profile)
+        values = draw_float_array(data, SHAPES)
         layouts = VALID_LAYOUTS + ("readonly",)
         if mode == "arrays" and data.draw(st.booleans()):
             layouts = NONCONTIG_LAYOUTS + OTHER_LAYOUTS
@@ -2324,10 +2326,7 @@ def test_gradient_accumulator(data):
     n = data.draw(st.integers(1, 3), label="n")
     buffers = []
     for _ in range(n):
-        shape = data.draw(SHAPES, label="shape")
-        dtype = data.draw(st.sampled_from(FLOATS))
-        seed, profile = data.draw(value_specs())
-        buffers.append(lay_out(make_values(seed, shape, dtype, profile),
+        buffers.append(lay_out(draw_float_array(data, SHAPES),
                                data.draw(st.sampled_from(VALID_LAYOUTS)), mem))
     steps = data.draw(st.one_of(st.integers(1, 8), st.sampled_from([np.int64(3), 2 ** 63 - 1])))
     reduction = data.draw(st.sampled_from(["mean", "sum", np.str_("mean")]))
@@ -2386,8 +2385,7 @@ def test_gradient_accumulator(data):
             count = 0
         grads = []
         for b in buffers:
-            seed, profile = data.draw(value_specs())
-            grads.append(lay_out(make_values(seed, b.shape, b.dtype, profile),
+            grads.append(lay_out(draw_values(data, b.shape, b.dtype),
                                  data.draw(st.sampled_from(VALID_LAYOUTS + ("readonly",))), Mem()))
         bad = data.draw(st.sampled_from([None] * 3 + ["dtype", "shape", "layout", "is_buffer",
                                                       "count", "not_array"]))
