@@ -1,9 +1,13 @@
-"""Command line: ``python -m fastopt bench|demo [options]`` or ``python -m fastopt --version``."""
+"""Command line: ``fastopt bench|demo [options]`` or ``fastopt --version``.
+
+``python -m fastopt ...`` is the same program (from any folder but a source
+checkout's root, whose unbuilt ``fastopt/`` would shadow the installed one).
+"""
 import sys
 
 from ._version import __version__
 
-USAGE = """usage: python -m fastopt {bench,demo,--version} [options]
+USAGE = """usage: fastopt {bench,demo,--version} [options]   (or: python -m fastopt ...)
 
   bench      time fastopt's optimizer step against the NumPy reference
              (and torch.optim when installed); --help for its options
