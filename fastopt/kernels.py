@@ -16,9 +16,11 @@ Examples
 >>> from fastopt import kernels
 >>> p = np.ones(4, np.float32); g = np.full(4, 0.5, np.float32)
 >>> m = np.zeros_like(p); v = np.zeros_like(p)
->>> kernels.adam(p, g, m, v, step=1, lr=0.1)
->>> p
+>>> kernels.adam(p, g, m, v, step=1, lr=0.1)  # Adam's first step moves each element by ~lr
+>>> p.round(6)  # float32 rounding leaves 0.90000004
 array([0.9, 0.9, 0.9, 0.9], dtype=float32)
+>>> m  # the first moment, updated in place
+array([0.05, 0.05, 0.05, 0.05], dtype=float32)
 """
 from typing import Callable, NamedTuple
 
