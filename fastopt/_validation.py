@@ -32,8 +32,20 @@ REFUSED_SUBCLASSES = (np.ma.MaskedArray, np.matrix)
 MAX_STEP = 2 ** 63 - 1
 
 
+def _is_torch(value):
+    """Whether ``value`` is a torch object (checked without importing torch)."""
+    return type(value).__module__.split(".", 1)[0] == "torch"
+
+
 def _real(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        if _is_torch(value):
+            short = name.rsplit(": ", 1)[-1]  # "param_groups[0]: lr" -> "lr"
+            raise TypeError(
+                f"{name} must be a real number, got a torch {type(value).__name__} {value!r}: "
+                "fastopt does not read hyperparameters from tensors yet (torch.optim accepts a "
+                f"0-d tensor {short} that a scheduler updates in place); pass a float, e.g. "
+                f"{short}=float({short})")
         raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         return float(value)
@@ -87,6 +99,16 @@ def betas(name, value):
     return (unit_interval(f"{name}[0]", value[0]), unit_interval(f"{name}[1]", value[1]))
 
 
+def integer(name, value, minimum):
+    """An int (not a bool) ``>= minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 def step_count(name, value):
     """A count ``1 <= t <= MAX_STEP`` (a step count after this step's increment)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -129,10 +151,17 @@ def check_hyper(rules, hyper, where=""):
 
 # --------------------------------------------------------------------- arrays
 
-def check_float_array(name, a, writeable):
-    """An ndarray of float32/float64 in C order (writeable when updated in place)."""
+def check_float_array(name, a, writeable, torch_twin=None):
+    """An ndarray of float32/float64 in C order (writeable when updated in place).
+
+    ``torch_twin`` names the fastopt.torch class to suggest when ``a`` is a
+    torch tensor (an optimizer given ``model.parameters()``).
+    """
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+        hint = ""
+        if torch_twin and _is_torch(a):
+            hint = f" (a torch tensor: did you mean {torch_twin}? It steps torch models)"
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}{hint}")
     if isinstance(a, REFUSED_SUBCLASSES):
         raise TypeError(
             f"{name} is a {type(a).__name__}, which fastopt does not update (it would "

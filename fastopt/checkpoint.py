@@ -157,12 +157,20 @@ def _state_dict_from(meta, arrays, path):
     return {"state": state, "param_groups": groups}
 
 
+def _a(word):
+    """``word`` with its indefinite article: "an Adam", "an SGD", "a StepLR"."""
+    word = str(word)
+    # An acronym is read letter by letter: "an SGD" (ess), "an RMSprop" (ar).
+    vowel_sound = "AEFHILMNORSX" if word[:2].isupper() else "AEIOUaeiou"
+    return ("an " if word[:1] and word[0] in vowel_sound else "a ") + word
+
+
 def restore_optimizer(optimizer, path):
     """Load the checkpoint at ``path`` into ``optimizer`` (validated; all or nothing)."""
     meta, arrays = _read_npz(path)
     kind = type(optimizer).__name__
     if meta.get("optimizer") != kind:
-        raise ValueError(f"{path}: holds a {meta.get('optimizer')} optimizer, not a {kind}")
+        raise ValueError(f"{path}: holds {_a(meta.get('optimizer'))} optimizer, not {_a(kind)}")
     params = optimizer._flat_params()
     saved = meta.get("params", [])
     if len(saved) != len(params):
@@ -246,5 +254,5 @@ def restore_scheduler(scheduler, path):
     _check_header(payload, SCHEDULER_FORMAT, "scheduler", path)
     kind = type(scheduler).__name__
     if payload.get("scheduler") != kind:
-        raise ValueError(f"{path}: holds a {payload.get('scheduler')} scheduler, not a {kind}")
+        raise ValueError(f"{path}: holds {_a(payload.get('scheduler'))} scheduler, not {_a(kind)}")
     scheduler.load_state_dict(_untag(payload.get("state")))

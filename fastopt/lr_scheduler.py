@@ -22,13 +22,10 @@ Each constructor ends with an initial step, as torch's does: it moves
 """
 import copy
 import math
-import numbers
 import types
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Mapping, MutableMapping
-
-import numpy as np
 
 from . import _validation as V
 
@@ -43,16 +40,6 @@ _TORCH_TRANSIENT = frozenset({"_is_initial", "_get_lr_called_within_step", "verb
 
 
 # ------------------------------------------------------------------ checks
-
-def _int(name, value, minimum):
-    """An int (not a bool) ``>= minimum``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
-
 
 def _in_interval(name, value, low, high, brackets="[]"):
     """A finite real number in the interval ``brackets[0] low, high brackets[1]``."""
@@ -141,7 +128,7 @@ class LRScheduler:
 
     def __init__(self, optimizer, last_epoch=-1):
         groups = _check_optimizer(optimizer)
-        last_epoch = _int("last_epoch", last_epoch, -1)
+        last_epoch = V.integer("last_epoch", last_epoch, -1)
         self.optimizer = optimizer
         if last_epoch == -1:
             for group in groups:
@@ -353,7 +340,7 @@ class StepLR(LRScheduler):
     """
 
     def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
-        self.step_size = _int("step_size", step_size, 1)
+        self.step_size = V.integer("step_size", step_size, 1)
         self.gamma = V.positive("gamma", gamma)
         super().__init__(optimizer, last_epoch)
 
@@ -389,7 +376,7 @@ class MultiStepLR(LRScheduler):
         except TypeError:
             raise TypeError(f"milestones must be a list of ints, got "
                             f"{type(milestones).__name__}") from None
-        self.milestones = Counter(_int(f"milestones[{i}]", m, 0) for i, m in enumerate(listed))
+        self.milestones = Counter(V.integer(f"milestones[{i}]", m, 0) for i, m in enumerate(listed))
         self.gamma = V.positive("gamma", gamma)
         super().__init__(optimizer, last_epoch)
 
@@ -452,7 +439,7 @@ class LinearLR(LRScheduler):
                  last_epoch=-1):
         self.start_factor = _in_interval("start_factor", start_factor, 0, 1, "(]")
         self.end_factor = _in_interval("end_factor", end_factor, 0, 1, "[]")
-        self.total_iters = _int("total_iters", total_iters, 1)
+        self.total_iters = V.integer("total_iters", total_iters, 1)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
@@ -497,7 +484,7 @@ class CosineAnnealingLR(LRScheduler):
     """
 
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
-        self.T_max = _int("T_max", T_max, 1)
+        self.T_max = V.integer("T_max", T_max, 1)
         self.eta_min = _nonnegative_finite("eta_min", eta_min)
         super().__init__(optimizer, last_epoch)
 
@@ -543,11 +530,11 @@ class CosineAnnealingWarmRestarts(LRScheduler):
     """
 
     def __init__(self, optimizer, T_0, T_mult=1, eta_min=0.0, last_epoch=-1):
-        self.T_0 = _int("T_0", T_0, 1)
+        self.T_0 = V.integer("T_0", T_0, 1)
         self.T_i = self.T_0
-        self.T_mult = _int("T_mult", T_mult, 1)
+        self.T_mult = V.integer("T_mult", T_mult, 1)
         self.eta_min = _nonnegative_finite("eta_min", eta_min)
-        self.T_cur = _int("last_epoch", last_epoch, -1)
+        self.T_cur = V.integer("last_epoch", last_epoch, -1)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
@@ -649,10 +636,10 @@ class OneCycleLR(LRScheduler):
                  final_div_factor=1e4, three_phase=False, last_epoch=-1):
         groups = _check_optimizer(optimizer)
         if total_steps is not None:
-            self.total_steps = _int("total_steps", total_steps, 1)
+            self.total_steps = V.integer("total_steps", total_steps, 1)
         elif epochs is not None and steps_per_epoch is not None:
-            self.total_steps = (_int("epochs", epochs, 1)
-                                * _int("steps_per_epoch", steps_per_epoch, 1))
+            self.total_steps = (V.integer("epochs", epochs, 1)
+                                * V.integer("steps_per_epoch", steps_per_epoch, 1))
         else:
             raise ValueError("OneCycleLR needs total_steps, or both epochs and steps_per_epoch")
         pct_start = _in_interval("pct_start", pct_start, 0, 1, "[]")
@@ -772,12 +759,12 @@ class SequentialLR(LRScheduler):
         if not isinstance(milestones, (list, tuple)) or len(milestones) != len(schedulers) - 1:
             raise ValueError(f"milestones must be a list of len(schedulers) - 1 = "
                              f"{len(schedulers) - 1} epochs, got {milestones!r}")
-        milestones = [_int(f"milestones[{i}]", m, 0) for i, m in enumerate(milestones)]
+        milestones = [V.integer(f"milestones[{i}]", m, 0) for i, m in enumerate(milestones)]
         if any(a >= b for a, b in zip(milestones, milestones[1:])):
             raise ValueError(f"milestones must be strictly increasing, got {milestones}")
         self._schedulers = list(schedulers)
         self._milestones = milestones
-        self.last_epoch = _int("last_epoch", last_epoch, -1) + 1
+        self.last_epoch = V.integer("last_epoch", last_epoch, -1) + 1
         self.optimizer = optimizer
         # Building the schedulers has stepped each of them once; start over
         # from the initial rates, with only the scheduler of epoch 0 stepped.
@@ -881,8 +868,8 @@ class ReduceLROnPlateau(LRScheduler):
         else:
             self.default_min_lr = _nonnegative_finite("min_lr", min_lr)
             self.min_lrs = [self.default_min_lr] * len(groups)
-        self.patience = _int("patience", patience, 0)
-        self.cooldown = _int("cooldown", cooldown, 0)
+        self.patience = V.integer("patience", patience, 0)
+        self.cooldown = V.integer("cooldown", cooldown, 0)
         self.eps = _nonnegative_finite("eps", eps)
         self.last_epoch = 0
         self._last_lr = self._group_lrs()

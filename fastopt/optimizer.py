@@ -21,6 +21,9 @@ from .flat import packed_like
 from .kernels import run_lists, run_workspace
 
 BACKENDS = ("cython", "numpy")
+#: step()'s default, so that a call without gradients gets a message, not
+#: Python's bare "missing 1 required positional argument".
+_NO_GRADS = object()
 # The attributes an optimizer's Stepper is bound to (see Optimizer.__setattr__).
 _STEPPER_INPUTS = frozenset({"_lock", "param_groups", "state", "_workspaces", "_guard",
                              "backend", "skip_nonfinite", "rule"})
@@ -156,7 +159,8 @@ class Optimizer:
         labelled = []
         for k, p in enumerate(arrays):
             label = self._labels(start + k, names[k] if named else None)[0]
-            V.check_float_array(label, p, writeable=True)
+            V.check_float_array(label, p, writeable=True,
+                                torch_twin=f"fastopt.torch.{type(self).__name__}")
             labelled.append((label, p))
         if named:
             clash = set(old_names) & set(names)
@@ -331,7 +335,7 @@ class Optimizer:
         state["step"] = state.get("step", 0) + 1
         return state["step"]
 
-    def step(self, grads):
+    def step(self, grads=_NO_GRADS):
         """Update every parameter that has a gradient, in place.
 
         Parameters
@@ -359,6 +363,12 @@ class Optimizer:
         different threads run in parallel; concurrent calls on one optimizer
         are serialized by a lock.
         """
+        if grads is _NO_GRADS:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs the gradients: pass a list aligned with "
+                "the parameters (in group order), or a dict keyed by their names, e.g. "
+                "opt.step([grad_w, grad_b]); None stands for 'no gradient this step'. "
+                "(torch.optim reads p.grad instead: for torch models use fastopt.torch.)")
         fast = self._fast
         if fast is None:
             fast = self._fast = self._make_stepper()

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from . import _plotting
+from . import _validation as V
 from .batching import batches
 from .clip import clip_grad_norm
 
@@ -172,10 +173,8 @@ def fit(model, optimizer, X, y, epochs=1, batch_size=None, schedule=None, clip=N
     validation_data : (X_val, y_val), optional
         Scored after every epoch (``model.loss`` and ``model.score``).
     """
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    if not isinstance(accumulate, int) or accumulate < 1:
-        raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
+    epochs = V.integer("epochs", epochs, 0)
+    accumulate = V.integer("accumulate", accumulate, 1)
     if schedule_interval not in ("epoch", "step"):
         raise ValueError(f"schedule_interval must be 'epoch' or 'step', got {schedule_interval!r}")
     if clip is not None and not clip > 0:
@@ -242,7 +241,12 @@ class LRRangeTest(dict):
     """The result of :func:`lr_range_test`: ``lrs``, ``losses`` (smoothed),
     ``raw_losses``, ``suggestion`` and ``diverged`` (keys, also attributes)."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name):
+        # AttributeError, not KeyError: hasattr(), copy and pickle probe attributes.
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"LRRangeTest has no attribute {name!r}") from None
 
     def plot(self, path):
         """Save the loss-vs-lr curve as a PNG (needs matplotlib); return the path or None."""

@@ -180,7 +180,7 @@ def _edit_meta(members, edit):
 
 
 BAD = {
-    "other optimizer": (lambda p: None, fastopt.SGD, ValueError, "holds a Adam optimizer, not a SGD"),
+    "other optimizer": (lambda p: None, fastopt.SGD, ValueError, "holds an Adam optimizer, not an SGD"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:200]), fastopt.Adam, ValueError, "truncated or corrupt"),
     "garbage": (lambda p: p.write_bytes(b"not a zip at all" * 10), fastopt.Adam, ValueError, "truncated or corrupt|not a readable"),
     "newer format": (lambda p: _rewrite(p, lambda m: _edit_meta(m, lambda meta: meta.update(format_version=99))),
