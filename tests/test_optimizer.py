@@ -755,3 +755,21 @@ def test_optimizer_pickles_and_copies():
     again = pickle.loads(pickle.dumps(opt))
     again.step(grads_like(params, np.random.default_rng(1)))  # its own lock and workspaces
     assert again.state[0]["step"] == 2 and opt.state[0]["step"] == 1
+
+
+# ------------------------------------------------------- messages for first-time mistakes
+
+def test_step_without_grads_says_what_to_pass():
+    w = np.zeros(3)
+    opt = fastopt.Adam([w])
+    with pytest.raises(TypeError, match=r"Adam.step\(\) needs the gradients: pass a list aligned"):
+        opt.step()
+    assert not opt.state and np.all(w == 0)
+
+
+def test_torch_parameters_suggest_the_torch_adapter():
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"params\[0\] must be a numpy.ndarray, got Parameter "
+                                        r"\(a torch tensor: did you mean fastopt.torch.SGD\?"):
+        fastopt.SGD(model.parameters(), lr=0.1)

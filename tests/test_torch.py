@@ -287,3 +287,14 @@ def parity_table():
 
 if __name__ == "__main__":  # python tests/test_torch.py
     print(parity_table())
+
+
+def test_a_tensor_lr_is_refused_with_the_reason():
+    model = torch.nn.Linear(2, 1)
+    opt = ft.SGD(model.parameters(), lr=torch.tensor(0.1))
+    model(torch.ones(1, 2)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"lr must be a real number, got a torch Tensor .*"
+                                        r"pass a float, e.g. lr=float\(lr\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

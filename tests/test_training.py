@@ -4,6 +4,8 @@ A small least-squares model is defined here so these tests do not depend on
 fastopt.models (tests/test_models.py covers those with fit as well).
 """
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -199,3 +201,20 @@ def test_lr_range_test_plot(tmp_path):
     result = lr_range_test(model, fastopt.SGD(model.parameters()), X, y, steps=30)
     path = result.plot(tmp_path / "range.png")
     assert path and (tmp_path / "range.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("epochs, error", [(True, TypeError), (1.0, TypeError), (-1, ValueError)])
+def test_fit_refuses_epochs_that_are_not_ints(epochs, error):
+    model = fastopt.models.LinearRegression(3, seed=0)
+    opt = fastopt.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(error, match="epochs must be"):
+        fit(model, opt, np.zeros((4, 3)), np.zeros(4), epochs=epochs, progress=False)
+
+
+def test_lr_range_test_result_is_a_dict_with_attributes():
+    from fastopt.training import LRRangeTest
+    result = LRRangeTest(lrs=[1e-3], suggestion=1e-3)
+    assert result.suggestion == 1e-3 and not hasattr(result, "missing")
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        result.missing
+    assert copy.deepcopy(result) == result
