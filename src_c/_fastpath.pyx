@@ -386,7 +386,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
     cdef char* seen1[MAX_BUFFERS]
     cdef char* bufs[MAX_BUFFERS]
     cdef bint slow = False
-    cdef Py_ssize_t step = -1, this_step
+    cdef Py_ssize_t step = -1, this_step = -1  # set before use; -1 quiets the C compiler
     cdef Py_ssize_t nnames = len(names)
     if len(params) != stop - start:
         raise ValueError("internal: params does not match start..stop")

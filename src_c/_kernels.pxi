@@ -390,14 +390,16 @@ cdef void run_range(int rule, const Slot* slots, Py_ssize_t count, Py_ssize_t lo
 cdef void run_slots(int rule, const Slot* slots, Py_ssize_t count, const StepScalars* s,
                     int max_threads) noexcept nogil:
     """The runner: all slots of a step in one pass, split evenly over threads."""
-    cdef Py_ssize_t total = 0, lo, hi, i
-    cdef int tid, nthreads
+    # Initialised although each thread sets them: Cython makes variables
+    # assigned in a parallel block firstprivate, which copies them in.
+    cdef Py_ssize_t total = 0, lo = 0, hi = 0, i
+    cdef int tid = 0, nthreads = 1
     cdef int threads = omp_get_max_threads()  # threadpoolctl's limit lands here
     for i in range(count):
         total += slots[i].size
     if max_threads < threads:
         threads = max_threads
-    cdef unsigned int saved
+    cdef unsigned int saved = 0
     if threads <= 1 or total * RULE_COST[rule] < parallel_min_work:
         saved = fastopt_fp_enter(s.flush_denormals)
         run_range(rule, slots, count, 0, total, s)
@@ -474,8 +476,8 @@ cdef void stats_blocks(const Slot* slots, Py_ssize_t count, Py_ssize_t total,
 
 cdef int grad_stats(const Slot* slots, Py_ssize_t count, int max_threads, double* sumsq,
                     bint* nonfinite) noexcept nogil:
-    cdef Py_ssize_t total = 0, nblocks, k, k0, k1, i
-    cdef int tid, nthreads
+    cdef Py_ssize_t total = 0, nblocks, k, k0 = 0, k1 = 0, i  # = 0: firstprivate, as above
+    cdef int tid = 0, nthreads = 1
     cdef int threads = omp_get_max_threads()
     cdef double* sums
     cdef double* bads
