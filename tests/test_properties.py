@@ -1490,6 +1490,14 @@ def _state_edit_action(data, lock, grads, form_g, what):
     lock.check(what + f" (state edit {how}, then a step)")
 
 
+def set_shape_in_place(a, shape):
+    """Reshape ``a`` itself, as a user's ``a.shape = ...`` does (NumPy >= 2.5 deprecates it;
+    the property is that fastopt notices, so the warning is not the point here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        a.shape = shape
+
+
 def _bad_state_action(data, lock, grads, form_g, t, what):
     """Corrupt parameter t's state; the step must refuse; undo; carry on."""
     kind = data.draw(st.sampled_from(BAD_STATE_KINDS), label="bad state")
@@ -1581,8 +1589,8 @@ def _bad_state_action(data, lock, grads, form_g, t, what):
                 in_place.append(lambda old=old: setattr(old.flags, "writeable", True))
             else:
                 shape = old.shape
-                old.shape = (1,) + shape
-                in_place.append(lambda old=old, shape=shape: setattr(old, "shape", shape))
+                set_shape_in_place(old, (1,) + shape)
+                in_place.append(lambda old=old, shape=shape: set_shape_in_place(old, shape))
         else:
             if p.size == 0:  # empty buffers overlap nothing: not an error
                 undo.pop()
