@@ -1,7 +1,7 @@
 """Pure-NumPy twins of ``fastopt.kernels``: the textbook formulas.
 
 Same signatures and the same in-place contract as the fast kernels, one
-NumPy expression per line of shared/SEMANTICS.md. Slow (every line is a pass
+NumPy expression per line of the formulas in docs/update_rules.rst. Slow (every line is a pass
 over memory and a temporary) and obviously right: the tests use them as the
 oracle and the benchmarks as the baseline. They do not validate their input.
 

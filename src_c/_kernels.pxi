@@ -10,7 +10,7 @@
 # pointers: one fused, in-place pass per update rule.
 #
 # Numerics follow torch.optim's single-tensor formulas operation by operation
-# (shared/SEMANTICS.md). A float32 array is updated in float32 arithmetic with
+# (docs/update_rules.rst). A float32 array is updated in float32 arithmetic with
 # the per-step scalars rounded to float32 once, as torch does. The modules are
 # compiled with -ffp-contract=off: no FMA changes a rounding, so every ISA
 # level and every thread count gives bit-identical results (the update of an
@@ -77,7 +77,7 @@ ctypedef fused floating:
 # Relative time of one element per rule on one thread (SGD = 1; the divisions
 # and square roots make the others slower), and the work below which a step
 # stays on the calling thread: waking a thread pool costs a few microseconds,
-# more than a small update (shared/ANCHORS.md). Measured with
+# more than a small update. Measured with
 # bench/thread_threshold.py on 2 cores: two threads win from about 6k elements
 # for Adam, 16k for SGD with momentum and 32k for plain SGD.
 cdef Py_ssize_t RULE_COST[7]

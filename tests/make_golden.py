@@ -2,7 +2,7 @@
 
 Why this exists
 ---------------
-fastopt promises torch.optim's update rules and defaults (shared/SEMANTICS.md),
+fastopt promises torch.optim's update rules and defaults (docs/update_rules.rst),
 but torch is an optional dependency. This script runs torch.optim once, on
 fixed inputs, and stores what it did in ``tests/data/golden.npz``, so that
 ``tests/test_torch_parity.py`` can check fastopt against torch on every

@@ -19,7 +19,7 @@ CASES = [
     ("AdamW", dict(lr=0.01)),
     ("AdamW", dict(lr=0.01, amsgrad=True, weight_decay=0.5)),
 ]
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # of the total change (SEMANTICS.md)
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # of the total change (docs/numerics.rst)
 
 
 def case_id(case):

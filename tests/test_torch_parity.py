@@ -10,7 +10,7 @@
   the recording.
 * A sync test: the golden file describes the case table of ``make_golden.py``.
 
-Tolerances (shared/SEMANTICS.md): fastopt and torch apply the same formulas
+Tolerances (docs/numerics.rst): fastopt and torch apply the same formulas
 but not always the same roundings (torch's vectorized CPU kernels fuse some
 multiply-adds, e.g. in ``lerp``), so bit-identity is not required. Deviation
 is measured relative to how far the parameter moved:
@@ -179,7 +179,7 @@ def test_float32_not_less_accurate_than_reference(golden, case_id):
     # Inputs are float32-exact, so torch's float64 run of the same case is the
     # float32 runs' exact answer to ~1e-14. Compare the float32 errors of the
     # fused kernel and of the NumPy reference (which computes every line of
-    # SEMANTICS.md in float32, as torch does).
+    # docs/update_rules.rst in float32, as torch does).
     #
     # Slack: a factor 2 plus two float32 ulps of the parameter. The errors are
     # small multiples of an ulp of |p| (about 1 to 10 ulps on these cases), and
