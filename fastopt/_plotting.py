@@ -1,4 +1,7 @@
 """matplotlib, when installed, for the PNGs the CLI and the LR range test save."""
+import os
+
+INSTALL_HINT = 'pip install "fastopt[plot]"'
 
 
 def pyplot():
@@ -12,10 +15,31 @@ def pyplot():
     return plt
 
 
-def save(fig, path, dpi=110):
-    """Write ``fig`` to ``path`` and free it; return the path."""
+def save(fig, path, dpi=110, rect=None):
+    """Write ``fig`` to ``path`` and free it; return the path.
+
+    ``rect`` (left, bottom, right, top in figure fractions) keeps the panels
+    out of a figure-level legend or title above them.
+    """
     plt = pyplot()
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def missing_line(path=None):
+    """The one line the command line prints when matplotlib is missing.
+
+    Parameters
+    ----------
+    path : str, optional
+        The figure that was not written; named (absolute) so that a user who
+        asked for it with ``--plot`` sees which file will not appear.
+
+    Returns
+    -------
+    str
+    """
+    where = f" ({os.path.abspath(path)} not written)" if path else ""
+    return f"no plot{where}: matplotlib is not installed ({INSTALL_HINT})"
