@@ -6,10 +6,12 @@ RMSProp and Adam, and times the optimizer against fastopt's NumPy reference
 (which must follow the very same trajectory). Part 2 shows momentum carrying
 a point over a local minimum where plain gradient descent stays stuck. Part 3
 shows a learning rate too small, one too large, and the one the learning-rate
-range test suggests.
+range test suggests, each trained for as many epochs as part 1's runs, next
+to part 1's hand-picked learning rate for the same optimizer.
 """
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -124,7 +126,25 @@ def roll_ball(momentum, lr=0.01, start=2.0, steps=300):
 
 # ---------------------------------------------------------------- part 3
 
+HAND_PICKED_LR = dict((label, options) for label, _, _, options in OPTIMIZERS)[
+    "momentum 0.9 (32)"]["lr"]  # part 1's SGD with momentum 0.9, batch 32: part 3's optimizer
+
+
 def learning_rates(data, epochs):
+    """lr_range_test's suggestion against smaller, larger and hand-picked learning rates.
+
+    Every run trains the same MLP with SGD (momentum 0.9, batch 32) for
+    ``epochs`` epochs, the budget part 1 gives each optimizer, so that the
+    rows compare learning rates and nothing else.
+
+    Returns
+    -------
+    found : dict
+        lr_range_test's result.
+    rows : list of dict
+        One per learning rate: its label, value, first and final epoch loss
+        and test accuracy.
+    """
     X_train, X_test, y_train, y_test, _ = data
     model = MLP([X_train.shape[1], 32, 10], activation="tanh", dtype=np.float32, seed=0)
     probe = fastopt.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -134,6 +154,7 @@ def learning_rates(data, epochs):
     rows = []
     for label, lr in (("too small (suggestion / 1000)", good / 1000),
                       ("suggested by lr_range_test", good),
+                      ("hand-picked (part 1's momentum run)", HAND_PICKED_LR),
                       ("too large (the range test's last lr)", found["lrs"][-1])):
         model = MLP([X_train.shape[1], 32, 10], activation="tanh", dtype=np.float32, seed=0)
         opt = fastopt.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -188,8 +209,11 @@ def plot(curves, path_ball, path_gd, found, path):
 
 def run(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastopt demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per run in part 1 (default 15)")
-    parser.add_argument("--plot", default="fastopt-demo.png", help="where to save the figure")
+    parser.add_argument("--epochs", type=int, default=15,
+                        help="epochs per training run in parts 1 and 3 (default 15)")
+    parser.add_argument("--plot", metavar="PATH", default="fastopt-demo.png",
+                        help="where to save the figure when matplotlib is installed (default: "
+                             "./%(default)s in the current folder; its absolute path is printed)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     data = load_data()
@@ -207,14 +231,16 @@ def run(argv=None):
     print(f"   gradient descent  ends at x = {gd[-1]:+.3f}, f = {bumpy(gd[-1]):.3f} (stuck in the local minimum)")
     print(f"   momentum 0.9      ends at x = {ball[-1]:+.3f}, f = {bumpy(ball[-1]):.3f} (rolled over the bump)")
 
-    found, lr_rows = learning_rates(data, max(3, args.epochs // 3))
+    found, lr_rows = learning_rates(data, args.epochs)
     edge = (f"it diverged at {found['lrs'][-1]:.3g}" if found["diverged"]
             else f"no divergence up to {found['lrs'][-1]:.3g}")
-    print(f"\n3. Learning rates (SGD, momentum 0.9, batch 32); lr_range_test suggests "
-          f"{found['suggestion']:.3g} ({edge}):")
+    print(f"\n3. Learning rates (SGD, momentum 0.9, batch 32, {args.epochs} epochs each, as in "
+          f"part 1); lr_range_test suggests {found['suggestion']:.3g} ({edge}):")
     print(table(lr_rows))
-    png = plot(curves, ball, gd, found, args.plot)
-    if png:
-        print(f"\nsaved {png}")
+    path = os.path.abspath(args.plot)
+    if _plotting.pyplot() is None:
+        print("\n" + _plotting.missing_line(path))
+    elif plot(curves, ball, gd, found, path):
+        print(f"\nsaved {path}")
     print(f"demo took {time.perf_counter() - started:.1f} s")
     return 0
