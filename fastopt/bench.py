@@ -1,21 +1,37 @@
 """python -m fastopt bench: fastopt's step against NumPy and torch.optim, side by side.
 
 Every implementation runs the same steps on copies of the same data in one
-process, interleaved step by step, so a noisy machine slows all of them
+process, in rotating blocks of steps, so a noisy machine slows all of them
 alike; medians are reported. Before a figure is printed, each
 implementation's result is checked against fastopt's NumPy reference: a
 benchmark that does not check its kernel is not a benchmark.
 
-The machine's memory bandwidth is measured in the same run with a probe that
-moves Adam's traffic (7 streams) at fastopt's thread count; "% of bound" is
-the time the rule's bytes need at that bandwidth divided by the step's time.
+% of bound. A memory-bandwidth bound holds only for a step whose working set
+(parameters, gradients and optimizer state) cannot stay in the caches, so
+"% bound" is shown only where that working set is at least CACHE_FACTOR
+times the last-level cache (see last_level_cache). The bandwidth is the best
+pass of a probe that moves Adam's traffic (7 streams) at fastopt's thread
+count over a working set of exactly that threshold - so the probe gets at
+least as much help from the cache as any case it is compared with. It runs
+at the start, before and after every such case and at the end, and every
+row is computed from the best pass of the whole run: a probe slowed by other
+load cannot inflate the figure. The probe checks its own result.
+
+Unstable measurements. A printed time is marked "~" when its blocks spread
+(interquartile range over median) by more than SPREAD_LIMIT, and fastopt's
+time also when its ns/element is more than NEIGHBOUR_FACTOR times off that
+of every neighbouring size of the same rule and dtype. Such cases are
+re-measured once, after the rest of the plan; the notes under the table say
+which were re-measured and which are still unstable.
 """
 import argparse
+import glob
 import json
 import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -23,17 +39,83 @@ import numpy as np
 import fastopt
 from fastopt import _dispatch, _fastpath, _plotting
 
-RULES = {  # name -> (optimizer class name, options, streams of memory per element)
-    "adam": ("Adam", {}, 7),
-    "adamw": ("AdamW", {}, 7),
-    "sgd": ("SGD", {"lr": 0.01}, 3),
-    "sgd-momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}, 5),
-    "adagrad": ("Adagrad", {}, 5),
-    "rmsprop": ("RMSprop", {}, 5),
+RULES = {  # name -> (optimizer class, options, memory streams per element, arrays)
+    # Streams: every array read once, every updated array written once (Adam:
+    # read p, g, m, v; write p, m, v). Arrays: the distinct arrays a step
+    # touches, which is what has to fit in a cache.
+    "adam": ("Adam", {}, 7, 4),
+    "adamw": ("AdamW", {}, 7, 4),
+    "sgd": ("SGD", {"lr": 0.01}, 3, 2),
+    "sgd-momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}, 5, 3),
+    "adagrad": ("Adagrad", {}, 5, 3),
+    "rmsprop": ("RMSprop", {}, 5, 3),
 }
 
 MANY_SMALL = "200 x 16..4096"
 MANY_LARGE = "200 x 64..262144"
+
+# A working set counts as past the cache at CACHE_FACTOR x the last-level
+# cache, not 1x: caches do not evict in strict LRU order (Intel's adaptive
+# insertion, for one, keeps part of a cyclic working set somewhat larger than
+# the cache), and the cache also holds other data.
+CACHE_FACTOR = 2
+# When the cache size cannot be read: larger than the last-level cache of
+# most machines, so that an unknown machine errs towards "-" rather than
+# towards a DRAM bound applied to a cache-resident case.
+FALLBACK_LLC = 256 << 20
+# Block-time spread (interquartile range / median) beyond which a time is
+# unstable. On a quiet 2-core VM the spread stays below 0.15 for nearly every
+# implementation and size, and reaches 0.4 at worst (fastopt at 1e4, where
+# two threads share 5 us steps); machine noise that moves a median (another
+# process taking a core for whole scheduler slices) spreads the blocks by far
+# more than half their median.
+SPREAD_LIMIT = 0.5
+# fastopt's ns/element at neighbouring sizes of one rule and dtype differ by
+# at most 7x in a quiet run (1e3, where a call's fixed cost dominates, against
+# 1e5); 10x off every neighbour is a disturbed measurement, not a cache level.
+NEIGHBOUR_FACTOR = 10
+PROBE_PASSES = 3
+# Sizes tried, smallest first, for the one Adam float32 case that is past the
+# cache, added to the default plan when none of its cases is.
+DRAM_SIZES = ("1e7", "2e7", "3.2e7", "6.4e7", "1.28e8", "2.56e8", "5.12e8")
+# Rough peak memory of a case, in bytes per element per byte of the dtype:
+# the starting copy, two gradient sets, and parameters plus state for each of
+# up to five implementations, plus NumPy's temporaries.
+MEMORY_PER_ELEMENT = 24
+
+DEFAULT_JSON = "fastopt-bench.json"
+DEFAULT_PLOT = "fastopt-bench.png"
+
+# Every column the table can print and every mark in it, explained once: the
+# legend under the table and bench --help both print this.
+COLUMNS = [
+    ("rule", "the update rule: adam, adamw, sgd (lr 0.01), sgd-momentum (lr 0.01, momentum "
+             "0.9), adagrad, rmsprop; each optimizer's other options at their defaults"),
+    ("dtype", "f32 = float32, f64 = float64 parameters, gradients and state"),
+    ("case", "elements of the one parameter array (1e5), or '200 x 16..4096': 200 arrays of "
+             "log-uniform sizes in that range (seed 0), stepped by one optimizer"),
+    ("fastopt", "median time of one fastopt step (backend='cython') on the case's arrays"),
+    ("flat", "many-array cases: the same arrays packed into one fastopt.FlatParams buffer, "
+             "stepped as one array"),
+    ("ns/elem", "fastopt's time per element (time / elements of all arrays); comparable "
+                "across sizes, cache-resident ones included"),
+    ("GB/s", "bytes the rule must move per step (streams x itemsize x elements; Adam: 7 "
+             "streams) / fastopt's time, wherever those bytes are served from"),
+    ("% bound", "time those bytes need at the measured memory bandwidth / fastopt's time "
+                "(100% = as fast as memory allows); '-' where the working set may fit in the "
+                "cache (see the notes)"),
+    ("numpy", "median time of the same step with fastopt's NumPy reference "
+              "(backend='numpy'), which every implementation is checked against"),
+    ("torch best", "the faster of torch.optim's fused kernel (RMSprop: its for-loop) at 1 "
+                   "and 2 threads, on tensors sharing the arrays' memory"),
+    ("x numpy", "numpy / fastopt: how many times faster fastopt's step is (below 1: slower)"),
+    ("x torch", "torch best / fastopt"),
+]
+MARKS = [
+    ("~", "after a time: that implementation's measurement was unstable (see the notes)"),
+    ("-", "not measured (torch not installed or not used) or not meaningful (% bound of a "
+          "cache-resident case)"),
+]
 
 
 def model_sizes(label):
@@ -48,8 +130,53 @@ def model_sizes(label):
     return [int(x) for x in np.exp(rng.uniform(np.log(lo), np.log(hi), 200)).round()]
 
 
-def plan(quick, full):
-    """The (rule, dtype, size label) cases of a run."""
+def working_set_bytes(rule, dtype, n):
+    """Distinct bytes one step of ``rule`` touches over ``n`` elements of ``dtype``."""
+    return RULES[rule][3] * np.dtype(dtype).itemsize * n
+
+
+def dram_case(dram_bytes, available_bytes=None):
+    """The smallest Adam float32 case whose working set reaches ``dram_bytes``.
+
+    Parameters
+    ----------
+    dram_bytes : int
+        Working-set size from which a case counts as past the cache.
+    available_bytes : int, optional
+        Memory the machine has free; a case (and the probe) must need at most
+        half of it.
+
+    Returns
+    -------
+    tuple or None
+        ``("adam", "float32", label)``, or None when no size in DRAM_SIZES is
+        large enough or fits in memory.
+    """
+    for label in DRAM_SIZES:
+        n = int(float(label))
+        if working_set_bytes("adam", "float32", n) < dram_bytes:
+            continue
+        need = MEMORY_PER_ELEMENT * 4 * n + dram_bytes
+        if available_bytes is not None and need > available_bytes / 2:
+            return None
+        return ("adam", "float32", label)
+    return None
+
+
+def plan(quick, full, dram_bytes=None, available_bytes=None):
+    """The (rule, dtype, size label) cases of a run.
+
+    Parameters
+    ----------
+    quick, full : bool
+        The --quick (a few cases) and --full (two more large ones) plans.
+    dram_bytes : int, optional
+        Working-set size from which a case counts as past the cache. Given,
+        the default and full plans gain one Adam float32 case past it when
+        none of their cases is, so that "% bound" is shown at least once.
+    available_bytes : int, optional
+        Free memory, which that extra case must fit in (see dram_case).
+    """
     if quick:
         return ([("adam", "float32", n) for n in ("1e3", "1e5", "1e7")]
                 + [("adam", "float32", MANY_SMALL), ("sgd", "float32", "1e5")])
@@ -61,25 +188,199 @@ def plan(quick, full):
     cases += [("sgd", "float64", "1e7")]
     if full:
         cases += [("adam", "float32", "6.4e7"), ("adam", "float64", MANY_LARGE)]
+    if dram_bytes is not None and not any(
+            working_set_bytes(rule, dtype, sum(model_sizes(label))) >= dram_bytes
+            for rule, dtype, label in cases):
+        extra = dram_case(dram_bytes, available_bytes)
+        if extra is not None:
+            cases.append(extra)
     return cases
+
+
+# ------------------------------------------------------------- the machine
+
+def _parse_size(text):
+    """'491520K' (sysfs) -> bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def last_level_cache(root="/sys/devices/system/cpu", cpus=None):
+    """Bytes of the last-level cache this process's CPUs share, and where that came from.
+
+    Linux: the highest-level data or unified cache of every CPU this process
+    may run on (``root``/cpuN/cache/index*/), summed over distinct instances,
+    since threads on two sockets have two caches between them. Elsewhere:
+    ``os.sysconf("SC_LEVEL3_CACHE_SIZE")`` (or level 2) where the C library
+    reports it. Failing both: FALLBACK_LLC.
+
+    On a virtual machine this is the host's cache, shared with other guests;
+    the figure is the most cache a step could possibly use, which is the
+    right side to err on before calling a case DRAM-bound.
+
+    Parameters
+    ----------
+    root : str
+        Where the CPUs' sysfs entries are.
+    cpus : iterable of int, optional
+        The CPUs to look at (default: those this process may run on).
+
+    Returns
+    -------
+    (int, str)
+        Bytes, and a short description of the source.
+    """
+    if cpus is None:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = range(os.cpu_count() or 1)
+    instances = {}  # (level, CPUs sharing it) -> bytes
+    for cpu in cpus:
+        best = None
+        for index in glob.glob(os.path.join(root, f"cpu{cpu}", "cache", "index*")):
+            try:
+                with open(os.path.join(index, "type")) as f:
+                    kind = f.read().strip()
+                with open(os.path.join(index, "level")) as f:
+                    level = int(f.read())
+                with open(os.path.join(index, "size")) as f:
+                    size = _parse_size(f.read())
+                with open(os.path.join(index, "shared_cpu_list")) as f:
+                    shared = f.read().strip()
+            except (OSError, ValueError):
+                continue
+            if kind != "Instruction" and (best is None or level > best[0]):
+                best = (level, shared, size)
+        if best is not None:
+            instances[best[:2]] = best[2]
+    if instances:
+        level = max(lvl for lvl, _ in instances)
+        total = sum(size for (lvl, _), size in instances.items() if lvl == level)
+        count = sum(1 for lvl, _ in instances if lvl == level)
+        return total, f"L{level}" + (f", {count} instances" if count > 1 else "") + f", {root}"
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        if name in os.sysconf_names:
+            try:
+                value = os.sysconf(name)
+            except (OSError, ValueError):
+                continue
+            if value > 0:
+                return value, f"os.sysconf {name}"
+    return FALLBACK_LLC, "size unknown: assumed"
+
+
+def available_memory():
+    """Bytes of memory available to new allocations, or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def header(with_torch):
+    """The run's first line: fastopt, SIMD level, threads, numpy and torch versions, machine.
+
+    Parameters
+    ----------
+    with_torch : bool
+        Whether torch takes part (its version is printed, else "not used").
+
+    Returns
+    -------
+    str
+    """
+    config = _dispatch.config()
+    if with_torch:
+        import torch
+        torch_part = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    else:
+        torch_part = "torch: not used"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    name = _cpu_name()
+    return (f"fastopt {fastopt.__version__} | SIMD {config['simd_level']} | threads "
+            f"{config['num_threads']} (OpenMP {'on' if config['openmp'] else 'off'}) | "
+            f"numpy {np.__version__} | {torch_part} | {machine}" + (f" ({name})" if name else ""))
+
+
+def _fmt_bytes(n):
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 # ------------------------------------------------------------------ bandwidth
 
-def measure_bandwidth(elements=1 << 25, repeats=5):
-    """GB/s of the 7-stream probe over float32 arrays, at fastopt's thread count."""
-    a, b, c, d = (np.ones(elements, np.float32) for _ in range(4))
-    ws = _fastpath.Workspace()
-    ws.fill([a], [b], ([c], [d], None))
-    _fastpath.stream(ws)  # first touch
-    times = []
-    for _ in range(repeats):
+class BandwidthProbe:
+    """The 7-stream memory probe over a fixed working set, run as often as asked.
+
+    Four float32 arrays of ``working_set_bytes`` in all; a pass reads a, b, c,
+    d and writes a, c, d (Adam's traffic) at fastopt's thread count. The
+    arrays stay allocated for the whole run so that every later probe costs
+    only its passes. Every timed pass is kept; ``best`` is the fastest, since
+    other load can only slow a pass down.
+
+    Parameters
+    ----------
+    working_set_bytes : int
+        Bytes of the four arrays together.
+    """
+
+    def __init__(self, working_set_bytes):
+        n = max(1024, int(working_set_bytes) // 16)
+        self.a, self.c, self.d = (np.zeros(n, np.float32) for _ in range(3))
+        self.b = np.ones(n, np.float32)
+        self.working_set_bytes = 16 * n
+        self._ws = _fastpath.Workspace()
+        self._ws.fill([self.a], [self.b], ([self.c], [self.d], None))
+        self.passes = 0
+        self.samples = []  # GB/s of every timed pass
+        self._pass()  # first touch of a, c and d: page faults, not bandwidth
+
+    def _pass(self):
         t0 = time.perf_counter()
-        _fastpath.stream(ws)
-        times.append(time.perf_counter() - t0)
-    if not (a[0] == b[0] * (repeats + 2) and d[-1] == c[-1]):
-        raise AssertionError("bandwidth probe computed a wrong result")
-    return 7 * 4 * elements / statistics.median(times) / 1e9
+        _fastpath.stream(self._ws)
+        elapsed = time.perf_counter() - t0
+        self.passes += 1
+        return elapsed
+
+    def measure(self, passes=PROBE_PASSES):
+        """Run ``passes`` timed passes, check the arrays, return this call's best GB/s."""
+        found = [7 * self.a.nbytes / self._pass() / 1e9 for _ in range(passes)]
+        self.check()
+        self.samples += found
+        return max(found)
+
+    def check(self):
+        """Raise AssertionError unless every element saw every pass (b = 1 is added each time)."""
+        k = np.float32(self.passes)  # exact: fewer than 2**24 passes
+        if not (np.all(self.a == k) and np.all(self.c == k) and np.all(self.d == k)):
+            raise AssertionError("bandwidth probe computed a wrong result")
+
+    @property
+    def best(self):
+        """The fastest pass so far in GB/s, or None before any."""
+        return max(self.samples) if self.samples else None
 
 
 # ------------------------------------------------------------ implementations
@@ -130,17 +431,19 @@ def _torch_impl(cls_name, options, arrays, threads):
 
 
 def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
-    """Time one case; return a dict of medians and derived figures."""
-    cls_name, options, streams = RULES[rule]
+    """Time one case; return a dict of block times, medians and the checks' deviations."""
+    cls_name, options, streams, _ = RULES[rule]
     cls = getattr(fastopt, cls_name)
     dtype = np.dtype(dtype)
     sizes = model_sizes(label)
     n = sum(sizes)
     rng = np.random.default_rng(1)
-    p0 = [rng.standard_normal(s).astype(dtype) for s in sizes]
+    # Drawn in the dtype itself: no float64 copy of a large case to convert.
+    p0 = [rng.standard_normal(s, dtype=dtype) for s in sizes]
     # Two gradient sets, alternated; the offset makes parameters drift, so
     # deviations are measured against a growing total change.
-    grad_sets = [[(rng.standard_normal(s) + 0.5).astype(dtype) for s in sizes] for _ in range(2)]
+    grad_sets = [[rng.standard_normal(s, dtype=dtype) + dtype.type(0.5) for s in sizes]
+                 for _ in range(2)]
 
     impls, arrays = {}, {}
 
@@ -192,10 +495,24 @@ def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
     step_count = 2 + rounds * k
 
     result = {"rule": rule, "dtype": str(dtype), "case": label, "n": n, "arrays": len(sizes),
-              "steps": step_count, "bytes_per_step": streams * dtype.itemsize * n}
+              "steps": step_count, "block_steps": k,
+              "bytes_per_step": streams * dtype.itemsize * n,
+              "working_set_bytes": working_set_bytes(rule, dtype, n)}
     result.update(check(arrays, impls, p0))
     result["median_s"] = {name: statistics.median(ts) for name, ts in times.items()}
+    result["block_s"] = times
     return result
+
+
+def _max_abs_diff(a, b, chunk=1 << 20):
+    """max |a - b| in float64, a chunk at a time (no float64 copy of a large case)."""
+    worst = 0.0
+    for i in range(0, a.size, chunk):
+        d = float(np.max(np.abs(a[i:i + chunk].astype(np.float64) - b[i:i + chunk])))
+        if d != d:
+            return d  # NaN: no tolerance accepts it (max() would drop it)
+        worst = max(worst, d)
+    return worst
 
 
 def check(arrays, impls, p0):
@@ -205,7 +522,7 @@ def check(arrays, impls, p0):
         return np.concatenate([np.ravel(a) for a in getattr(impl, "params", arrays[name])])
     ref = flat_of("numpy")
     start = np.concatenate([np.ravel(p) for p in p0])
-    scale = float(np.max(np.abs(ref.astype(np.float64) - start))) or 1.0
+    scale = _max_abs_diff(ref, start) or 1.0
     # Other implementations round differently (torch's fused kernels reorder
     # operations): allow 1e-4 of the total change plus a few units in the last
     # place of the largest parameter, which dominate after only a few steps.
@@ -213,10 +530,12 @@ def check(arrays, impls, p0):
     out = {"max_rel_dev": {}}
     for name in impls:
         got = flat_of(name)
-        err = float(np.max(np.abs(got.astype(np.float64) - ref))) if got.size else 0.0
-        out["max_rel_dev"][name] = err / scale
         exact = not name.startswith("torch")
-        if exact and not np.array_equal(got, ref, equal_nan=True):
+        # equal_nan costs two isnan passes: only when plain equality fails.
+        same = np.array_equal(got, ref) or np.array_equal(got, ref, equal_nan=True)
+        err = 0.0 if same or not got.size else _max_abs_diff(got, ref)
+        out["max_rel_dev"][name] = err / scale
+        if exact and not same:
             raise AssertionError(f"{name} disagrees with the NumPy reference "
                                  f"(rel. dev {err / scale:.3g})")
         if not exact and not err <= 1e-4 * scale + ulps:
@@ -224,23 +543,127 @@ def check(arrays, impls, p0):
     return out
 
 
+# -------------------------------------------------------------- instability
+
+def block_spread(times):
+    """Interquartile range of block times over their median (0 for fewer than 2 blocks)."""
+    if len(times) < 2:
+        return 0.0
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    return float((q3 - q1) / med) if med > 0 else 0.0
+
+
+def _best_torch(medians):
+    torch = {k: v for k, v in medians.items() if k.startswith("torch")}
+    return min(torch, key=torch.get) if torch else None
+
+
+def find_unstable(results):
+    """Which printed times of each result are unreliable, and why.
+
+    A printed time (fastopt, flat, numpy, the best torch) is unstable when
+    its blocks spread by more than SPREAD_LIMIT (block_spread). fastopt's
+    time is also unstable when its ns/element is more than NEIGHBOUR_FACTOR
+    times above, or below, that of every neighbouring size of the same rule
+    and dtype (one-array cases). Only fastopt is held to its neighbours: the
+    NumPy reference's fixed cost per step is large enough that its
+    ns/element legitimately falls by more than 10x between 1e3 and 1e5.
+
+    Returns
+    -------
+    list of dict
+        One per result: ``{"impls": [names], "reasons": [text]}``, both
+        empty for a stable case.
+    """
+    flags = [{"impls": [], "reasons": []} for _ in results]
+    for r, flag in zip(results, flags):
+        shown = ["fastopt", "fastopt flat", "numpy", _best_torch(r["median_s"])]
+        for name in shown:
+            if name in r.get("block_s", {}):
+                spread = block_spread(r["block_s"][name])
+                if spread > SPREAD_LIMIT:
+                    flag["impls"].append(name)
+                    flag["reasons"].append(f"{name} blocks spread {spread:.0%}")
+    groups = {}
+    for i, r in enumerate(results):
+        if r["arrays"] == 1:
+            groups.setdefault((r["rule"], r["dtype"]), []).append(i)
+    for members in groups.values():
+        members.sort(key=lambda i: results[i]["n"])
+        per_elem = [results[i]["median_s"]["fastopt"] / results[i]["n"] for i in members]
+
+        def off(pos, others):
+            """The worst ratio to ``others`` if pos is NEIGHBOUR_FACTOR off all of them."""
+            ratios = [per_elem[pos] / per_elem[j] for j in others if per_elem[j] > 0]
+            if ratios and (all(x > NEIGHBOUR_FACTOR for x in ratios)
+                           or all(x < 1 / NEIGHBOUR_FACTOR for x in ratios)):
+                return max(ratios, key=lambda x: max(x, 1 / x))
+            return None
+
+        def neighbours(pos):
+            return [j for j in (pos - 1, pos + 1) if 0 <= j < len(members)]
+
+        # First the sizes with a neighbour on both sides; then the others,
+        # held only to neighbours not already found off: one bad reading
+        # between two good ones must not also condemn the ends next to it.
+        outliers = {}
+        for pos in range(len(members)):
+            if len(neighbours(pos)) == 2 and off(pos, neighbours(pos)) is not None:
+                outliers[pos] = off(pos, neighbours(pos))
+        ends = {}
+        for pos in range(len(members)):
+            if pos not in outliers:
+                worst = off(pos, [j for j in neighbours(pos) if j not in outliers])
+                if worst is not None:
+                    ends[pos] = worst
+        outliers.update(ends)
+        for pos, worst in sorted(outliers.items()):
+            flag = flags[members[pos]]
+            if "fastopt" not in flag["impls"]:
+                flag["impls"].append("fastopt")
+            flag["reasons"].append(f"ns/elem {_fmt_ratio(max(worst, 1 / worst))} "
+                                   f"{'above' if worst > 1 else 'below'} its neighbours'")
+    return flags
+
+
 # ----------------------------------------------------------------- reporting
 
-def summarize(result, bandwidth_gbs):
-    """Derived figures: ns/element, GB/s, % of bound, speedups."""
+def summarize(result, bandwidth_gbs, dram_bytes=None):
+    """Derived figures of one result: ns/element, GB/s, % of bound, speedups.
+
+    Parameters
+    ----------
+    result : dict
+        From run_case.
+    bandwidth_gbs : float or None
+        The best bandwidth of the run (None: not measured).
+    dram_bytes : int, optional
+        Working-set size from which a case counts as past the cache;
+        ``percent_of_bound`` is None for smaller working sets (and without a
+        bandwidth).
+
+    Returns
+    -------
+    dict
+    """
     med = result["median_s"]
     fast = med["fastopt"]
     n = result["n"]
-    torch = {k: v for k, v in med.items() if k.startswith("torch")}
-    best_torch = min(torch.values()) if torch else None
-    bound = result["bytes_per_step"] / (bandwidth_gbs * 1e9)
+    best = _best_torch(med)
+    best_torch = med[best] if best else None
+    past_cache = dram_bytes is not None and result["working_set_bytes"] >= dram_bytes
+    percent = None
+    if past_cache and bandwidth_gbs:
+        percent = 100 * result["bytes_per_step"] / (bandwidth_gbs * 1e9) / fast
     row = {
         "fastopt_s": fast,
         "ns_per_element": fast / n * 1e9,
         "gb_per_s": result["bytes_per_step"] / fast / 1e9,
-        "percent_of_bound": 100 * bound / fast,
+        "past_cache": past_cache,
+        "percent_of_bound": percent,
         "numpy_s": med["numpy"],
         "speedup_vs_numpy": med["numpy"] / fast,
+        "torch_best": best,
         "torch_best_s": best_torch,
         "speedup_vs_torch": best_torch / fast if best_torch else None,
     }
@@ -254,25 +677,56 @@ def _fmt_time(seconds):
         return "-"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.2f} us"
-    return f"{seconds * 1e3:.2f} ms"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _fmt_ratio(x):
+    """A speedup with two significant digits at least: never '0.0x'."""
+    if x is None:
+        return "-"
+    if x >= 100:
+        return f"{x:.0f}x"
+    if x >= 10:
+        return f"{x:.1f}x"
+    if x >= 1:
+        return f"{x:.2f}x"
+    return f"{x:.2g}x"
+
+
+def case_name(result):
+    """'adam f32 1e5': how the notes name a case."""
+    return f"{result['rule']} {result['dtype'].replace('float', 'f')} {result['case']}"
+
+
+def table_columns(with_flat):
+    """The table's column names, in order."""
+    names = [name for name, _ in COLUMNS]
+    return names if with_flat else [name for name in names if name != "flat"]
 
 
 def format_table(results, with_flat):
-    header = ["rule", "dtype", "case", "fastopt", "ns/elem", "GB/s", "% bound", "numpy",
-              "torch best", "x numpy", "x torch"]
-    if with_flat:
-        header.insert(4, "flat")
+    """The results as an aligned text table (each result needs its ``summary``)."""
+    header = table_columns(with_flat)
     rows = []
     for r in results:
         s = r["summary"]
-        row = [r["rule"], r["dtype"].replace("float", "f"), r["case"], _fmt_time(s["fastopt_s"]),
-               f"{s['ns_per_element']:.3f}", f"{s['gb_per_s']:.1f}", f"{s['percent_of_bound']:.0f}%",
-               _fmt_time(s["numpy_s"]), _fmt_time(s["torch_best_s"]),
-               f"{s['speedup_vs_numpy']:.1f}x",
-               f"{s['speedup_vs_torch']:.1f}x" if s["speedup_vs_torch"] else "-"]
-        if with_flat:
-            row.insert(4, _fmt_time(s.get("flat_s")))
-        rows.append(row)
+        marked = set(r.get("unstable", {}).get("impls", []))
+
+        def t(seconds, name):
+            return _fmt_time(seconds) + ("~" if name in marked else "")
+        percent = s["percent_of_bound"]
+        cells = {
+            "rule": r["rule"], "dtype": r["dtype"].replace("float", "f"), "case": r["case"],
+            "fastopt": t(s["fastopt_s"], "fastopt"), "flat": t(s.get("flat_s"), "fastopt flat"),
+            "ns/elem": f"{s['ns_per_element']:.3f}", "GB/s": f"{s['gb_per_s']:.1f}",
+            "% bound": "-" if percent is None else f"{percent:.0f}%",
+            "numpy": t(s["numpy_s"], "numpy"), "torch best": t(s["torch_best_s"], s["torch_best"]),
+            "x numpy": _fmt_ratio(s["speedup_vs_numpy"]),
+            "x torch": _fmt_ratio(s["speedup_vs_torch"]),
+        }
+        rows.append([cells[h] for h in header])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths)),
              "-+-".join("-" * w for w in widths)]
@@ -280,56 +734,248 @@ def format_table(results, with_flat):
     return "\n".join(lines)
 
 
+def legend(columns=None, width=100):
+    """What every column (default: all) and every mark of the table means, one entry a line.
+
+    Parameters
+    ----------
+    columns : list of str, optional
+        The columns to explain, in order (default: every column of COLUMNS).
+    width : int
+        Lines are wrapped to this width.
+
+    Returns
+    -------
+    str
+    """
+    meaning = dict(COLUMNS)
+    entries = [(name, meaning[name]) for name in (columns or list(meaning))] + MARKS
+    pad = max(len(name) for name, _ in entries)
+    lines = []
+    for name, text in entries:
+        lines += textwrap.wrap(text, width, initial_indent=f"  {name:<{pad}}  ",
+                               subsequent_indent=" " * (pad + 4), break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def notes(results, llc, llc_source, dram_bytes, probe):
+    """The notes under the table: how times were taken, % bound and instability."""
+    threads = _dispatch.config()["num_threads"]
+    out = ["Times: medians of rotating blocks of steps; every implementation checked against the "
+           "NumPy reference (fastopt: bit for bit; torch: within 1e-4 of the total change)."]
+    rule = (f"% bound is shown only where the working set of a step (parameters, gradients "
+            f"and state: arrays x itemsize x elements) is at least {CACHE_FACTOR}x the "
+            f"last-level cache ({_fmt_bytes(llc)}, {llc_source}), i.e. at least "
+            f"{_fmt_bytes(dram_bytes)}: only there must every step stream its bytes from "
+            f"memory. Smaller working sets may be served partly from the cache, where no "
+            f"memory bound applies (it would read over 100%); for them read ns/elem.")
+    if probe is not None and probe.samples:
+        rule += (f" Bandwidth: {probe.best:.1f} GB/s, the best of {len(probe.samples)} passes "
+                 f"(slowest {min(probe.samples):.1f} GB/s) of a 7-stream probe over "
+                 f"{_fmt_bytes(probe.working_set_bytes)} at {threads} threads, run at the "
+                 f"start, before and after every such case and at the end; the probe checks "
+                 f"its result.")
+    else:
+        rule += " No case reaches that size, so the bandwidth was not measured."
+    out.append(rule)
+    over = [r for r in results if (r["summary"]["percent_of_bound"] or 0) > 100]
+    if over:
+        out.append("% bound over 100% (" + ", ".join(case_name(r) for r in over) + "): every "
+                   "probe pass was slower than that step, so the probe was disturbed; read it "
+                   "as 'at the bound'.")
+    remeasured = [r for r in results if r.get("remeasured")]
+    unstable = [r for r in results if r["unstable"]["reasons"]]
+    rule = (f"the middle half of its blocks spread by more than {SPREAD_LIMIT:.0%} of their "
+            f"median, or fastopt's ns/elem is more than {NEIGHBOUR_FACTOR}x off every "
+            f"neighbouring size of the same rule and dtype")
+    if not remeasured and not unstable:
+        out.append(f"No time is marked ~ (unstable: {rule}).")
+    else:
+        out.append(f"~ marks an unstable time: {rule}.")
+        if remeasured:
+            out.append("Re-measured once: " + "; ".join(
+                f"{case_name(r)} ({', '.join(r['remeasured']['reasons'])})" for r in remeasured)
+                + ".")
+        out.append("Still unstable: " + ("; ".join(
+            f"{case_name(r)} ({', '.join(r['unstable']['reasons'])})" for r in unstable)
+            if unstable else "none") + ".")
+    return "\n".join(textwrap.fill(line, 100, subsequent_indent="  ") for line in out)
+
+
+# ------------------------------------------------------------------ the plot
+
+_COLOURS = {"fastopt": "tab:blue", "fastopt flat": "tab:cyan", "numpy": "tab:gray",
+            "torch 1t": "tab:orange", "torch 2t": "tab:red"}
+_DTYPE_STYLE = {"float32": ("-", "o"), "float64": ("--", "s")}
+
+
 def plot(results, path):
-    """Throughput vs size per implementation (Adam float32, one array), if matplotlib is here."""
+    """Throughput of every implementation, rule and dtype, if matplotlib is here.
+
+    One panel per rule with one-array cases (G elements/s against elements,
+    a line per implementation, float32 solid, float64 dashed), and one panel
+    of bars for the many-array cases.
+
+    Returns
+    -------
+    str or None
+        ``path``, or None when matplotlib is missing or nothing can be drawn.
+    """
     plt = _plotting.pyplot()
     if plt is None:
         return None
-    chosen = [r for r in results if r["rule"] == "adam" and r["dtype"] == "float32"
-              and r["arrays"] == 1]
-    if len(chosen) < 2:
+    single = [r for r in results if r["arrays"] == 1]
+    many = [r for r in results if r["arrays"] > 1]
+    rules = [rule for rule in RULES if any(r["rule"] == rule for r in single)]
+    panels = len(rules) + bool(many)
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in chosen[0]["median_s"]:
-        xs = [r["n"] for r in chosen if name in r["median_s"]]
-        ys = [r["n"] / r["median_s"][name] / 1e9 for r in chosen if name in r["median_s"]]
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("elements")
-    ax.set_ylabel("G elements / s (higher is better)")
-    ax.set_title("Adam float32 step, one array")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    return _plotting.save(fig, path, dpi=120)
+    ncols = min(panels, 4)
+    nrows = -(-panels // ncols)
+    width = max(8.5, 4.3 * ncols + (1.5 if many else 0))  # room for the legend's row
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.6 * nrows + 0.8), squeeze=False)
+    axes = list(axes.flat)
+    impls = [name for name in _COLOURS if any(name in r["median_s"] for r in results)]
+
+    def throughput(r, name):
+        return r["n"] / r["median_s"][name] / 1e9
+
+    for ax, rule in zip(axes, rules):
+        for dtype, (ls, marker) in _DTYPE_STYLE.items():
+            chosen = sorted((r for r in single if r["rule"] == rule and r["dtype"] == dtype),
+                            key=lambda r: r["n"])
+            for name in impls:
+                pts = [(r["n"], throughput(r, name)) for r in chosen if name in r["median_s"]]
+                if pts:
+                    ax.plot(*zip(*pts), ls=ls, marker=marker, ms=4, color=_COLOURS[name])
+                shaky = [(r["n"], throughput(r, name)) for r in chosen
+                         if name in r.get("unstable", {}).get("impls", [])]
+                if shaky:
+                    ax.plot(*zip(*shaky), ls="", marker="o", ms=9, mfc="none",
+                            color=_COLOURS[name])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(rule, fontsize=10)
+        ax.set_xlabel("elements (one array)", fontsize=8)
+        ax.set_ylabel("G elements / s", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    if many:
+        ax = axes[len(rules)]
+        names = [name for name in impls if any(name in r["median_s"] for r in many)]
+        height = 0.8 / len(names)
+        for j, name in enumerate(names):
+            ys = [i + (j - (len(names) - 1) / 2) * height for i in range(len(many))]
+            xs = [throughput(r, name) if name in r["median_s"] else 0 for r in many]
+            ax.barh(ys, xs, height=height, color=_COLOURS[name])
+        ax.set_yticks(range(len(many)))
+        ax.set_yticklabels([f"{r['rule']} {r['dtype'].replace('float', 'f')}\n{r['case']}"
+                            for r in many], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("G elements / s", fontsize=8)
+        ax.set_title("many arrays (one optimizer)", fontsize=10)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    for ax in axes[panels:]:
+        ax.axis("off")
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=_COLOURS[name], lw=6 if name == "fastopt flat" else 2,
+                      label=name) for name in impls]
+    handles += [Line2D([], [], color="black", ls=ls, marker=marker, ms=4, label=dtype)
+                for dtype, (ls, marker) in _DTYPE_STYLE.items()
+                if any(r["dtype"] == dtype for r in single)]
+    if any(r.get("unstable", {}).get("impls") for r in single):
+        handles.append(Line2D([], [], ls="", marker="o", ms=9, mfc="none", color="black",
+                              label="~ unstable (see the table's notes)"))
+    per_row = max(1, min(len(handles), int(width / 1.6)))
+    legend_rows = -(-len(handles) // per_row)
+    height = fig.get_figheight()
+    # Title, then the legend, above the panels (in inches from the top).
+    top = 1 - (0.2 + 0.2 * legend_rows) / height  # tight_layout pads a little more
+    fig.suptitle("fastopt bench: optimizer step throughput (higher is better)", fontsize=11,
+                 y=1 - 0.06 / height, va="top")
+    fig.legend(handles=handles, loc="upper center", ncol=per_row, fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, 1 - 0.3 / height))
+    return _plotting.save(fig, path, dpi=110, rect=(0, 0, 1, top))
+
+
+# ------------------------------------------------------------------ the CLI
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's own line breaks and never splits './fastopt-bench.json' at a hyphen."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def make_parser():
+    """bench's argument parser; its epilog explains every column of the table."""
+    epilog = ("columns of the table:\n" + legend(width=78) + "\n\n"
+              + textwrap.fill(
+                  f"% bound is shown only for working sets of at least {CACHE_FACTOR}x the "
+                  "last-level cache (the default plan adds one such Adam float32 case when "
+                  "none of its cases is that large); the bandwidth is the best pass of a "
+                  "7-stream probe run before, between and after those cases. Unstable times "
+                  f"(blocks spread over {SPREAD_LIMIT:.0%}, or fastopt's ns/elem "
+                  f"{NEIGHBOUR_FACTOR}x off its neighbours) are marked ~ and re-measured "
+                  "once.", 78)
+              + "\n\nfiles: written to the current folder unless --json/--plot say otherwise; "
+                "their\nabsolute paths are printed.")
+    parser = argparse.ArgumentParser(prog="python -m fastopt bench",
+                                     description=__doc__.splitlines()[0], epilog=epilog,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few cases, under 30 s")
+    parser.add_argument("--full", action="store_true",
+                        help="add the 6.4e7-element and float64 many-array cases")
+    parser.add_argument("--no-torch", action="store_true", help="skip torch even if installed")
+    parser.add_argument("--json", metavar="PATH",
+                        help=f"where to save the results (default: ./{DEFAULT_JSON} in the "
+                             "current folder; with --torch ./fastopt-bench-torch.json)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help=f"where to save the figure when matplotlib is installed (default: "
+                             f"./{DEFAULT_PLOT} in the current folder; --torch draws none)")
+    parser.add_argument("--torch", action="store_true",
+                        help="only the torch comparison: fastopt.torch vs torch.optim on torch "
+                             "models")
+    parser.add_argument("--cases", metavar="RULE:DTYPE:SIZE", nargs="+",
+                        help="run only these cases, e.g. adam:float32:1e5 "
+                             "sgd:float64:'200 x 16..4096'")
+    return parser
+
+
+def _parse_cases(parser, specs):
+    cases = []
+    for spec in specs:
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or parts[0] not in RULES or parts[1] not in ("float32", "float64"):
+            parser.error(f"unknown case {spec!r} (RULE:DTYPE:SIZE, rules {', '.join(RULES)})")
+        try:
+            if sum(model_sizes(parts[2])) < 1:
+                raise ValueError
+        except ValueError:
+            parser.error(f"unknown size in case {spec!r}")
+        cases.append(tuple(parts))
+    return cases
+
+
+def _progress(text):
+    print(text, file=sys.stderr, flush=True)
 
 
 def run(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastopt bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few cases, under 30 s")
-    parser.add_argument("--full", action="store_true", help="add the 6.4e7-element and float64 many-array cases")
-    parser.add_argument("--no-torch", action="store_true", help="skip torch even if installed")
-    parser.add_argument("--json", metavar="PATH", default="fastopt-bench.json",
-                        help="where to save the results (default: %(default)s)")
-    parser.add_argument("--plot", metavar="PATH", default="fastopt-bench.png",
-                        help="where to save the plot when matplotlib is installed (default: %(default)s)")
-    parser.add_argument("--torch", action="store_true",
-                        help="only the torch comparison: fastopt.torch vs torch.optim on torch models")
-    parser.add_argument("--cases", metavar="RULE:DTYPE:SIZE", nargs="+",
-                        help="run only these cases, e.g. adam:float32:1e5 sgd:float64:'200 x 16..4096'")
+    """``python -m fastopt bench``: run the plan, print the table, save JSON and a figure."""
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.torch:
-        from .bench_torch import format_rows, run_torch
-        print(format_rows(run_torch(budget_s=0.3 if args.quick else 1.0)))
-        print("medians of rotating blocks of steps; results checked against torch.optim's default")
-        return 0
+        from .bench_torch import run_cli
+        return run_cli(args)
+    llc, llc_source = last_level_cache()
+    dram_bytes = CACHE_FACTOR * llc
     if args.cases:
-        cases = [tuple(c.split(":", 2)) for c in args.cases]
-        for rule, dtype, label in cases:
-            if rule not in RULES or dtype not in ("float32", "float64"):
-                parser.error(f"unknown case {rule}:{dtype}:{label}")
+        cases = _parse_cases(parser, args.cases)
     else:
-        cases = plan(args.quick, args.full)
+        cases = plan(args.quick, args.full, dram_bytes, available_memory())
     with_torch = not args.no_torch
     if with_torch:
         try:
@@ -337,36 +983,78 @@ def run(argv=None):
         except ImportError:
             with_torch = False
     torch_threads = torch.get_num_threads() if with_torch else None
+    budget = 0.15 if args.quick else 0.4
 
-    config = _dispatch.config()
-    print(f"fastopt {fastopt.__version__} | SIMD {config['simd_level']} | threads "
-          f"{config['num_threads']} (OpenMP {'on' if config['openmp'] else 'off'}) | "
-          f"numpy {np.__version__}"
-          + (f" | torch {sys.modules['torch'].__version__}" if with_torch else " | torch: not used")
-          + f" | {platform.machine()}, {os.cpu_count()} CPUs")
-    print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
-    bandwidth = measure_bandwidth(1 << 23 if args.quick else 1 << 25)
-    print(f"bandwidth (7-stream probe, {config['num_threads']} threads): {bandwidth:.1f} GB/s")
+    print(header(with_torch))
+    print(f"last-level cache {_fmt_bytes(llc)} ({llc_source}): % bound for working sets of "
+          f"{_fmt_bytes(dram_bytes)} or more")
+    past = [working_set_bytes(rule, dtype, sum(model_sizes(label))) >= dram_bytes
+            for rule, dtype, label in cases]
+    probe = None
+    if any(past):
+        _progress(f"allocating the {_fmt_bytes(dram_bytes)} bandwidth probe ...")
+        probe = BandwidthProbe(dram_bytes)
+        probe.measure()
+
+    def measure(i):
+        if past[i]:
+            probe.measure()  # around every memory-bound case: the bound is their neighbour
+        result = run_case(*cases[i], budget_s=budget, with_torch=with_torch)
+        if past[i]:
+            probe.measure()
+        return result
 
     results = []
     started = time.perf_counter()
-    for k, (rule, dtype, label) in enumerate(cases, start=1):
-        print(f"[{k}/{len(cases)}] {rule} {dtype} {label} ... ({time.perf_counter() - started:.0f} s)",
-              file=sys.stderr, flush=True)
-        result = run_case(rule, dtype, label, budget_s=0.15 if args.quick else 0.4,
-                          with_torch=with_torch)
-        result["summary"] = summarize(result, bandwidth)
-        results.append(result)
+    for i, (rule, dtype, label) in enumerate(cases):
+        _progress(f"[{i + 1}/{len(cases)}] {rule} {dtype} {label} ... "
+                  f"({time.perf_counter() - started:.0f} s)")
+        results.append(measure(i))
+    # Unstable cases once more, after the rest: a disturbance seldom lasts
+    # that long. Flags are then recomputed from scratch, since a case's
+    # neighbours may have been re-measured too.
+    for i, flag in enumerate(find_unstable(results)):
+        if flag["reasons"]:
+            _progress(f"re-measuring {case_name(results[i])}: {', '.join(flag['reasons'])}")
+            first = results[i]
+            results[i] = measure(i)
+            results[i]["remeasured"] = {"reasons": flag["reasons"],
+                                        "first_median_s": first["median_s"]}
+    for r, flag in zip(results, find_unstable(results)):
+        r["unstable"] = flag
+    bandwidth = None
+    if probe is not None:
+        probe.measure()
+        # A memory-bound step faster than every probe pass means the probes
+        # were all disturbed: probe a few more times before settling.
+        for _ in range(3):
+            fastest = max(r["bytes_per_step"] / r["median_s"]["fastopt"] / 1e9
+                          for r, p in zip(results, past) if p)
+            if fastest <= probe.best:
+                break
+            probe.measure()
+        bandwidth = probe.best
     if with_torch:
         torch.set_num_threads(torch_threads)  # the implementations changed it
-    print(format_table(results, any(r["arrays"] > 1 for r in results)))
-    print("medians of interleaved steps; every implementation checked against the NumPy "
-          "reference (fastopt: bit for bit); torch best = torch.optim fused (RMSprop: "
-          "for-loop) at the better of 1 and 2 threads")
-    with open(args.json, "w") as f:
-        json.dump({"config": config, "bandwidth_gbs": bandwidth, "results": results}, f, indent=1)
-    print(f"saved {args.json}")
-    png = plot(results, args.plot)
-    if png:
-        print(f"saved {png}")
+    for r in results:
+        r["summary"] = summarize(r, bandwidth, dram_bytes)
+
+    with_flat = any(r["arrays"] > 1 for r in results)
+    print(format_table(results, with_flat))
+    print(legend(table_columns(with_flat)))
+    print(notes(results, llc, llc_source, dram_bytes, probe))
+
+    json_path = os.path.abspath(args.json or DEFAULT_JSON)
+    with open(json_path, "w") as f:
+        json.dump({"config": _dispatch.config(), "header": header(with_torch),
+                   "last_level_cache_bytes": llc, "last_level_cache_source": llc_source,
+                   "dram_working_set_bytes": dram_bytes, "bandwidth_gbs": bandwidth,
+                   "probe_passes_gbs": probe.samples if probe else [],
+                   "results": results}, f, indent=1)
+    print(f"saved {json_path}")
+    plot_path = os.path.abspath(args.plot or DEFAULT_PLOT)
+    if _plotting.pyplot() is None:
+        print(_plotting.missing_line(plot_path))
+    elif plot(results, plot_path):
+        print(f"saved {plot_path}")
     return 0

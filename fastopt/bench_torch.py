@@ -9,10 +9,14 @@ checked against torch.optim's default implementation before timing: later
 the trajectories of a training run drift apart chaotically, by float32
 rounding alone, whichever two implementations are compared.
 """
+import importlib.util
+import json
+import os
 import statistics
 import time
 
 CHECKED_STEPS = 10
+DEFAULT_JSON = "fastopt-bench-torch.json"
 
 
 def _many_tensor_model(torch, width=64, blocks=26):
@@ -132,3 +136,39 @@ def format_rows(rows):
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
     return "\n".join(lines + [" | ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body])
+
+
+def run_cli(args):
+    """``python -m fastopt bench --torch``: print the header and table, save the JSON.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        bench's parsed options; ``quick``, ``json`` and ``plot`` are used.
+
+    Returns
+    -------
+    int
+        The exit status.
+    """
+    if importlib.util.find_spec("torch") is None:
+        print('bench --torch needs torch (pip install "fastopt[torch]")')
+        return 1
+    from . import _dispatch, bench
+    print(bench.header(with_torch=True))
+    budget = 0.3 if args.quick else 1.0
+    rows = run_torch(budget_s=budget)
+    print(format_rows(rows))
+    print("medians of rotating blocks of 5 steps; every implementation's first "
+          f"{CHECKED_STEPS} steps checked against torch.optim's default (foreach=False); "
+          "'torch fused, 1 thread' runs at torch.set_num_threads(1), the others at torch's "
+          "default; 'fastopt vs ...' = that time / fastopt.torch's (above 1: fastopt is faster)")
+    path = os.path.abspath(args.json or DEFAULT_JSON)
+    with open(path, "w") as f:
+        json.dump({"config": _dispatch.config(), "header": bench.header(with_torch=True),
+                   "budget_s": budget,
+                   "rows": [{"case": label, "median_s": med} for label, med in rows]}, f, indent=1)
+    print(f"saved {path}")
+    if args.plot:
+        print(f"no plot: bench --torch draws no figure ({os.path.abspath(args.plot)} not written)")
+    return 0

@@ -1,5 +1,9 @@
 """fastopt.bench and the command line (python -m fastopt)."""
+import copy
+import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -7,9 +11,45 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import bench
+from fastopt import _plotting, bench, bench_torch
 from fastopt.__main__ import main
 
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+try:
+    import torch  # noqa: F401
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+
+_real_run_case = bench.run_case
+
+
+@pytest.fixture
+def fast_cases(monkeypatch):
+    """bench.run with tiny timing budgets, so that a CLI test takes well under a second."""
+    def quick(rule, dtype, label, budget_s=0.4, with_torch=True):
+        return _real_run_case(rule, dtype, label, budget_s=0.01, with_torch=with_torch)
+    monkeypatch.setattr(bench, "run_case", quick)
+
+
+def table_of(text):
+    """The header cells and the rows (cell lists) of the printed table."""
+    lines = text.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.strip().startswith("rule |"))
+    header = [c.strip() for c in lines[top].split("|")]
+    rows = []
+    for line in lines[top + 2:]:
+        if " | " not in line:
+            break
+        rows.append([c.strip() for c in line.split("|")])
+    return header, rows
+
+
+def saved_paths(text):
+    return [line[len("saved "):] for line in text.splitlines() if line.startswith("saved ")]
+
+
+# ------------------------------------------------------------------ cases
 
 @pytest.mark.parametrize("rule", sorted(bench.RULES))
 def test_run_case_checks_and_times_every_implementation(rule):
@@ -17,6 +57,8 @@ def test_run_case_checks_and_times_every_implementation(rule):
     assert set(result["median_s"]) == {"fastopt", "numpy"}
     assert result["max_rel_dev"]["fastopt"] == 0.0  # the reference agrees bit for bit
     assert result["steps"] >= 3
+    assert all(len(ts) >= 3 for ts in result["block_s"].values())
+    assert result["working_set_bytes"] == bench.RULES[rule][3] * 8 * 257
 
 
 def test_many_array_case_includes_flat_buffer():
@@ -33,19 +75,269 @@ def test_check_catches_a_wrong_implementation():
         bench.check(arrays, {"numpy": None, "fastopt": None}, p0)
 
 
-def test_bandwidth_probe_is_positive_and_checked():
-    assert bench.measure_bandwidth(1 << 16, repeats=2) > 0.1
+# ------------------------------------------------------- bandwidth and cache
+
+def test_bandwidth_probe_keeps_its_best_pass_and_checks_itself():
+    probe = bench.BandwidthProbe(1 << 16)
+    first = probe.measure(passes=2)
+    second = probe.measure(passes=2)
+    assert len(probe.samples) == 4 and probe.best == max(first, second) > 0.1
+    probe.c[7] = 0.0  # as if a pass had skipped an element
+    with pytest.raises(AssertionError, match="wrong result"):
+        probe.measure(passes=1)
 
 
-def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
-    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert main(["bench", "--cases", "adam:float32:1000", "sgd:float64:100", "--no-torch",
-                 "--json", str(out), "--plot", str(png)]) == 0
+def _fake_cache(root, cpu, level, size, shared, kind="Unified"):
+    index = root / f"cpu{cpu}" / "cache" / f"index{level}"
+    index.mkdir(parents=True)
+    for name, value in (("type", kind), ("level", level), ("size", size),
+                        ("shared_cpu_list", shared)):
+        (index / name).write_text(f"{value}\n")
+
+
+def test_last_level_cache_from_sysfs_one_and_two_instances(tmp_path):
+    one = tmp_path / "one"
+    for cpu in (0, 1):
+        _fake_cache(one, cpu, 1, "48K", str(cpu), kind="Data")
+        _fake_cache(one, cpu, 3, "32768K", "0-1")
+    size, source = bench.last_level_cache(str(one), cpus=[0, 1])
+    assert size == 32 << 20 and source.startswith("L3")
+    two = tmp_path / "two"  # two sockets: each CPU has its own L3
+    for cpu in (0, 1):
+        _fake_cache(two, cpu, 2, "2M", str(cpu))
+        _fake_cache(two, cpu, 3, "16M", str(cpu))
+    size, source = bench.last_level_cache(str(two), cpus=[0, 1])
+    assert size == 32 << 20 and "2 instances" in source
+
+
+def test_last_level_cache_falls_back_when_sysfs_has_nothing(tmp_path):
+    size, source = bench.last_level_cache(str(tmp_path), cpus=[0])
+    assert size > 0
+    if "sysconf" not in source:
+        assert size == bench.FALLBACK_LLC and "assumed" in source
+
+
+def test_percent_of_bound_only_past_the_cache():
+    r = bench.run_case("adam", "float32", "1000", budget_s=0.01, with_torch=False)
+    resident = bench.summarize(r, 50.0, dram_bytes=r["working_set_bytes"] + 1)
+    assert resident["percent_of_bound"] is None and not resident["past_cache"]
+    past = bench.summarize(r, 50.0, dram_bytes=r["working_set_bytes"])
+    expected = 100 * r["bytes_per_step"] / 50e9 / r["median_s"]["fastopt"]
+    assert past["past_cache"] and past["percent_of_bound"] == pytest.approx(expected)
+    assert bench.summarize(r, None, dram_bytes=1)["percent_of_bound"] is None
+
+
+def test_plan_adds_one_case_past_the_cache_only_when_needed():
+    default = bench.plan(False, False)
+    # A 480 MiB cache: no default case reaches 960 MiB, so Adam f32 6.4e7 joins.
+    added = bench.plan(False, False, dram_bytes=960 << 20, available_bytes=64 << 30)
+    assert added == default + [("adam", "float32", "6.4e7")]
+    # A 32 MiB cache: the 1e7 cases are already past it.
+    assert bench.plan(False, False, dram_bytes=64 << 20) == default
+    # Not enough memory for the extra case: none is added.
+    assert bench.plan(False, False, dram_bytes=960 << 20, available_bytes=2 << 30) == default
+    assert bench.plan(True, False, dram_bytes=960 << 20) == bench.plan(True, False)
+
+
+# ------------------------------------------------------------- instability
+
+def _with_blocks(result, **blocks):
+    r = copy.deepcopy(result)
+    for name, times in blocks.items():
+        r["block_s"][name] = list(times)
+        r["median_s"][name] = float(np.median(times))
+    return r
+
+
+def test_block_spread_flags_scattered_blocks_only():
+    base = bench.run_case("sgd", "float32", "1000", budget_s=0.01, with_torch=False)
+    steady = _with_blocks(base, fastopt=[1e-6, 1.02e-6, 0.99e-6, 1.01e-6, 1e-6])
+    scattered = _with_blocks(base, fastopt=[1e-6] * 5 + [5e-6] * 5,
+                             numpy=[2e-5, 2e-5, 2e-5, 9e-5, 9e-5])
+    flags = bench.find_unstable([steady, scattered])
+    assert "fastopt" not in flags[0]["impls"]
+    assert {"fastopt", "numpy"} <= set(flags[1]["impls"])
+    assert any("fastopt blocks spread" in reason for reason in flags[1]["reasons"])
+
+
+def test_a_case_ten_times_off_its_neighbours_is_flagged():
+    base = bench.run_case("adam", "float32", "1000", budget_s=0.01, with_torch=False)
+    cases = []
+    for n, ns_per_elem in ((1000, 1.0), (100_000, 30.0), (10_000_000, 0.6)):
+        r = _with_blocks(base, fastopt=[ns_per_elem * n * 1e-9] * 5)
+        r["n"], r["case"] = n, f"{n:.0e}"
+        cases.append(r)
+    flags = bench.find_unstable(cases)
+    assert flags[1]["impls"] == ["fastopt"] and "above its neighbours" in flags[1]["reasons"][0]
+    assert not flags[0]["reasons"] and not flags[2]["reasons"]
+    cases[1] = _with_blocks(cases[1], fastopt=[0.3 * 100_000 * 1e-9] * 5)  # a sane reading
+    assert not any(f["reasons"] for f in bench.find_unstable(cases))
+    # Two sizes only, 20x apart: which one is wrong cannot be told, so both are re-measured.
+    cases[1] = _with_blocks(cases[1], fastopt=[20 * 0.6 * 100_000 * 1e-9] * 5)
+    flags = bench.find_unstable(cases[1:])
+    assert [f["impls"] for f in flags] == [["fastopt"], ["fastopt"]]
+
+
+def test_ratios_never_print_as_zero():
+    assert bench._fmt_ratio(0.0031) == "0.0031x"
+    assert bench._fmt_ratio(0.04) == "0.04x"
+    assert bench._fmt_ratio(1.5) == "1.50x" and bench._fmt_ratio(26.8) == "26.8x"
+    assert bench._fmt_ratio(None) == "-"
+
+
+def _unstable_then(monkeypatch, stable_second):
+    """run_case whose first reading of every case is scattered; the second as asked."""
+    calls = {}
+
+    def fake(rule, dtype, label, budget_s=0.4, with_torch=True):
+        r = _real_run_case(rule, dtype, label, budget_s=0.01, with_torch=with_torch)
+        calls[label] = calls.get(label, 0) + 1
+        if calls[label] == 1 or not stable_second:
+            t = r["median_s"]["fastopt"]
+            r = _with_blocks(r, fastopt=[t] * 4 + [20 * t] * 4)
+        else:
+            r = _with_blocks(r, fastopt=[r["median_s"]["fastopt"]] * 5)
+        return r
+    monkeypatch.setattr(bench, "run_case", fake)
+    return calls
+
+
+@pytest.mark.parametrize("stable_second", [True, False])
+def test_unstable_case_is_marked_and_measured_again(monkeypatch, capsys, tmp_path, stable_second):
+    calls = _unstable_then(monkeypatch, stable_second)
+    assert main(["bench", "--cases", "adam:float32:1000", "--no-torch",
+                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]) == 0
     text = capsys.readouterr().out
-    assert "% bound" in text and "x numpy" in text and "bandwidth" in text
-    saved = json.loads(out.read_text())
-    assert [r["case"] for r in saved["results"]] == ["1000", "100"]
-    assert saved["bandwidth_gbs"] > 0
+    assert calls == {"1000": 2}  # re-measured once, and only once
+    _, rows = table_of(text)
+    fastopt_cell = rows[0][3]
+    notes = " ".join(text.split())
+    assert "Re-measured once: adam f32 1000 (fastopt blocks spread" in notes
+    if stable_second:
+        assert not fastopt_cell.endswith("~") and "Still unstable: none." in notes
+    else:
+        assert fastopt_cell.endswith("~") and "Still unstable: adam f32 1000 (fastopt" in notes
+    saved = json.loads((tmp_path / "b.json").read_text())["results"][0]
+    assert saved["remeasured"]["reasons"] and bool(saved["unstable"]["reasons"]) != stable_second
+
+
+# ------------------------------------------------------------- the command line
+
+def test_bench_cli_table_legend_json_and_absolute_paths(fast_cases, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert main(["bench", "--cases", "adam:float32:1000", "sgd:float64:100",
+                 "adam:float32:200 x 16..4096", "--no-torch", "--json", "out/bench.json"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].startswith(f"fastopt {fastopt.__version__} | SIMD ")
+    header, rows = table_of(text)
+    assert header == bench.table_columns(with_flat=True) and len(rows) == 3
+    # The legend explains every printed column, and every mark.
+    explained = re.findall(r"^  (\S+(?: \S+)?)\s{2,}", text, flags=re.M)
+    for name in header + ["~", "-"]:
+        assert name in explained, name
+    paths = saved_paths(text)
+    assert paths and all(os.path.isabs(p) and os.path.exists(p) for p in paths)
+    assert paths[0] == str(tmp_path / "out" / "bench.json")
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [r["case"] for r in saved["results"]] == ["1000", "100", "200 x 16..4096"]
+
+
+def test_help_explains_every_column_and_default_paths(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for name, _ in bench.COLUMNS + bench.MARKS:
+        assert re.search(rf"^  {re.escape(name)}\s{{2,}}\S", text, flags=re.M), name
+    flat = " ".join(text.split())
+    assert "./fastopt-bench.json in the current folder" in flat
+    assert "./fastopt-bench.png in the current folder" in flat
+    assert "./fastopt-bench-torch.json" in flat
+
+
+def test_percent_bound_shown_past_the_cache_and_dash_inside_it(fast_cases, monkeypatch, capsys,
+                                                              tmp_path):
+    # A pretend 64 KiB cache: the 1e5 case (1.6 MB) is past it, the 100-element one is not.
+    monkeypatch.setattr(bench, "last_level_cache", lambda: (64 << 10, "test"))
+    assert main(["bench", "--cases", "adam:float32:100", "adam:float32:1e5", "--no-torch",
+                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]) == 0
+    text = capsys.readouterr().out
+    header, rows = table_of(text)
+    bound = header.index("% bound")
+    assert rows[0][bound] == "-" and rows[1][bound].endswith("%")
+    notes = " ".join(text.split())
+    assert "at least 2x the last-level cache (64 KiB, test)" in notes and "Bandwidth:" in notes
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["bandwidth_gbs"] == max(saved["probe_passes_gbs"]) > 0
+    # Probes at the start, before and after the one case past the cache, and at the end.
+    assert len(saved["probe_passes_gbs"]) >= 4 * bench.PROBE_PASSES
+    past = saved["results"][1]["summary"]
+    assert past["percent_of_bound"] == pytest.approx(
+        100 * saved["results"][1]["bytes_per_step"] / (saved["bandwidth_gbs"] * 1e9)
+        / saved["results"][1]["median_s"]["fastopt"])
+
+
+def test_no_case_past_the_cache_measures_no_bandwidth(fast_cases, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "BandwidthProbe", None)  # must not be needed
+    assert main(["bench", "--cases", "sgd:float32:1000", "--no-torch",
+                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]) == 0
+    text = capsys.readouterr().out
+    header, rows = table_of(text)
+    assert rows[0][header.index("% bound")] == "-"
+    assert "bandwidth was not measured" in " ".join(text.split())
+
+
+def test_missing_matplotlib_is_said_in_one_line(fast_cases, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(_plotting, "pyplot", lambda: None)
+    png = tmp_path / "asked.png"
+    assert main(["bench", "--cases", "sgd:float32:1000", "--no-torch",
+                 "--json", str(tmp_path / "b.json"), "--plot", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    missing = [line for line in lines if "matplotlib is not installed" in line]
+    assert missing == [_plotting.missing_line(str(png))]
+    assert str(png) in missing[0] and 'pip install "fastopt[plot]"' in missing[0]
+    assert not png.exists()
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="needs matplotlib")
+def test_plot_has_a_panel_per_rule_and_one_for_many_arrays(monkeypatch, tmp_path):
+    figures = []
+    real_save = _plotting.save
+    monkeypatch.setattr(_plotting, "save", lambda fig, path, **kw: (figures.append(fig),
+                                                                     real_save(fig, path, **kw))[1])
+    results = [bench.run_case(rule, dtype, n, budget_s=0.005, with_torch=False)
+               for rule, dtype, n in [("adam", "float32", "100"), ("adam", "float32", "1000"),
+                                      ("adam", "float64", "1000"), ("sgd", "float64", "1000"),
+                                      ("rmsprop", "float32", "100"),
+                                      ("adam", "float32", bench.MANY_SMALL)]]
+    png = tmp_path / "bench.png"
+    assert bench.plot(results, str(png)) == str(png) and png.stat().st_size > 10_000
+    titles = [ax.get_title() for ax in figures[0].axes if ax.axison]
+    assert titles == ["adam", "sgd", "rmsprop", "many arrays (one optimizer)"]
+    adam = figures[0].axes[0]
+    assert {line.get_linestyle() for line in adam.get_lines()} == {"-", "--"}  # f32, f64
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_bench_torch_prints_the_header_and_saves_json(monkeypatch, capsys, tmp_path):
+    # The timing itself is tested in test_torch.py; here only what the command does with it.
+    names = list(bench_torch._optimizers(torch))
+    rows = [("optimizer step, 104 tensors", {n: 1e-4 * (i + 1) for i, n in enumerate(names)}),
+            ("training step, MLP", {n: 1e-3 * (i + 1) for i, n in enumerate(names)})]
+    monkeypatch.setattr(bench_torch, "run_torch", lambda budget_s: rows)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--torch", "--quick"]) == 0
+    text = capsys.readouterr().out
+    first = text.splitlines()[0]
+    assert first.startswith(f"fastopt {fastopt.__version__} | SIMD ") and " | torch 2" in first
+    assert saved_paths(text) == [str(tmp_path / "fastopt-bench-torch.json")]
+    saved = json.loads((tmp_path / "fastopt-bench-torch.json").read_text())
+    assert [row["case"].split(",")[0] for row in saved["rows"]] == ["optimizer step",
+                                                                    "training step"]
+    assert saved["header"] == first and saved["rows"][0]["median_s"] == rows[0][1]
+    assert "fastopt vs best fused" in text
+    assert main(["bench", "--torch", "--quick", "--json", "other.json"]) == 0
+    assert saved_paths(capsys.readouterr().out) == [str(tmp_path / "other.json")]
 
 
 def test_version_and_usage(tmp_path):
@@ -54,3 +346,25 @@ def test_version_and_usage(tmp_path):
                              capture_output=True, text=True, check=True).stdout
     assert version.strip() == f"fastopt {fastopt.__version__}"
     assert main(["nonsense"]) == 2
+
+
+def test_bad_case_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--cases", "adam:float16:1000"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--cases", "adam:float32:lots"])
+    assert "unknown" in capsys.readouterr().err
+
+
+def test_check_catches_nan_and_a_torch_deviation():
+    p0 = [np.zeros(3 << 20)]  # more than one chunk of _max_abs_diff
+    ref = np.ones(3 << 20)
+    for bad in (np.nan, 1.01):
+        got = ref.copy()
+        got[-1] = bad
+        with pytest.raises(AssertionError, match="torch 1t deviates"):
+            bench.check({"numpy": [ref], "torch 1t": [got]}, {"numpy": None, "torch 1t": None},
+                        p0)
+    close = ref + 1e-7
+    assert bench.check({"numpy": [ref], "torch 1t": [close]}, {"numpy": None, "torch 1t": None},
+                       p0)["max_rel_dev"]["torch 1t"] == pytest.approx(1e-7)
