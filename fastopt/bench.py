@@ -13,9 +13,10 @@ times the last-level cache (see last_level_cache). The bandwidth is the best
 pass of a probe that moves Adam's traffic (7 streams) at fastopt's thread
 count over a working set of exactly that threshold - so the probe gets at
 least as much help from the cache as any case it is compared with. It runs
-at the start, before and after every such case and at the end, and every
-row is computed from the best pass of the whole run: a probe slowed by other
-load cannot inflate the figure. The probe checks its own result.
+at the start, before and after every such case, every PROBE_EVERY_S seconds
+in between and at the end, and every row is computed from the best pass of
+the whole run: a probe slowed by other load cannot inflate the figure. The
+probe checks its own result.
 
 Unstable measurements. A printed time is marked "~" when its blocks spread
 (interquartile range over median) by more than SPREAD_LIMIT, and fastopt's
@@ -75,6 +76,9 @@ SPREAD_LIMIT = 0.5
 # 1e5); 10x off every neighbour is a disturbed measurement, not a cache level.
 NEIGHBOUR_FACTOR = 10
 PROBE_PASSES = 3
+# Besides around every case past the cache, the probe runs whenever this long
+# has passed since it last ran: more chances to catch the machine quiet.
+PROBE_EVERY_S = 10.0
 # Sizes tried, smallest first, for the one Adam float32 case that is past the
 # cache, added to the default plan when none of its cases is.
 DRAM_SIZES = ("1e7", "2e7", "3.2e7", "6.4e7", "1.28e8", "2.56e8", "5.12e8")
@@ -259,7 +263,10 @@ def last_level_cache(root="/sys/devices/system/cpu", cpus=None):
         level = max(lvl for lvl, _ in instances)
         total = sum(size for (lvl, _), size in instances.items() if lvl == level)
         count = sum(1 for lvl, _ in instances if lvl == level)
-        return total, f"L{level}" + (f", {count} instances" if count > 1 else "") + f", {root}"
+        source = f"L{level}" + (f", {count} instances" if count > 1 else "") + f", {root}"
+        if _virtual_machine():
+            source += "; on a virtual machine: the host's, shared with other guests"
+        return total, source
     for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
         if name in os.sysconf_names:
             try:
@@ -269,6 +276,18 @@ def last_level_cache(root="/sys/devices/system/cpu", cpus=None):
             if value > 0:
                 return value, f"os.sysconf {name}"
     return FALLBACK_LLC, "size unknown: assumed"
+
+
+def _virtual_machine():
+    """Whether /proc/cpuinfo says this is a guest (its CPU flags include 'hypervisor')."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "hypervisor" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def available_memory():
@@ -768,21 +787,21 @@ def notes(results, llc, llc_source, dram_bytes, probe):
             f"last-level cache ({_fmt_bytes(llc)}, {llc_source}), i.e. at least "
             f"{_fmt_bytes(dram_bytes)}: only there must every step stream its bytes from "
             f"memory. Smaller working sets may be served partly from the cache, where no "
-            f"memory bound applies (it would read over 100%); for them read ns/elem.")
+            f"memory bound applies (it could read over 100%); for them read ns/elem.")
     if probe is not None and probe.samples:
         rule += (f" Bandwidth: {probe.best:.1f} GB/s, the best of {len(probe.samples)} passes "
                  f"(slowest {min(probe.samples):.1f} GB/s) of a 7-stream probe over "
                  f"{_fmt_bytes(probe.working_set_bytes)} at {threads} threads, run at the "
-                 f"start, before and after every such case and at the end; the probe checks "
-                 f"its result.")
+                 f"start, before and after every such case, every {PROBE_EVERY_S:.0f} s and at "
+                 f"the end; the probe checks its result.")
     else:
         rule += " No case reaches that size, so the bandwidth was not measured."
     out.append(rule)
     over = [r for r in results if (r["summary"]["percent_of_bound"] or 0) > 100]
     if over:
-        out.append("% bound over 100% (" + ", ".join(case_name(r) for r in over) + "): every "
-                   "probe pass was slower than that step, so the probe was disturbed; read it "
-                   "as 'at the bound'.")
+        out.append("% bound over 100% (" + ", ".join(case_name(r) for r in over) + "): that "
+                   "step beat every probe pass, so the probe under-read the bandwidth (it was "
+                   "disturbed every time); those rows' bound is uncertain.")
     remeasured = [r for r in results if r.get("remeasured")]
     unstable = [r for r in results if r["unstable"]["reasons"]]
     rule = (f"the middle half of its blocks spread by more than {SPREAD_LIMIT:.0%} of their "
@@ -996,12 +1015,18 @@ def run(argv=None):
         probe = BandwidthProbe(dram_bytes)
         probe.measure()
 
+    last_probe = [time.perf_counter()]
+
     def measure(i):
-        if past[i]:
-            probe.measure()  # around every memory-bound case: the bound is their neighbour
+        if probe is not None and (past[i] or time.perf_counter() - last_probe[0] > PROBE_EVERY_S):
+            # Right before a memory-bound case (the bound is its neighbour in
+            # time), and now and then in between.
+            probe.measure()
+            last_probe[0] = time.perf_counter()
         result = run_case(*cases[i], budget_s=budget, with_torch=with_torch)
         if past[i]:
             probe.measure()
+            last_probe[0] = time.perf_counter()
         return result
 
     results = []
@@ -1041,8 +1066,8 @@ def run(argv=None):
 
     with_flat = any(r["arrays"] > 1 for r in results)
     print(format_table(results, with_flat))
-    print(legend(table_columns(with_flat)))
-    print(notes(results, llc, llc_source, dram_bytes, probe))
+    print("\ncolumns:\n" + legend(table_columns(with_flat)))
+    print("\nnotes:\n" + notes(results, llc, llc_source, dram_bytes, probe) + "\n")
 
     json_path = os.path.abspath(args.json or DEFAULT_JSON)
     with open(json_path, "w") as f:

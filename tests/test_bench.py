@@ -368,3 +368,33 @@ def test_check_catches_nan_and_a_torch_deviation():
     close = ref + 1e-7
     assert bench.check({"numpy": [ref], "torch 1t": [close]}, {"numpy": None, "torch 1t": None},
                        p0)["max_rel_dev"]["torch 1t"] == pytest.approx(1e-7)
+
+
+class _SlowProbe:
+    """A probe that always reads 1 MB/s, as if every pass had been disturbed."""
+
+    def __init__(self, working_set_bytes):
+        self.working_set_bytes, self.samples = working_set_bytes, []
+
+    def measure(self, passes=bench.PROBE_PASSES):
+        self.samples += [1e-3] * passes
+        return 1e-3
+
+    @property
+    def best(self):
+        return max(self.samples)
+
+
+def test_a_step_faster_than_every_probe_gets_more_probes_and_a_warning(fast_cases, monkeypatch,
+                                                                     capsys, tmp_path):
+    monkeypatch.setattr(bench, "last_level_cache", lambda: (64 << 10, "test"))
+    monkeypatch.setattr(bench, "BandwidthProbe", _SlowProbe)
+    monkeypatch.setattr(bench, "SPREAD_LIMIT", float("inf"))  # no re-measuring: exact count
+    assert main(["bench", "--cases", "sgd:float32:1e5", "--no-torch",
+                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    saved = json.loads((tmp_path / "b.json").read_text())
+    # start, before, after, end, then three more because the step beat them all
+    assert len(saved["probe_passes_gbs"]) == 7 * bench.PROBE_PASSES
+    assert saved["results"][0]["summary"]["percent_of_bound"] > 100
+    assert "% bound over 100% (sgd f32 1e5): that step beat every probe pass" in text
