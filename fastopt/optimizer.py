@@ -212,18 +212,14 @@ class Optimizer:
         )
 
     def _group_hyper(self, gi, group):
-        """``(hyper, kernel_hyper, needs, scalars)`` of a group, cached until it is edited.
-
-        ``hyper``: all validated hyperparameters; ``kernel_hyper``: those the
-        rule's kernel takes; ``needs``: which state buffers the options use;
-        ``scalars``: the kernel's step-independent scalars (_fastpath.Scalars).
-        """
+        """The group's _fastpath.CheckedGroup, cached on it until it is edited."""
         checked = getattr(group, "checked", None)
         if checked is None:
             hyper = self._check_group_hyper(group, f"param_groups[{gi}]: ")
             kernel_hyper = {k: hyper[k] for k in self.rule.hyper}
-            checked = (hyper, kernel_hyper, self.rule.needs(hyper),
-                       self.rule.scalars(kernel_hyper, self.flush_denormals))
+            checked = _fastpath.CheckedGroup(
+                hyper, kernel_hyper, tuple(self.rule.needs(hyper)),
+                self.rule.scalars(kernel_hyper, self.flush_denormals))
             if isinstance(group, ParamGroup):
                 group.checked = checked
         return checked
@@ -312,7 +308,7 @@ class Optimizer:
             params = group["params"]
             stop = start + len(params)
             code, step = _fastpath.gather(self._workspaces[gi], params, grads, start, stop,
-                                          self.state, rule.buffers, checked[2], counts_steps)
+                                          self.state, rule.buffers, checked.needs, counts_steps)
             if code >= 0:
                 self._explain(grads)
             plan.append((checked, start, stop, code == _fastpath.GATHERED, step))
@@ -410,20 +406,21 @@ class Optimizer:
                     return
         # Everything is valid: from here on nothing raises.
         rule = self.rule
-        for gi, ((hyper, kernel_hyper, needs, scalars), start, stop, gathered, step) in enumerate(plan):
+        for gi, (checked, start, stop, gathered, step) in enumerate(plan):
             if gathered and self.backend == "cython":
                 # Every parameter has its state at the same step: one kernel call.
                 if rule.step_arg == "step":
-                    run_workspace(rule, self._workspaces[gi], step + 1, scalars)
+                    run_workspace(rule, self._workspaces[gi], step + 1, checked.scalars)
                     _fastpath.commit_steps(self._workspaces[gi], step + 1)
                 else:
-                    run_workspace(rule, self._workspaces[gi], False, scalars)
+                    run_workspace(rule, self._workspaces[gi], False, checked.scalars)
             else:
-                self._step_group(self.param_groups[gi]["params"], grads, start, stop,
-                                 hyper, kernel_hyper, needs, scalars)
+                self._step_group(self.param_groups[gi]["params"], grads, start, stop, checked)
 
-    def _step_group(self, params, grads, start, stop, hyper, kernel_hyper, needs, scalars):
+    def _step_group(self, params, grads, start, stop, checked):
         """The general path: lazy state, uneven steps, missing gradients."""
+        hyper, kernel_hyper, needs, scalars = (checked.hyper, checked.kernel_hyper,
+                                               checked.needs, checked.scalars)
         rule = self.rule
         # New state buffers of the group are allocated together, packed back
         # to back (fastopt.flat.packed_like), so a step streams through them.

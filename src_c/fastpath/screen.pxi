@@ -1,0 +1,288 @@
+# Screen and gather: check a group's arrays with the C-API while collecting their pointers.
+# Included by src_c/_fastpath.pyx, whose header defines the vocabulary.
+
+# --------------------------------------------------------------------- screen
+
+cdef inline bint usable(object obj, bint writeable):
+    """A native-order, aligned, C-contiguous float32/float64 ndarray."""
+    if not cnp.PyArray_Check(obj):
+        return False
+    if not cnp.PyArray_CheckExact(obj) and isinstance(obj, REFUSED_SUBCLASSES):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>obj
+    cdef int kind = cnp.PyArray_TYPE(a)
+    if kind != cnp.NPY_FLOAT32 and kind != cnp.NPY_FLOAT64:
+        return False
+    if not (cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a)
+            and cnp.PyArray_IS_C_CONTIGUOUS(a)):
+        return False
+    return not writeable or cnp.PyArray_ISWRITEABLE(a)
+
+
+cdef inline bint same_layout(cnp.ndarray a, cnp.ndarray b):
+    # PyArray_SAMESHAPE, inlined: a warm step asks this several times per parameter.
+    cdef int d, nd = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp* da
+    cdef cnp.npy_intp* db
+    if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b) or cnp.PyArray_NDIM(b) != nd:
+        return False
+    da = cnp.PyArray_DIMS(a)
+    db = cnp.PyArray_DIMS(b)
+    for d in range(nd):
+        if da[d] != db[d]:
+            return False
+    return True
+
+
+cdef inline Py_ssize_t elements(cnp.ndarray a):
+    # PyArray_SIZE, inlined.
+    cdef int d
+    cdef Py_ssize_t n = 1
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(a)
+    for d in range(cnp.PyArray_NDIM(a)):
+        n *= dims[d]
+    return n
+
+
+cdef inline bint ranges_overlap(char* a0, char* a1, char* b0, char* b1):
+    # Byte ranges of contiguous arrays; an empty range overlaps nothing.
+    return a0 < a1 and b0 < b1 and a0 < b1 and b0 < a1
+
+
+cdef inline char* end_of(cnp.ndarray a):
+    return <char*>cnp.PyArray_DATA(a) + cnp.PyArray_NBYTES(a)
+
+
+# Return codes of gather(), besides the index of a suspect parameter.
+GATHERED = -1   # every parameter of the range is ready: run the workspace
+SLOW_PATH = -2  # valid, but some parameter needs Python's help (no gradient, no state yet, uneven steps)
+
+
+def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t stop,
+           object state, tuple names, tuple needs, bint counts_steps):
+    """Screen one group and load ``ws``: see full_gather for what is checked.
+
+    Returns ``(code, step)``: GATHERED, SLOW_PATH or the first suspect index,
+    and the parameters' common step count.
+    """
+    cdef Py_ssize_t step = 0
+    if not isinstance(state, dict):
+        raise TypeError(f"the optimizer's state must be a dict, got {type(state).__name__}")
+    code = gather_group(ws, params, grads, start, stop, <dict>state, names, needs,
+                        counts_steps, &step)
+    return code, step
+
+
+cdef Py_ssize_t gather_group(Workspace ws, list params, list grads, Py_ssize_t start,
+                             Py_ssize_t stop, dict state, tuple names, tuple needs,
+                             bint counts_steps, Py_ssize_t* step) except? -3:
+    # When nothing in ``state`` was edited since the last successful gather
+    # into ``ws`` (State.version), only the params and grads are re-checked.
+    ws.params_in_group = stop - start
+    if (ws.cached and state is ws.cached_state and state.version == ws.cached_version
+            and needs is ws.cached_needs and start == ws.cached_start
+            and stop == ws.cached_stop):
+        # The cached count was checked when it was read, not after the steps
+        # counted since: the full screen reports one at the limit (and the
+        # caller's step + 1 cannot overflow).
+        if regather(ws, params, grads, start) == GATHERED and ws.cached_step < MAX_STEP_C:
+            step[0] = ws.cached_step
+            return GATHERED
+    return full_gather(ws, params, grads, start, stop, state, names, needs, counts_steps, step)
+
+
+cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start):
+    """Re-check params, grads and the buffers in use against the cached slots.
+
+    GATHERED when every parameter is the same memory as before, every buffer
+    still usable and shaped like its parameter, every gradient usable and
+    shaped like its parameter; then only the gradients' pointers are new
+    (check_step keeps them off the protected memory). Any doubt returns
+    SLOW_PATH so that full_gather decides, with everything checked.
+    """
+    cdef Py_ssize_t k, j, idx
+    cdef Slot* slot
+    cdef object p_obj, g_obj, b_obj, pair
+    cdef cnp.ndarray p, g
+    cdef char* g0
+    for k in range(ws.count):
+        slot = &ws.slots[k]
+        g_obj = grads[start + k]
+        p_obj = params[k]
+        if g_obj is None or not usable(p_obj, True) or not usable(g_obj, False):
+            return SLOW_PATH
+        p = <cnp.ndarray>p_obj
+        g = <cnp.ndarray>g_obj
+        # The buffers and the protected spans were made for this param's memory.
+        if (<char*>cnp.PyArray_DATA(p) != slot.p or elements(p) != slot.size
+                or (cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64) != slot.f64
+                or not same_layout(g, p)):
+            return SLOW_PATH
+        # A buffer can be made read-only or reshaped in place without an edit
+        # of the state that State.version would see; the full screen refuses
+        # that for every buffer, in use or not.
+        pair = ws.keep[k]
+        for idx in range(1, len(<tuple>pair), 2):
+            j = (<tuple>pair)[idx]
+            b_obj = (<tuple>pair)[idx + 1]
+            if not usable(b_obj, True) or not same_layout(<cnp.ndarray>b_obj, p):
+                return SLOW_PATH
+            if slot.buf[j] != NULL and <char*>cnp.PyArray_DATA(<cnp.ndarray>b_obj) != slot.buf[j]:
+                return SLOW_PATH
+    for k in range(ws.count):
+        g0 = <char*>cnp.PyArray_DATA(<cnp.ndarray>grads[start + k])
+        if g0 != ws.slots[k].g:
+            ws.slots[k].g = g0
+            ws.grads_clear = False  # same pointer and size: the same span as checked
+    return GATHERED
+
+
+cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t start,
+                            Py_ssize_t stop, dict state, tuple names, tuple needs,
+                            bint counts_steps, Py_ssize_t* common_step) except? -3:
+    """Screen one group's ``params`` (flat indices start..stop-1) and load ``ws``.
+
+    ``grads`` and ``state`` are indexed by flat index; ``params`` by position
+    in the group, ``params[i - start]``, written ``params[i]`` below.
+
+    Checked for every ``i`` whose ``grads[i]`` is not None: ``params[i]`` is a
+    usable writeable array; ``grads[i]`` is usable, of the same dtype and
+    shape, and overlaps neither ``params[i]`` nor a buffer of ``state[i]``;
+    ``state[i]``, if present, is a dict whose ``"step"`` (if any) is an int
+    in [0, MAX_STEP) and whose buffers named in ``names`` (if present) are usable,
+    writeable, of the parameter's dtype and shape, and overlap neither the
+    parameter nor each other.
+
+    Returns the first suspect index, or GATHERED (``ws`` holds the whole
+    range; ``common_step[0]`` is the parameters' common step count, 0 if the
+    rule counts none), or SLOW_PATH. Nothing is modified except ``ws``.
+    """
+    cdef Py_ssize_t i, j, k, nb
+    cdef object p_obj, g_obj, b_obj, entry, step_obj
+    cdef cnp.ndarray p, g, b
+    cdef char* p0
+    cdef char* p1
+    cdef char* g0
+    cdef char* g1
+    cdef char* b0
+    cdef char* b1
+    cdef char* seen0[MAX_BUFFERS]
+    cdef char* seen1[MAX_BUFFERS]
+    cdef char* bufs[MAX_BUFFERS]
+    cdef bint slow = False
+    cdef Py_ssize_t step = -1, this_step = -1  # set before use; -1 quiets the C compiler
+    cdef Py_ssize_t nnames = len(names)
+    if len(params) != stop - start:
+        raise ValueError("internal: params does not match start..stop")
+    ws.reserve(stop - start)
+    grow_spans(&ws.protect, &ws.protect_capacity, (stop - start) * (1 + nnames))
+    ws.nprotect = 0
+    ws.generation += 1
+    ws.grads_clear = False
+    ws.count = 0
+    ws.total = 0
+    ws.cached = False
+    ws.cached_state = None  # drop what the last gather held on to, now
+    ws.keep = None
+    keep = []
+    for i in range(start, stop):
+        g_obj = grads[i]
+        if g_obj is None:
+            slow = True
+            continue
+        p_obj = params[i - start]
+        if not usable(p_obj, True) or not usable(g_obj, False):
+            return i
+        p = <cnp.ndarray>p_obj
+        g = <cnp.ndarray>g_obj
+        p0 = <char*>cnp.PyArray_DATA(p)
+        p1 = end_of(p)
+        g0 = <char*>cnp.PyArray_DATA(g)
+        g1 = end_of(g)
+        if not same_layout(g, p) or ranges_overlap(g0, g1, p0, p1):
+            return i
+        entry = state.get(i)
+        if entry is None:
+            slow = True
+            continue
+        if not isinstance(entry, dict):
+            return i
+        if "step" in <dict>entry:  # present but None is refused, like any non-int
+            step_obj = (<dict>entry)["step"]
+            if type(step_obj) is not int or not 0 <= step_obj < MAX_STEP:
+                return i
+            this_step = step_obj
+        elif counts_steps:
+            slow = True
+        ws.add_protect(p0, p1)
+        nb = 0
+        present = [entry]
+        for j in range(MAX_BUFFERS):
+            bufs[j] = NULL
+        for j in range(nnames):
+            b_obj = (<dict>entry).get(names[j])
+            if b_obj is None:
+                if needs[j]:
+                    slow = True
+                continue
+            if not usable(b_obj, True):
+                return i
+            b = <cnp.ndarray>b_obj
+            b0 = <char*>cnp.PyArray_DATA(b)
+            b1 = end_of(b)
+            if (not same_layout(b, p) or ranges_overlap(b0, b1, p0, p1)
+                    or ranges_overlap(b0, b1, g0, g1)):
+                return i
+            for k in range(nb):
+                if ranges_overlap(b0, b1, seen0[k], seen1[k]):
+                    return i
+            seen0[nb] = b0
+            seen1[nb] = b1
+            nb += 1
+            ws.add_protect(b0, b1)
+            present += (j, b)
+            if needs[j]:
+                bufs[j] = b0
+        if slow:
+            continue  # keep screening; the workspace will not be used
+        if counts_steps:
+            if step == -1:
+                step = this_step
+            elif this_step != step:
+                slow = True
+                continue
+        ws.put(p, g, bufs)
+        keep.append(tuple(present))
+    if slow:
+        return SLOW_PATH
+    step = step if step > 0 else 0
+    ws.keep = keep  # the buffers whose pointers the slots now hold, cached or not
+    ws.cached = isinstance(state, State)
+    if ws.cached:
+        ws.cached_state = state
+        ws.cached_version = state.version
+        ws.cached_needs = needs
+        ws.cached_start, ws.cached_stop, ws.cached_step = start, stop, step
+    common_step[0] = step
+    return GATHERED
+
+
+def commit_steps(Workspace ws, object step):
+    """Set ``"step"`` to ``step`` in the state dict of every param of a gathered workspace.
+
+    A gathered workspace holds a slot for each param of its group (all have
+    gradients), and each slot's record starts with the param's state dict.
+    Written with PyDict_SetItem, which a State does not count as an edit: the
+    workspace's cache follows the step itself.
+    """
+    if ws.keep is None or len(ws.keep) != ws.count:
+        raise ValueError("internal: commit_steps needs a gathered workspace")
+    commit_group(ws, step)
+
+
+cdef int commit_group(Workspace ws, object step) except -1:
+    cdef Py_ssize_t k
+    for k in range(ws.count):
+        (<dict>(<tuple>ws.keep[k])[0])["step"] = step
+    ws.cached_step = step
+    return 0

@@ -1,0 +1,178 @@
+# fastopt.torch's fast path over torch tensors (no torch import).
+# Included by src_c/_fastpath.pyx, whose header defines the vocabulary.
+
+# ------------------------------------------------------------ foreign tensors
+# fastopt.torch's fast path. This module does not import torch: it only calls
+# the few tensor methods it needs (``grad``, ``data_ptr()``, ...), about 50 ns
+# each, where the general path in Python costs microseconds per tensor.
+
+cdef class TensorGroup:
+    """One param group of torch tensors, gathered by fastopt/torch.py.
+
+    Built after a step that validated everything: the group's params in
+    order, which of them step (``slot_of[i]`` >= 0: those that had a
+    gradient), per stepping param its dtype, state dict and the tensors
+    expected in it, the address of its step counter, and a Workspace loaded
+    with the pointers of params and state buffers. tensor_step re-checks
+    each step what can change without the optimizer seeing it.
+    """
+    cdef Workspace ws
+    cdef list params, dtypes, states, expected
+    cdef Py_ssize_t* slot_of
+    cdef char** counters
+    cdef bint* counter_f64
+    cdef Scalars scalars
+    cdef bint counts_steps
+
+    def __cinit__(self):
+        self.slot_of = NULL
+        self.counters = NULL
+        self.counter_f64 = NULL
+
+    def __init__(self, Workspace ws, list params, list slot_of, list dtypes, list states,
+                 list expected, list counters, Scalars scalars, bint counts_steps):
+        cdef Py_ssize_t i, n = len(counters)
+        if len(slot_of) != len(params) or not (len(dtypes) == len(states) == len(expected) == n
+                                                 == ws.count):
+            raise ValueError("internal: TensorGroup lists do not match")
+        self.ws, self.params, self.dtypes = ws, params, dtypes
+        self.states, self.expected = states, expected
+        self.scalars, self.counts_steps = scalars, counts_steps
+        self.slot_of = <Py_ssize_t*>realloc(NULL, max(len(params), 1) * sizeof(Py_ssize_t))
+        self.counters = <char**>realloc(NULL, max(n, 1) * sizeof(char*))
+        self.counter_f64 = <bint*>realloc(NULL, max(n, 1) * sizeof(bint))
+        if self.slot_of == NULL or self.counters == NULL or self.counter_f64 == NULL:
+            raise MemoryError()
+        for i in range(len(params)):
+            self.slot_of[i] = slot_of[i]
+        for i in range(n):  # 0-d float32/float64 views of the step tensors, or None
+            self.counters[i] = NULL
+            if counters[i] is not None:
+                self.counters[i] = <char*>cnp.PyArray_DATA(<cnp.ndarray>counters[i])
+                self.counter_f64[i] = cnp.PyArray_TYPE(<cnp.ndarray>counters[i]) == cnp.NPY_FLOAT64
+
+    def __dealloc__(self):
+        free(self.slot_of)
+        free(self.counters)
+        free(self.counter_f64)
+
+    def __reduce__(self):
+        raise TypeError("a TensorGroup holds raw pointers and does not pickle")
+
+    def set_scalars(self, Scalars scalars):
+        """New hyperparameter values (an lr schedule); the same buffers in use."""
+        self.scalars = scalars
+
+    cdef double counter(self, Py_ssize_t i) noexcept:
+        if self.counter_f64[i]:
+            return (<double*>self.counters[i])[0]
+        return (<float*>self.counters[i])[0]
+
+    cdef bint load(self, list live, dict state, object strided) except -1:
+        """Check the group as it is now and take its gradients' pointers."""
+        cdef Py_ssize_t i, k, n = len(self.params)
+        cdef object p, g, dtype, st, pair
+        cdef Slot* slot
+        cdef uintptr_t ptr
+        if len(live) != n:
+            return False
+        for i in range(n):
+            p = live[i]
+            if p is not self.params[i]:
+                return False
+            g = p.grad
+            k = self.slot_of[i]
+            if k < 0:
+                if g is not None:
+                    return False
+                continue
+            if g is None:
+                return False
+            slot = &self.ws.slots[k]
+            dtype = self.dtypes[k]
+            # The param is still the memory the slot points at (p.data = ... moves
+            # it). The slot's views of it keep that memory alive, so an equal
+            # pointer is the same storage.
+            ptr = p.data_ptr()
+            if ptr != <uintptr_t>slot.p:
+                return False
+            # A dense contiguous gradient of the param's dtype and size. Its
+            # device is the param's (CPU): torch's grad setter checks it, and
+            # no .data assignment changes a tensor's device type.
+            if (g.layout is not strided or g.dtype is not dtype or g.numel() != slot.size
+                    or g.is_contiguous() is not True):
+                return False
+            # the state holds the tensors the slot points at
+            st = state.get(p)
+            if st is not self.states[k]:
+                return False
+            for pair in <tuple>self.expected[k]:
+                if (<dict>st).get((<tuple>pair)[0]) is not (<tuple>pair)[1]:
+                    return False
+            ptr = g.data_ptr()
+            if <char*>ptr != slot.g:
+                slot.g = <char*>ptr
+                self.ws.grads_clear = False
+        return True
+
+    cdef bint next_step(self, double* step) noexcept:
+        """The step the counters will hold after advance(): False unless all agree."""
+        cdef Py_ssize_t i
+        cdef double first
+        if self.ws.count == 0:
+            step[0] = 1.0
+            return True
+        first = self.counter(0)
+        for i in range(self.ws.count):
+            if (self.counters[i] == NULL or self.counter(i) != first
+                    or self.counter_f64[i] != self.counter_f64[0]):
+                return False
+        # torch's update uses the counter's value after step_t += 1, in its dtype
+        step[0] = first + 1.0 if self.counter_f64[0] else <double>(<float>first + <float>1.0)
+        return True
+
+    cdef void advance(self) noexcept:
+        """``step += 1`` in each counter's own dtype, as torch does."""
+        cdef Py_ssize_t i
+        for i in range(self.ws.count):
+            if self.counter_f64[i]:
+                (<double*>self.counters[i])[0] += 1.0
+            else:
+                (<float*>self.counters[i])[0] += <float>1.0
+
+
+def tensor_step(list groups, list live_groups, object state, Guard guard, object strided):
+    """A whole fastopt.torch step when nothing changed that needs Python.
+
+    ``groups``: the TensorGroups, ``live_groups``: the optimizer's param lists
+    as they are now (aligned), ``state``: its state dict, ``strided``:
+    torch.strided. Everything is checked before anything is written; returns
+    DONE, or NEEDS_PYTHON with nothing modified.
+    """
+    cdef Py_ssize_t gi, n = len(groups)
+    cdef TensorGroup tg
+    cdef double step
+    cdef list workspaces = []
+    cdef list steps = []
+    if len(live_groups) != n or not isinstance(state, dict):  # torch's is a defaultdict
+        return NEEDS_PYTHON
+    for gi in range(n):
+        tg = <TensorGroup>groups[gi]
+        if not tg.load(live_groups[gi], <dict>state, strided):
+            return NEEDS_PYTHON
+        step = 0.0
+        if tg.counts_steps:
+            if not tg.next_step(&step) or not 1.0 <= step < 9.2e18:  # a valid int64 count
+                return NEEDS_PYTHON
+        steps.append(step)
+        workspaces.append(tg.ws)
+    if not check_step(guard, workspaces, n):
+        return NEEDS_PYTHON
+    for gi in range(n):
+        tg = <TensorGroup>groups[gi]
+        if tg.counts_steps:
+            tg.advance()
+            run(tg.ws, tg.scalars, <Py_ssize_t><double>steps[gi], False)
+        else:
+            run(tg.ws, tg.scalars, 0, False)
+    return DONE

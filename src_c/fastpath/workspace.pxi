@@ -1,0 +1,110 @@
+# Workspace: a reusable array of slots, the pointers of one kernel call.
+# Included by src_c/_fastpath.pyx, whose header defines the vocabulary.
+
+# ------------------------------------------------------------------ workspace
+
+cdef class Scalars  # below, with the per-step scalars
+
+cdef class Workspace:
+    """Reusable slot array: the pointers of one kernel call (grown, never shrunk)."""
+    cdef Slot* slots
+    cdef Py_ssize_t capacity
+    cdef Py_ssize_t count
+    cdef Py_ssize_t total
+    # What the last full gather() saw. While the optimizer's State reports no
+    # edit (same object, same version) and the group's options are the same
+    # objects, the state buffers cannot have changed: the next gather only
+    # re-checks the params and grads (see regather).
+    cdef bint cached
+    cdef object cached_state
+    cdef Py_ssize_t cached_version
+    cdef object cached_needs
+    cdef Py_ssize_t cached_start, cached_stop, cached_step
+    # Per slot, (entry, j, buffer, j, buffer, ...): the param's state dict
+    # (where the step count goes) and every state buffer it has (used or
+    # not), with its index in the rule's names: what the slots' pointers
+    # came from, for regather.
+    cdef list keep
+    # The memory a step over these slots must keep apart from every gradient:
+    # each param and every state buffer it has (used by the options or not).
+    # Rebuilt by each full gather, which bumps generation (see Guard).
+    cdef Span* protect
+    cdef Py_ssize_t nprotect, protect_capacity
+    cdef Py_ssize_t generation
+    # check_step found the slots' gradients clear of the guard's spans; any
+    # new gradient pointer (or a new gather) clears the flag.
+    cdef bint grads_clear
+    # Between fast_step's screening pass and its running pass: the group's
+    # scalars, common step count and parameter count.
+    cdef Scalars step_scalars
+    cdef Py_ssize_t step_count, params_in_group
+
+    def __dealloc__(self):
+        free(self.slots)
+        free(self.protect)
+
+    def protect_arrays(self, list arrays):
+        """Set the protected spans to these contiguous arrays' (see check_step)."""
+        cdef cnp.ndarray a
+        grow_spans(&self.protect, &self.protect_capacity, len(arrays))
+        self.nprotect = 0
+        self.generation += 1
+        self.grads_clear = False
+        for a in arrays:
+            self.add_protect(<char*>cnp.PyArray_DATA(a), end_of(a))
+
+    cdef inline void add_protect(self, char* start, char* end) noexcept:
+        # Capacity reserved by full_gather; empty ranges overlap nothing.
+        if start < end:
+            self.protect[self.nprotect].start = start
+            self.protect[self.nprotect].end = end
+            self.nprotect += 1
+
+    def __reduce__(self):
+        # Scratch space only: a copy (deepcopy, pickle) starts empty.
+        return (Workspace, ())
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        cdef Slot* grown
+        if n > self.capacity:
+            grown = <Slot*>realloc(self.slots, n * sizeof(Slot))
+            if grown == NULL:
+                raise MemoryError()
+            self.slots = grown
+            self.capacity = n
+        return 0
+
+    cdef inline void put(self, cnp.ndarray p, cnp.ndarray g, char** bufs) noexcept:
+        cdef Slot* slot = &self.slots[self.count]
+        cdef int j
+        slot.p = <char*>cnp.PyArray_DATA(p)
+        slot.g = <char*>cnp.PyArray_DATA(g)
+        for j in range(MAX_BUFFERS):
+            slot.buf[j] = bufs[j]
+        slot.size = cnp.PyArray_SIZE(p)
+        slot.f64 = cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64
+        self.total += slot.size
+        self.count += 1
+
+    def fill(self, list params, list grads, tuple buffer_lists):
+        """Load already-validated aligned lists (buffer_lists: per buffer a list or None)."""
+        cdef Py_ssize_t i, j, n = len(params)
+        cdef char* bufs[MAX_BUFFERS]
+        self.reserve(n)
+        self.count = 0
+        self.total = 0
+        for i in range(n):
+            for j in range(MAX_BUFFERS):
+                bufs[j] = NULL
+                if j < len(buffer_lists) and buffer_lists[j] is not None:
+                    bufs[j] = <char*>cnp.PyArray_DATA(<cnp.ndarray>(<list>buffer_lists[j])[i])
+            self.put(<cnp.ndarray>params[i], <cnp.ndarray>grads[i], bufs)
+
+    cdef void run(self, int rule, const StepScalars* s) noexcept:
+        if self.count == 0:
+            return
+        if self.total >= NOGIL_MIN_SIZE:
+            with nogil:
+                runner(rule, self.slots, self.count, s, max_threads)
+        else:
+            runner(rule, self.slots, self.count, s, max_threads)
