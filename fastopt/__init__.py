@@ -34,11 +34,10 @@ from ._dispatch import get_num_threads, set_num_threads, show_config, simd_level
 from ._version import __version__
 from .accumulate import GradientAccumulator
 from .batching import Batches, batches
-from .checkpoint import load_optimizer
 from .clip import clip_grad_norm, clip_grad_value, grad_norm
 from .flat import FlatParams
 from .optimizer import Optimizer
-from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop, load_optimizer
 from .training import EarlyStopping, History, fit, lr_range_test
 
 __all__ = [

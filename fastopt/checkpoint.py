@@ -31,7 +31,7 @@ SCHEDULER_FORMAT = "fastopt-scheduler"
 FORMAT_VERSION = 1
 META = "meta.json"
 
-__all__ = ["save_optimizer", "restore_optimizer", "load_optimizer", "save_scheduler",
+__all__ = ["save_optimizer", "restore_optimizer", "read_layout", "save_scheduler",
            "restore_scheduler"]
 
 
@@ -183,33 +183,23 @@ def restore_optimizer(optimizer, path):
     optimizer.skipped_steps = int(meta.get("skipped_steps", 0))
 
 
-def load_optimizer(path, params, *, backend="cython"):
-    """A new optimizer of the saved type, over ``params``, restored from ``path``.
+def read_layout(path):
+    """The saved optimizer's type name and its param groups, as plain data.
 
-    ``params`` are the model's arrays in the saved order (a list, or a dict
-    for an optimizer saved with named parameters); the param-group layout and
-    hyperparameters come from the checkpoint.
+    Returns ``(kind, groups)``: ``groups`` is a list of ``(members, hyper)``
+    with the parameter indices of each group and its hyperparameters (betas
+    as a tuple). The optimizer layer builds an optimizer from it
+    (``fastopt.load_optimizer``); this module knows no optimizer class.
     """
-    from . import optimizers
     meta, _ = _read_npz(path)
-    cls = getattr(optimizers, str(meta.get("optimizer")), None)
-    if cls is None or cls.__name__ not in optimizers.__all__:
-        raise ValueError(f"{path}: unknown optimizer type {meta.get('optimizer')!r}")
-    items = list(params.items()) if isinstance(params, dict) else list(enumerate(params))
-    groups = []
-    for group in meta["param_groups"]:
-        members = group.get("params", [])
-        if any(not isinstance(i, int) or not 0 <= i < len(items) for i in members):
-            raise ValueError(f"{path}: the checkpoint's groups do not fit {len(items)} parameters")
-        chosen = [items[i] for i in members]
-        hyper = {k: (tuple(v) if k == "betas" else v) for k, v in group.items()
-                 if k not in ("params", "param_names")}
-        groups.append({**hyper, "params": dict(chosen) if isinstance(params, dict)
-                       else [p for _, p in chosen]})
-    # Every group carries its saved hyperparameters: constructor defaults do not matter.
-    optimizer = cls(groups, backend=backend)
-    restore_optimizer(optimizer, path)
-    return optimizer
+    try:
+        groups = [(list(group.get("params", [])),
+                   {k: (tuple(v) if k == "betas" else v) for k, v in group.items()
+                    if k not in ("params", "param_names")})
+                  for group in meta["param_groups"]]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
+    return str(meta.get("optimizer")), groups
 
 
 # ------------------------------------------------------------------ scheduler

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Mapping, MutableMapping
 
 from . import _validation as V
+from . import checkpoint
 
 __all__ = ["LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR",
            "LinearLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "OneCycleLR",
@@ -234,13 +235,11 @@ class LRScheduler:
 
     def save(self, path):
         """Write the scheduler's state to ``path`` (JSON, atomically; see fastopt.checkpoint)."""
-        from .checkpoint import save_scheduler
-        save_scheduler(self, path)
+        checkpoint.save_scheduler(self, path)
 
     def load(self, path):
         """Restore a state written by :meth:`save` (checked; unchanged on error)."""
-        from .checkpoint import restore_scheduler
-        restore_scheduler(self, path)
+        checkpoint.restore_scheduler(self, path)
 
     def load_state_dict(self, state_dict):
         """Restore a state from :meth:`state_dict` (torch's state_dicts load too).

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _fastpath
 from . import _validation as V
+from . import checkpoint
 from . import reference
 from ._watched import ParamGroup, State
 from .flat import packed_like
@@ -569,8 +570,7 @@ class Optimizer:
         A NumPy ``.npz`` file (loaded with ``allow_pickle=False``) with JSON
         metadata; see ``fastopt.checkpoint``.
         """
-        from .checkpoint import save_optimizer
-        save_optimizer(self, path)
+        checkpoint.save_optimizer(self, path)
 
     def load(self, path):
         """Restore state and hyperparameters saved by :meth:`save`.
@@ -579,8 +579,7 @@ class Optimizer:
         checkpoint does not fit (other optimizer, shapes, dtypes, counts, a
         newer format, a truncated or corrupt file, pickled objects).
         """
-        from .checkpoint import restore_optimizer
-        restore_optimizer(self, path)
+        checkpoint.restore_optimizer(self, path)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]

@@ -5,10 +5,11 @@ starts; ``fastopt.optimizer.Optimizer`` does the rest.
 """
 
 from . import _validation as V
+from . import checkpoint
 from . import kernels as K
 from .optimizer import Optimizer
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "load_optimizer"]
 
 _PARAMS_DOC = """params : list of ndarray, dict or list of dict
         The arrays to optimize (updated in place), a dict name -> array, or
@@ -182,3 +183,28 @@ AdamW.__doc__ = f"""AdamW: Adam with decoupled weight decay (default 1e-2).
     {_PARAMS_DOC}
     {_ADAM_DOC.format(weight_decay="1e-2")}
     """
+
+
+def load_optimizer(path, params, *, backend="cython"):
+    """A new optimizer of the saved type, over ``params``, restored from ``path``.
+
+    ``params`` are the model's arrays in the saved order (a list, or a dict
+    for an optimizer saved with named parameters); the param-group layout and
+    hyperparameters come from the checkpoint.
+    """
+    kind, layout = checkpoint.read_layout(path)
+    classes = {name: globals()[name] for name in __all__ if name != "load_optimizer"}
+    if kind not in classes:
+        raise ValueError(f"{path}: unknown optimizer type {kind!r}")
+    items = list(params.items()) if isinstance(params, dict) else list(enumerate(params))
+    groups = []
+    for members, hyper in layout:
+        if any(not isinstance(i, int) or not 0 <= i < len(items) for i in members):
+            raise ValueError(f"{path}: the checkpoint's groups do not fit {len(items)} parameters")
+        chosen = [items[i] for i in members]
+        groups.append({**hyper, "params": dict(chosen) if isinstance(params, dict)
+                       else [p for _, p in chosen]})
+    # Every group carries its saved hyperparameters: constructor defaults do not matter.
+    optimizer = classes[kind](groups, backend=backend)
+    checkpoint.restore_optimizer(optimizer, path)
+    return optimizer
