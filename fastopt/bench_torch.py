@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 
 CHECKED_STEPS = 10
@@ -59,8 +60,10 @@ def _runner(torch, name, run):
     return on_one_thread
 
 
-def _time(runners, budget_s, block):
-    times = {name: [] for name in runners}
+def _time(runners, budget_s, block, blocks=None):
+    """Medians per step and the steps run; every block's time into ``blocks`` if given."""
+    times = {} if blocks is None else blocks
+    times.update({name: [] for name in runners})
     deadline = time.perf_counter() + budget_s
     rounds = 0
     while rounds < 3 or time.perf_counter() < deadline:
@@ -85,8 +88,22 @@ def _warm_up_and_check(models, runners, what):
                 raise AssertionError(f"{name} left torch's trajectory ({CHECKED_STEPS} {what})")
 
 
-def run_torch(budget_s=1.0):
-    """Return rows for the two cases; each row maps implementation -> seconds."""
+def run_torch(budget_s=1.0, spreads=None):
+    """Time the two cases.
+
+    Parameters
+    ----------
+    budget_s : float
+        Seconds of timed rounds per case.
+    spreads : dict, optional
+        Filled with case label -> {implementation: block spread}
+        (fastopt.bench.block_spread), for the unstable-time marks.
+
+    Returns
+    -------
+    list of (str, dict)
+        One row per case: its label and implementation -> median seconds.
+    """
     import torch
     torch.manual_seed(0)
     rows = []
@@ -101,9 +118,11 @@ def run_torch(budget_s=1.0):
         opt = make(list(model.parameters()))
         models[name], runners[name] = model, _runner(torch, name, opt.step)
     _warm_up_and_check(models, runners, "optimizer steps")
-    medians, _ = _time(runners, budget_s, block=5)
+    blocks = {}
+    medians, _ = _time(runners, budget_s, block=5, blocks=blocks)
     n_tensors = len(list(base.parameters()))
     rows.append((f"optimizer step, {n_tensors} tensors", medians))
+    _record_spreads(spreads, rows[-1][0], blocks)
 
     base = _small_mlp(torch)
     X, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
@@ -119,20 +138,39 @@ def run_torch(budget_s=1.0):
             opt.step()
         models[name], runners[name] = model, _runner(torch, name, train_step)
     _warm_up_and_check(models, runners, "training steps")
-    medians, _ = _time(runners, budget_s, block=5)
+    blocks = {}
+    medians, _ = _time(runners, budget_s, block=5, blocks=blocks)
     rows.append(("training step, MLP 64-128-128-10, batch 256", medians))
+    _record_spreads(spreads, rows[-1][0], blocks)
     return rows
 
 
-def format_rows(rows):
+def _record_spreads(spreads, label, blocks):
+    if spreads is not None:
+        from .bench import block_spread
+        spreads[label] = {name: block_spread(ts) for name, ts in blocks.items()}
+
+
+def unstable(spreads):
+    """(case label, implementation) pairs whose blocks spread past bench.SPREAD_LIMIT."""
+    from .bench import SPREAD_LIMIT
+    return [(label, name) for label, per_impl in spreads.items()
+            for name, spread in per_impl.items() if spread > SPREAD_LIMIT]
+
+
+def format_rows(rows, spreads=None):
+    """The rows as an aligned table; with ``spreads``, unstable times are marked ``~``."""
+    from .bench import _fmt_ratio
+    shaky = set(unstable(spreads or {}))
     names = list(rows[0][1])
     header = ["case"] + names + ["fastopt vs best fused", "fastopt vs default"]
     body = []
     for label, med in rows:
         fused = min(med["torch fused"], med["torch fused, 1 thread"])
-        body.append([label] + [f"{med[n] * 1e6:.0f} us" for n in names]
-                    + [f"{fused / med['fastopt.torch']:.2f}x",
-                       f"{med['torch default'] / med['fastopt.torch']:.2f}x"])
+        body.append([label] + [f"{med[n] * 1e6:.0f} us" + ("~" if (label, n) in shaky else "")
+                               for n in names]
+                    + [_fmt_ratio(fused / med["fastopt.torch"]),
+                       _fmt_ratio(med["torch default"] / med["fastopt.torch"])])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
     return "\n".join(lines + [" | ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body])
@@ -157,17 +195,33 @@ def run_cli(args):
     from . import _dispatch, bench
     print(bench.header(with_torch=True))
     budget = 0.3 if args.quick else 1.0
-    rows = run_torch(budget_s=budget)
-    print(format_rows(rows))
+    spreads = {}
+    rows = run_torch(budget_s=budget, spreads=spreads)
+    first = unstable(spreads)
+    if first:  # once more, as bench does for its cases: disturbances seldom last
+        print("re-measuring: unstable " + ", ".join(f"{n} ({c.split(',')[0]})" for c, n in first),
+              file=sys.stderr, flush=True)
+        spreads = {}
+        rows = run_torch(budget_s=budget, spreads=spreads)
+    print(format_rows(rows, spreads))
     print("medians of rotating blocks of 5 steps; every implementation's first "
           f"{CHECKED_STEPS} steps checked against torch.optim's default (foreach=False); "
           "'torch fused, 1 thread' runs at torch.set_num_threads(1), the others at torch's "
           "default; 'fastopt vs ...' = that time / fastopt.torch's (above 1: fastopt is faster)")
+    from .bench import SPREAD_LIMIT
+    still = unstable(spreads)
+    if first or still:
+        print(f"~ marks an unstable time (the middle half of its blocks spread by more than "
+              f"{SPREAD_LIMIT:.0%} of their median); "
+              + ("both cases were re-measured once; " if first else "")
+              + "still unstable: " + (", ".join(f"{n} ({c.split(',')[0]})" for c, n in still)
+                                     or "none"))
     path = os.path.abspath(args.json or DEFAULT_JSON)
     with open(path, "w") as f:
         json.dump({"config": _dispatch.config(), "header": bench.header(with_torch=True),
-                   "budget_s": budget,
-                   "rows": [{"case": label, "median_s": med} for label, med in rows]}, f, indent=1)
+                   "budget_s": budget, "remeasured": bool(first),
+                   "rows": [{"case": label, "median_s": med, "block_spread": spreads.get(label)}
+                            for label, med in rows]}, f, indent=1)
     print(f"saved {path}")
     if args.plot:
         print(f"no plot: bench --torch draws no figure ({os.path.abspath(args.plot)} not written)")
