@@ -16,6 +16,12 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src_c", "rules"))
+import table  # noqa: E402  (src_c/rules/table.py: the compute layer's one table of rules)
+
+# The rule ids, the dispatch and RULE_IDS are generated from that table.
+table.generate(os.path.join(os.path.dirname(os.path.abspath(__file__)), "src_c"))
+
 MSVC = sys.platform == "win32"
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 

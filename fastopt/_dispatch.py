@@ -56,7 +56,7 @@ def select_simd(level=None):
         raise RuntimeError(f"this CPU cannot run SIMD level {level!r} "
                            f"(it runs: {', '.join(runnable)})")
     module = importlib.import_module(f"fastopt._kernels_{level}")
-    _fastpath.install_runner(module.runner(), module.stats())
+    _fastpath.install_runner(module.runner(), module.stats(), module.at_step())
     _active["level"], _active["module"] = level, module
     return level
 

@@ -78,7 +78,7 @@ def _check_sgd(h):
 
 SGD_RULE = Rule(
     name="sgd",
-    rule_id=0,
+    rule_id=_fastpath.RULE_IDS["sgd"],
     hyper={"lr": V.nonnegative, "momentum": V.nonnegative, "dampening": V.finite,
            "weight_decay": V.nonnegative, "nesterov": V.flag, "maximize": V.flag},
     buffers=("momentum_buffer",),
@@ -90,7 +90,7 @@ SGD_RULE = Rule(
 
 ADAGRAD_RULE = Rule(
     name="adagrad",
-    rule_id=1,
+    rule_id=_fastpath.RULE_IDS["adagrad"],
     hyper={"lr": V.nonnegative, "lr_decay": V.nonnegative, "weight_decay": V.nonnegative,
            "eps": V.positive, "maximize": V.flag},
     buffers=("sum",),
@@ -101,7 +101,7 @@ ADAGRAD_RULE = Rule(
 
 RMSPROP_RULE = Rule(
     name="rmsprop",
-    rule_id=2,
+    rule_id=_fastpath.RULE_IDS["rmsprop"],
     hyper={"lr": V.nonnegative, "alpha": V.unit_interval, "eps": V.positive,
            "weight_decay": V.nonnegative, "momentum": V.nonnegative, "centered": V.flag,
            "maximize": V.flag},
@@ -113,7 +113,7 @@ RMSPROP_RULE = Rule(
 
 ADAM_RULE = Rule(
     name="adam",
-    rule_id=3,
+    rule_id=_fastpath.RULE_IDS["adam"],
     hyper={"lr": V.nonnegative, "betas": V.betas, "eps": V.positive,
            "weight_decay": V.nonnegative, "amsgrad": V.flag, "maximize": V.flag,
            "decoupled_weight_decay": V.flag},

@@ -1,20 +1,16 @@
 # Types shared by the compute layer (_kernels_*.pyx) and the API layer's fast
 # path (_fastpath.pyx). Only plain C: pointers, sizes and scalars.
 
+# The rule ids (RULE_SGD, ...) are generated into _rule_ids.pxd from the one
+# table in src_c/rules/table.py.
+
 cdef enum:
-    RULE_SGD = 0
-    RULE_ADAGRAD = 1
-    RULE_RMSPROP = 2
-    RULE_ADAM = 3
-    RULE_STREAM = 4   # not an optimizer: the bandwidth probe (Adam's traffic, no math)
-    RULE_AXPY = 5     # p += lr * g: gradient accumulation
-    RULE_SCALE = 6    # p *= lr: gradient clipping
     MAX_BUFFERS = 3
 
 
 cdef struct StepScalars:
     # Every rule reads the fields it needs; the others are zero ("off").
-    double base_lr       # the group's lr, from which lr is derived each step
+    double base_lr       # the group's lr, from which lr is derived each step (at_step)
     double lr_decay      # Adagrad
     double lr            # SGD, RMSprop: lr.  Adagrad: clr.  Adam: lr / bc1.
     double sign          # -1.0 when maximizing, else 1.0 (multiplying by +-1 is exact)
@@ -45,9 +41,15 @@ cdef struct Slot:
 
 
 # The compute layer's entries. runner: run `rule` over `count` slots, splitting
-# the elements over at most `max_threads` threads when the work is large.
+# the elements over at most `max_threads` threads when the work is large;
+# `consts` are the group's step-independent scalars, from which the rule's
+# at_step derives this step's (once, in double).
 ctypedef void (*runner_t)(int rule, const Slot* slots, Py_ssize_t count,
-                          const StepScalars* s, int max_threads) noexcept nogil
+                          const StepScalars* consts, Py_ssize_t step, bint first_step,
+                          int max_threads) noexcept nogil
+# at_step: the scalars a kernel gets at `step` (for tests and debugging).
+ctypedef void (*at_step_t)(int rule, StepScalars* s, Py_ssize_t step,
+                           bint first_step) noexcept nogil
 # stats: the sum of squares of the slots' g arrays and whether any element is
 # NaN or infinite, in fixed blocks summed in a fixed order (the same bits for
 # every thread count and ISA level). Returns -1 if out of memory, else 0.

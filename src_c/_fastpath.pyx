@@ -16,6 +16,7 @@ pointer, installed by fastopt/_dispatch.py for the CPU's best ISA level.
 
 The module is one concern per included file (src_c/fastpath/), in this order:
 
+    rule_ids.pxi   RULE_IDS, generated from src_c/rules/table.py
     cpu.pxi        which optional kernel builds the CPU runs
     runner.pxi     the installed compute layer and the thread limit
     workspace.pxi  Workspace
@@ -66,9 +67,8 @@ from libc.stdint cimport uintptr_t
 from libc.stdlib cimport realloc, free, qsort
 from libc.string cimport memset
 
-from _common cimport (Slot, StepScalars, runner_t, stats_t, RULE_SGD, RULE_ADAGRAD,
-                      RULE_RMSPROP, RULE_ADAM, RULE_STREAM, RULE_AXPY, RULE_SCALE,
-                      MAX_BUFFERS)
+from _common cimport Slot, StepScalars, runner_t, stats_t, at_step_t, MAX_BUFFERS
+from _rule_ids cimport *
 
 cnp.import_array()
 
@@ -95,6 +95,7 @@ cdef int grow_spans(Span** spans, Py_ssize_t* capacity, Py_ssize_t n) except -1:
     return 0
 
 
+include "fastpath/rule_ids.pxi"
 include "fastpath/cpu.pxi"
 include "fastpath/runner.pxi"
 include "fastpath/workspace.pxi"

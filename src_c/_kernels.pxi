@@ -21,9 +21,7 @@ from cython.parallel cimport parallel, threadid
 from libc.math cimport sqrt, sqrtf
 from libc.stdlib cimport malloc, free
 
-from _common cimport (Slot, StepScalars, runner_t, stats_t, RULE_SGD, RULE_ADAGRAD,
-                     RULE_RMSPROP, RULE_ADAM, RULE_STREAM, RULE_AXPY, RULE_SCALE,
-                     MAX_BUFFERS)
+from _common cimport Slot, StepScalars, runner_t, stats_t, at_step_t, MAX_BUFFERS
 
 cdef extern from *:
     """
@@ -74,14 +72,11 @@ ctypedef fused floating:
     double
 
 
-# Relative time of one element per rule on one thread (SGD = 1; the divisions
-# and square roots make the others slower), and the work below which a step
-# stays on the calling thread: waking a thread pool costs a few microseconds,
-# more than a small update. Measured with
+# The work (elements x the rule's relative cost, RULE_COST in _rules.pxi)
+# below which a step stays on the calling thread: waking a thread pool costs a
+# few microseconds, more than a small update. Measured with
 # bench/thread_threshold.py on 2 cores: two threads win from about 6k elements
 # for Adam, 16k for SGD with momentum and 32k for plain SGD.
-cdef Py_ssize_t RULE_COST[7]
-RULE_COST[:] = [1, 4, 5, 5, 2, 1, 1]  # sgd, adagrad, rmsprop, adam, probe, axpy, scale
 cdef Py_ssize_t parallel_min_work = 32768
 
 # Split points between threads fall on multiples of 16 elements (64 bytes of
@@ -117,259 +112,19 @@ cdef inline floating root(floating x) noexcept nogil:
         return sqrt(x)
 
 
-# ---------------------------------------------------------------- kernels
-# Each rule is a loop body with its option switches as arguments, plus a
-# kernel that calls it once per switch combination with constant switches.
-# After inlining each call is a straight-line loop the compiler vectorizes; a
-# single loop testing the switches per element stays scalar ("control flow in
-# loop"), about 4x slower for Adam.
+# ---------------------------------------------------------------- rules
+# Each rule lives in src_c/rules/<name>.pxi: a loop body with its option
+# switches as arguments, a kernel that calls it once per switch combination
+# with constant switches, and its per-step scalars. After inlining each call is
+# a straight-line loop the compiler vectorizes; a single loop testing the
+# switches per element stays scalar ("control flow in loop"), about 4x slower
+# for Adam. The generated _rules.pxi includes them all and holds the one
+# dispatch: call_rule (rule x dtype) and rule_at_step.
 
-cdef inline void sgd_loop(floating* p, const floating* g, floating* buf, Py_ssize_t n,
-                          const StepScalars* s, bint decay, bint use_momentum,
-                          bint first_step, bint nesterov) noexcept nogil:
-    cdef floating sign = <floating>s.sign
-    cdef floating wd = <floating>s.weight_decay
-    cdef floating neg_lr = <floating>(-s.lr)
-    cdef floating mom = <floating>s.momentum
-    cdef floating keep = <floating>(1.0 - s.dampening)
-    cdef floating gi, b
-    cdef Py_ssize_t i
-    for i in range(n):
-        gi = sign * g[i]
-        if decay:
-            gi = gi + wd * p[i]
-        if use_momentum:
-            if first_step:
-                b = gi
-            else:
-                b = buf[i] * mom + keep * gi
-            buf[i] = b
-            if nesterov:
-                gi = gi + mom * b
-            else:
-                gi = b
-        p[i] = p[i] + neg_lr * gi
-
-
-cdef void sgd_kernel(floating* p, const floating* g, floating** bufs,
-                     Py_ssize_t n, const StepScalars* s) noexcept nogil:
-    cdef bint wd = s.weight_decay != 0
-    if s.momentum == 0:
-        if wd:
-            sgd_loop(p, g, NULL, n, s, True, False, False, False)
-        else:
-            sgd_loop(p, g, NULL, n, s, False, False, False, False)
-    elif s.first_step:
-        # Runs once per parameter: one generic copy is enough.
-        sgd_loop(p, g, bufs[0], n, s, wd, True, True, s.nesterov)
-    elif s.nesterov:
-        if wd:
-            sgd_loop(p, g, bufs[0], n, s, True, True, False, True)
-        else:
-            sgd_loop(p, g, bufs[0], n, s, False, True, False, True)
-    else:
-        if wd:
-            sgd_loop(p, g, bufs[0], n, s, True, True, False, False)
-        else:
-            sgd_loop(p, g, bufs[0], n, s, False, True, False, False)
-
-
-cdef inline void adagrad_loop(floating* p, const floating* g, floating* state_sum,
-                              Py_ssize_t n, const StepScalars* s, bint decay) noexcept nogil:
-    cdef floating sign = <floating>s.sign
-    cdef floating wd = <floating>s.weight_decay
-    cdef floating neg_clr = <floating>(-s.lr)
-    cdef floating eps = <floating>s.eps
-    cdef floating gi, acc
-    cdef Py_ssize_t i
-    for i in range(n):
-        gi = sign * g[i]
-        if decay:
-            gi = gi + wd * p[i]
-        acc = state_sum[i] + gi * gi
-        state_sum[i] = acc
-        p[i] = p[i] + neg_clr * gi / (root(acc) + eps)
-
-
-cdef void adagrad_kernel(floating* p, const floating* g, floating** bufs,
-                         Py_ssize_t n, const StepScalars* s) noexcept nogil:
-    if s.weight_decay != 0:
-        adagrad_loop(p, g, bufs[0], n, s, True)
-    else:
-        adagrad_loop(p, g, bufs[0], n, s, False)
-
-
-cdef inline void rmsprop_loop(floating* p, const floating* g, floating* square_avg,
-                              floating* grad_avg, floating* buf, Py_ssize_t n,
-                              const StepScalars* s, bint decay, bint centered,
-                              bint use_momentum) noexcept nogil:
-    cdef floating sign = <floating>s.sign
-    cdef floating wd = <floating>s.weight_decay
-    cdef floating neg_lr = <floating>(-s.lr)
-    cdef floating alpha = <floating>s.alpha
-    cdef floating one_minus_alpha = <floating>(1.0 - s.alpha)
-    cdef floating eps = <floating>s.eps
-    cdef floating mom = <floating>s.momentum
-    cdef floating gi, sq, ga, avg, b
-    cdef Py_ssize_t i
-    for i in range(n):
-        gi = sign * g[i]
-        if decay:
-            gi = gi + wd * p[i]
-        sq = square_avg[i] * alpha + one_minus_alpha * gi * gi
-        square_avg[i] = sq
-        if centered:
-            ga = lerp(grad_avg[i], gi, one_minus_alpha)
-            grad_avg[i] = ga
-            avg = root(sq - ga * ga) + eps
-        else:
-            avg = root(sq) + eps
-        if use_momentum:
-            b = buf[i] * mom + gi / avg
-            buf[i] = b
-            p[i] = p[i] + neg_lr * b
-        else:
-            p[i] = p[i] + neg_lr * gi / avg
-
-
-cdef void rmsprop_kernel(floating* p, const floating* g, floating** bufs,
-                         Py_ssize_t n, const StepScalars* s) noexcept nogil:
-    cdef floating* sq = bufs[0]
-    cdef floating* ga = bufs[1]
-    cdef floating* buf = bufs[2]
-    if s.weight_decay != 0 or (s.centered and s.momentum > 0):
-        # The less common combinations share one generic copy.
-        rmsprop_loop(p, g, sq, ga, buf, n, s, s.weight_decay != 0, s.centered,
-                     s.momentum > 0)
-    elif s.centered:
-        rmsprop_loop(p, g, sq, ga, buf, n, s, False, True, False)
-    elif s.momentum > 0:
-        rmsprop_loop(p, g, sq, ga, buf, n, s, False, False, True)
-    else:
-        rmsprop_loop(p, g, sq, ga, buf, n, s, False, False, False)
-
-
-cdef inline void adam_loop(floating* p, const floating* g, floating* exp_avg,
-                           floating* exp_avg_sq, floating* max_exp_avg_sq, Py_ssize_t n,
-                           const StepScalars* s, bint coupled_decay,
-                           bint amsgrad) noexcept nogil:
-    cdef floating sign = <floating>s.sign
-    cdef floating wd = <floating>s.weight_decay
-    cdef floating decay = <floating>s.decay
-    cdef floating one_minus_beta1 = <floating>(1.0 - s.beta1)
-    cdef floating beta2 = <floating>s.beta2
-    cdef floating one_minus_beta2 = <floating>(1.0 - s.beta2)
-    cdef floating bc2_sqrt = <floating>s.bc2_sqrt
-    cdef floating eps = <floating>s.eps
-    cdef floating neg_step_size = <floating>(-s.lr)
-    cdef floating gi, m, v
-    cdef Py_ssize_t i
-    for i in range(n):
-        gi = sign * g[i]
-        if coupled_decay:
-            gi = gi + wd * p[i]
-        m = lerp(exp_avg[i], gi, one_minus_beta1)
-        exp_avg[i] = m
-        v = exp_avg_sq[i] * beta2 + one_minus_beta2 * gi * gi
-        exp_avg_sq[i] = v
-        if amsgrad:
-            v = nan_max(max_exp_avg_sq[i], v)
-            max_exp_avg_sq[i] = v
-        p[i] = p[i] * decay + neg_step_size * m / (root(v) / bc2_sqrt + eps)
-
-
-cdef void adam_kernel(floating* p, const floating* g, floating** bufs,
-                      Py_ssize_t n, const StepScalars* s) noexcept nogil:
-    cdef bint wd = s.weight_decay != 0
-    if s.amsgrad:
-        if wd:
-            adam_loop(p, g, bufs[0], bufs[1], bufs[2], n, s, True, True)
-        else:
-            adam_loop(p, g, bufs[0], bufs[1], bufs[2], n, s, False, True)
-    else:
-        if wd:
-            adam_loop(p, g, bufs[0], bufs[1], NULL, n, s, True, False)
-        else:
-            adam_loop(p, g, bufs[0], bufs[1], NULL, n, s, False, False)
-
-
-
-cdef void stream_kernel(floating* a, const floating* b, floating** bufs,
-                        Py_ssize_t n, const StepScalars* s) noexcept nogil:
-    # The bandwidth probe: Adam's memory traffic (read a, b, c, d; write a, c,
-    # d: 7 streams) with one add per stream, so memory is all it measures.
-    cdef floating* c = bufs[0]
-    cdef floating* d = bufs[1]
-    cdef floating x
-    cdef Py_ssize_t i
-    for i in range(n):
-        x = b[i]
-        a[i] = a[i] + x
-        c[i] = c[i] + x
-        d[i] = d[i] + x
-
-
-cdef void axpy_kernel(floating* p, const floating* g, floating** bufs,
-                      Py_ssize_t n, const StepScalars* s) noexcept nogil:
-    # Gradient accumulation: p += a * g (a = 1 for a sum, 1/k for a mean of k).
-    cdef floating a = <floating>s.lr
-    cdef Py_ssize_t i
-    for i in range(n):
-        p[i] = p[i] + a * g[i]
-
-
-cdef void scale_kernel(floating* p, const floating* g, floating** bufs,
-                       Py_ssize_t n, const StepScalars* s) noexcept nogil:
-    # Gradient clipping: p *= a.
-    cdef floating a = <floating>s.lr
-    cdef Py_ssize_t i
-    for i in range(n):
-        p[i] = p[i] * a
+include "_rules.pxi"
 
 
 # ----------------------------------------------------------------- driver
-
-cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssize_t n,
-                           const StepScalars* s) noexcept nogil:
-    """Run elements [start, start + n) of one slot. The one rule x dtype dispatch."""
-    cdef int j
-    cdef float* fbufs[MAX_BUFFERS]
-    cdef double* dbufs[MAX_BUFFERS]
-    if slot.f64:
-        for j in range(MAX_BUFFERS):
-            dbufs[j] = (<double*>slot.buf[j] + start) if slot.buf[j] != NULL else NULL
-        if rule == RULE_ADAM:
-            adam_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
-        elif rule == RULE_SGD:
-            sgd_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
-        elif rule == RULE_ADAGRAD:
-            adagrad_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
-        elif rule == RULE_RMSPROP:
-            rmsprop_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
-        elif rule == RULE_AXPY:
-            axpy_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
-        elif rule == RULE_SCALE:
-            scale_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
-        else:
-            stream_kernel(<double*>slot.p + start, <double*>slot.g + start, dbufs, n, s)
-    else:
-        for j in range(MAX_BUFFERS):
-            fbufs[j] = (<float*>slot.buf[j] + start) if slot.buf[j] != NULL else NULL
-        if rule == RULE_ADAM:
-            adam_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
-        elif rule == RULE_SGD:
-            sgd_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
-        elif rule == RULE_ADAGRAD:
-            adagrad_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
-        elif rule == RULE_RMSPROP:
-            rmsprop_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
-        elif rule == RULE_AXPY:
-            axpy_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
-        elif rule == RULE_SCALE:
-            scale_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
-        else:
-            stream_kernel(<float*>slot.p + start, <float*>slot.g + start, fbufs, n, s)
-
 
 cdef void run_range(int rule, const Slot* slots, Py_ssize_t count, Py_ssize_t lo,
                     Py_ssize_t hi, const StepScalars* s) noexcept nogil:
@@ -387,9 +142,12 @@ cdef void run_range(int rule, const Slot* slots, Py_ssize_t count, Py_ssize_t lo
         offset += size
 
 
-cdef void run_slots(int rule, const Slot* slots, Py_ssize_t count, const StepScalars* s,
-                    int max_threads) noexcept nogil:
+cdef void run_slots(int rule, const Slot* slots, Py_ssize_t count, const StepScalars* consts,
+                    Py_ssize_t step, bint first_step, int max_threads) noexcept nogil:
     """The runner: all slots of a step in one pass, split evenly over threads."""
+    cdef StepScalars scalars = consts[0]
+    rule_at_step(rule, &scalars, step, first_step)  # once per step, in double
+    cdef const StepScalars* s = &scalars
     # Initialised although each thread sets them: Cython makes variables
     # assigned in a parallel block firstprivate, which copies them in.
     cdef Py_ssize_t total = 0, lo = 0, hi = 0, i
@@ -520,6 +278,16 @@ def runner():
 def stats():
     """This module's gradient statistics, as a capsule for fastopt._fastpath."""
     return PyCapsule_New(<void*>grad_stats, b"fastopt.stats", NULL)
+
+
+cdef void at_step_entry(int rule, StepScalars* s, Py_ssize_t step,
+                        bint first_step) noexcept nogil:
+    rule_at_step(rule, s, step, first_step)
+
+
+def at_step():
+    """This module's per-step scalars (rule_at_step), as a capsule for fastopt._fastpath."""
+    return PyCapsule_New(<void*>at_step_entry, b"fastopt.at_step", NULL)
 
 
 def info():

@@ -161,34 +161,38 @@ copy_changed() {  # copy_changed DEST_DIR FILE...
 for f in "$REPO"/*; do
     [ -f "$f" ] && copy_changed "$WORK" "$f"
 done
-copy_changed "$WORK/src_c" "$REPO"/src_c/*.pyx "$REPO"/src_c/*.pxi "$REPO"/src_c/*.pxd
+copy_changed "$WORK/src_c" "$REPO"/src_c/*.pyx "$REPO"/src_c/*.pxd
+mkdir -p "$WORK/src_c/rules" "$WORK/src_c/fastpath"
+copy_changed "$WORK/src_c/rules" "$REPO"/src_c/rules/*.pxi "$REPO"/src_c/rules/table.py
+copy_changed "$WORK/src_c/fastpath" "$REPO"/src_c/fastpath/*.pxi
+copy_changed "$WORK/src_c" "$REPO"/src_c/_kernels.pxi  # the generated .pxi/.pxd are made anew
 copy_changed "$WORK/fastopt" "$REPO"/fastopt/*.py
 (cd "$REPO/tests" && tar cf - --exclude=__pycache__ .) | (cd "$WORK/tests" && tar xf -)
 
 if [ "$INJECT" = uaf ]; then
-    say "self-test: injecting a 'uaf' bug into the COPY $WORK/src_c/_fastpath.pyx"
-    "$PYTHON" - "$WORK/src_c/_fastpath.pyx" <<'EOF'
+    say "self-test: injecting a 'uaf' bug into the COPY $WORK/src_c/fastpath/screen.pxi"
+    "$PYTHON" - "$WORK/src_c/fastpath/screen.pxi" <<'EOF'
 import sys
 path = sys.argv[1]
 src = open(path).read()
-anchor = "        slot.p = p0\n        slot.g = g0\n    return GATHERED\n"
+anchor = "        if g0 != ws.slots[k].g:\n            ws.slots[k].g = g0\n"
 if src.count(anchor) != 1:
-    sys.exit("sanitize.sh: cannot find the end of regather in the copy of _fastpath.pyx")
-src = src.replace(anchor, "        slot.p = p0  # INJECTED: slot.g keeps the last step's grad\n"
-                          "    return GATHERED\n")
+    sys.exit("sanitize.sh: cannot find the end of regather in the copy of fastpath/screen.pxi")
+src = src.replace(anchor, "        if g0 != ws.slots[k].g:\n"
+                          "            pass  # INJECTED: the slot keeps the last step's grad\n")
 open(path, "w").write(src)
 EOF
-    grep -n "INJECTED" "$WORK/src_c/_fastpath.pyx"
+    grep -n "INJECTED" "$WORK/src_c/fastpath/screen.pxi"
     [ -n "$TESTS" ] || TESTS="tests/test_memory.py::test_workspace_keeps_no_grad_alive_and_never_reads_a_dead_one"
 elif [ -n "$INJECT" ]; then
-    say "self-test: injecting a '$INJECT' bug into the COPY $WORK/src_c/_kernels.pxi"
-    "$PYTHON" - "$WORK/src_c/_kernels.pxi" "$INJECT" <<'EOF'
+    say "self-test: injecting a '$INJECT' bug into the COPY $WORK/src_c/rules/sgd.pxi"
+    "$PYTHON" - "$WORK/src_c/rules/sgd.pxi" "$INJECT" <<'EOF'
 import sys
 path, kind = sys.argv[1], sys.argv[2]
 src = open(path).read()
 anchor = "        p[i] = p[i] + neg_lr * gi\n\n\ncdef void sgd_kernel("
 if src.count(anchor) != 1:
-    sys.exit("sanitize.sh: cannot find the end of sgd_loop in the copy of _kernels.pxi")
+    sys.exit("sanitize.sh: cannot find the end of sgd_loop in the copy of rules/sgd.pxi")
 if kind == "oob":
     bug = ("        p[i] = p[i] + neg_lr * gi\n"
            "    if n > 0:\n"
@@ -204,7 +208,7 @@ else:
 src = src.replace(anchor, bug + "\n\ncdef void sgd_kernel(", 1)
 open(path, "w").write(src)
 EOF
-    grep -n "INJECTED" "$WORK/src_c/_kernels.pxi"
+    grep -n "INJECTED" "$WORK/src_c/rules/sgd.pxi"
     [ -n "$TESTS" ] || TESTS="tests/test_kernels.py -k sgd"
 fi
 

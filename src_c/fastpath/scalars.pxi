@@ -3,61 +3,58 @@
 
 # ------------------------------------------------------------ step scalars
 
-cdef class Scalars:
-    """A rule's step-independent scalars; :meth:`at_step` adds the rest.
+# StepScalars' fields, all zero: what a rule's consts start from. A rule sets
+# only the fields its kernel reads (fastopt/optim/<rule>.py says which).
+cdef StepScalars _ZERO
+memset(&_ZERO, 0, sizeof(_ZERO))
+_ZERO.decay = 1.0  # AdamW's p *= decay: 1.0 is "off" (and exact)
+_FIELDS = frozenset(<dict>_ZERO) - {"base_lr", "sign", "first_step", "flush_denormals"}
 
-    Built once per group from validated hyperparameters (fastopt.kernels
-    says which fields each rule sets) and reused every step, so a step only
-    computes what depends on the step count - in double precision, with the
-    same operations torch.optim uses in Python.
+
+cdef class Scalars:
+    """A rule's step-independent scalars; the compute layer's at_step adds the rest.
+
+    Built once per group from validated hyperparameters and reused every
+    step, so a step only computes what depends on the step count - once, in
+    double precision, with the operations torch.optim uses in Python (each
+    rule's ``<rule>_at_step`` in src_c/rules/).
+
+    Parameters
+    ----------
+    rule : int
+        The rule's id (``RULE_IDS``).
+    lr : float
+        The group's learning rate (``base_lr``, from which at_step derives ``lr``).
+    maximize : bool
+        Ascend: the gradient's sign flips.
+    flush_denormals : bool
+        Run the kernels with FTZ/DAZ on.
+    **consts
+        Any other field of StepScalars (see _common.pxd) the rule's kernel reads.
     """
     cdef readonly int rule
     cdef StepScalars s
 
-    def __init__(self, int rule, *, double lr=0.0, double lr_decay=0.0, bint maximize=False,
-                 double weight_decay=0.0, double momentum=0.0, double dampening=0.0,
-                 bint nesterov=False, double eps=0.0, double alpha=0.0, bint centered=False,
-                 double beta1=0.0, double beta2=0.0, double decay=1.0, bint amsgrad=False,
-                 bint flush_denormals=False):
-        if rule not in (RULE_SGD, RULE_ADAGRAD, RULE_RMSPROP, RULE_ADAM):
+    def __init__(self, int rule, *, double lr=0.0, bint maximize=False,
+                 bint flush_denormals=False, **consts):
+        if not 0 <= rule < RULE_COUNT:
             raise ValueError(f"unknown rule {rule}")
-        memset(&self.s, 0, sizeof(self.s))
+        unknown = consts.keys() - _FIELDS
+        if unknown:
+            raise TypeError(f"StepScalars has no field {sorted(unknown)[0]!r}")
+        fields = <dict>_ZERO
+        fields.update(consts)
+        self.s = fields
         self.rule = rule
         self.s.base_lr = lr
-        self.s.lr_decay = lr_decay
         self.s.sign = -1.0 if maximize else 1.0
-        self.s.weight_decay = weight_decay
-        self.s.momentum = momentum
-        self.s.dampening = dampening
-        self.s.nesterov = nesterov
-        self.s.eps = eps
-        self.s.alpha = alpha
-        self.s.centered = centered
-        self.s.beta1 = beta1
-        self.s.beta2 = beta2
-        self.s.decay = decay
-        self.s.amsgrad = amsgrad
         self.s.flush_denormals = flush_denormals
-
-    cdef StepScalars at_step(self, Py_ssize_t step, bint first_step) noexcept:
-        cdef StepScalars s = self.s
-        cdef double t = <double>step
-        if self.rule == RULE_ADAM:
-            # torch: step_size = lr / (1 - beta1 ** t); bias_correction2 ** 0.5
-            s.lr = s.base_lr / (1.0 - pow(s.beta1, t))
-            s.bc2_sqrt = pow(1.0 - pow(s.beta2, t), 0.5)
-        elif self.rule == RULE_ADAGRAD:
-            # torch: clr = lr / (1 + (step - 1) * lr_decay), the subtraction on
-            # integers (exact), then one rounding to double, as Python does
-            s.lr = s.base_lr / (1.0 + <double>(step - 1) * s.lr_decay)
-        else:
-            s.lr = s.base_lr
-        s.first_step = first_step
-        return s
 
     def values(self, Py_ssize_t step=1, bint first_step=False):
         """The scalars a kernel would get at ``step`` (for tests and debugging)."""
-        return self.at_step(step, first_step)
+        cdef StepScalars s = self.s
+        at_step(self.rule, &s, step, first_step)
+        return s
 
 
 cdef class CheckedGroup:
@@ -87,8 +84,7 @@ cdef class CheckedGroup:
 
 
 cdef void run(Workspace ws, Scalars scalars, Py_ssize_t step, bint first_step) noexcept:
-    cdef StepScalars s = scalars.at_step(step, first_step)
-    ws.run(scalars.rule, &s)
+    ws.run(scalars.rule, &scalars.s, step, first_step)
 
 
 def run_workspace(Workspace ws, Scalars scalars, Py_ssize_t step, bint first_step):
@@ -100,7 +96,7 @@ def stream(Workspace ws):
     """Run the bandwidth probe over a workspace loaded as (a, b, (c, d, None))."""
     cdef StepScalars s
     memset(&s, 0, sizeof(s))
-    ws.run(RULE_STREAM, &s)
+    ws.run(RULE_STREAM, &s, 0, False)
 
 
 def grad_stats(Workspace ws):
@@ -120,7 +116,7 @@ def axpy(Workspace ws, double a):
     cdef StepScalars s
     memset(&s, 0, sizeof(s))
     s.lr = a
-    ws.run(RULE_AXPY, &s)
+    ws.run(RULE_AXPY, &s, 0, False)
 
 
 def scale(Workspace ws, double a):
@@ -128,4 +124,4 @@ def scale(Workspace ws, double a):
     cdef StepScalars s
     memset(&s, 0, sizeof(s))
     s.lr = a
-    ws.run(RULE_SCALE, &s)
+    ws.run(RULE_SCALE, &s, 0, False)

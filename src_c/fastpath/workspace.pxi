@@ -100,11 +100,12 @@ cdef class Workspace:
                     bufs[j] = <char*>cnp.PyArray_DATA(<cnp.ndarray>(<list>buffer_lists[j])[i])
             self.put(<cnp.ndarray>params[i], <cnp.ndarray>grads[i], bufs)
 
-    cdef void run(self, int rule, const StepScalars* s) noexcept:
+    cdef void run(self, int rule, const StepScalars* consts, Py_ssize_t step,
+                  bint first_step) noexcept:
         if self.count == 0:
             return
         if self.total >= NOGIL_MIN_SIZE:
             with nogil:
-                runner(rule, self.slots, self.count, s, max_threads)
+                runner(rule, self.slots, self.count, consts, step, first_step, max_threads)
         else:
-            runner(rule, self.slots, self.count, s, max_threads)
+            runner(rule, self.slots, self.count, consts, step, first_step, max_threads)

@@ -1,0 +1,33 @@
+# Adagrad (torch.optim.Adagrad): the accumulated squared gradient, a decaying lr.
+# Included by the generated src_c/_rules.pxi into each _kernels_<isa> module;
+# see src_c/rules/table.py for the contract every rule file fulfils.
+
+cdef inline void adagrad_loop(floating* p, const floating* g, floating* state_sum,
+                              Py_ssize_t n, const StepScalars* s, bint decay) noexcept nogil:
+    cdef floating sign = <floating>s.sign
+    cdef floating wd = <floating>s.weight_decay
+    cdef floating neg_clr = <floating>(-s.lr)
+    cdef floating eps = <floating>s.eps
+    cdef floating gi, acc
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * g[i]
+        if decay:
+            gi = gi + wd * p[i]
+        acc = state_sum[i] + gi * gi
+        state_sum[i] = acc
+        p[i] = p[i] + neg_clr * gi / (root(acc) + eps)
+
+
+cdef void adagrad_kernel(floating* p, const floating* g, floating** bufs,
+                         Py_ssize_t n, const StepScalars* s) noexcept nogil:
+    if s.weight_decay != 0:
+        adagrad_loop(p, g, bufs[0], n, s, True)
+    else:
+        adagrad_loop(p, g, bufs[0], n, s, False)
+
+
+cdef inline void adagrad_at_step(StepScalars* s, Py_ssize_t step, bint first_step) noexcept nogil:
+    # torch: clr = lr / (1 + (step - 1) * lr_decay), the subtraction on
+    # integers (exact), then one rounding to double, as Python does
+    s.lr = s.base_lr / (1.0 + <double>(step - 1) * s.lr_decay)
