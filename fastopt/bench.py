@@ -305,6 +305,50 @@ def available_memory():
         return None
 
 
+def cpu_snapshot():
+    """CPU time so far: the machine's busy and stolen seconds, this process's, and the clock.
+
+    Returns
+    -------
+    tuple or None
+        ``(busy_s, stolen_s, own_s, perf_counter)``, or None where
+        /proc/stat cannot be read (not Linux).
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    user, nice, system, _, _, irq, softirq, steal = (fields + [0] * 8)[:8]
+    own = os.times()  # every thread of this process, torch's included
+    return ((user + nice + system + irq + softirq) / tick, steal / tick,
+            own.user + own.system, time.perf_counter())
+
+
+def other_load(start, end):
+    """How busy the machine was with work other than this benchmark between two snapshots.
+
+    Parameters
+    ----------
+    start, end : tuple or None
+        From cpu_snapshot.
+
+    Returns
+    -------
+    dict or None
+        ``other_cpus``: CPUs other processes kept busy on average;
+        ``stolen_cpus``: CPU time the hypervisor gave to other guests, in
+        CPUs on average; None without both snapshots.
+    """
+    if start is None or end is None or end[3] <= start[3]:
+        return None
+    wall = end[3] - start[3]
+    others = max(0.0, (end[0] - start[0]) - (end[2] - start[2]))
+    return {"other_cpus": others / wall, "stolen_cpus": max(0.0, end[1] - start[1]) / wall,
+            "wall_s": wall}
+
+
 def _cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -777,11 +821,22 @@ def legend(columns=None, width=100):
     return "\n".join(lines)
 
 
-def notes(results, llc, llc_source, dram_bytes, probe):
-    """The notes under the table: how times were taken, % bound and instability."""
+def notes(results, llc, llc_source, dram_bytes, probe, load=None):
+    """The notes under the table: how times were taken, other load, % bound and instability."""
     threads = _dispatch.config()["num_threads"]
     out = ["Times: medians of rotating blocks of steps; every implementation checked against the "
            "NumPy reference (fastopt: bit for bit; torch: within 1e-4 of the total change)."]
+    if load is not None:
+        busy = load["other_cpus"] + load["stolen_cpus"]
+        line = (f"Other load: other processes kept {load['other_cpus']:.2f} of the "
+                f"{os.cpu_count()} CPUs busy on average during the run"
+                + (f", and the hypervisor gave {load['stolen_cpus']:.2f} CPUs to other guests"
+                   if load["stolen_cpus"] >= 0.01 else "") + ".")
+        if busy >= 0.1:
+            line += (" The benchmark shared the machine: its times are slower than on a quiet "
+                     "one, and steps split over threads suffer most (a thread that loses its "
+                     "core waits out another process's time slice).")
+        out.append(line)
     rule = (f"% bound is shown only where the working set of a step (parameters, gradients "
             f"and state: arrays x itemsize x elements) is at least {CACHE_FACTOR}x the "
             f"last-level cache ({_fmt_bytes(llc)}, {llc_source}), i.e. at least "
@@ -1031,6 +1086,7 @@ def run(argv=None):
 
     results = []
     started = time.perf_counter()
+    cpu_at_start = cpu_snapshot()
     for i, (rule, dtype, label) in enumerate(cases):
         _progress(f"[{i + 1}/{len(cases)}] {rule} {dtype} {label} ... "
                   f"({time.perf_counter() - started:.0f} s)")
@@ -1045,6 +1101,7 @@ def run(argv=None):
             results[i] = measure(i)
             results[i]["remeasured"] = {"reasons": flag["reasons"],
                                         "first_median_s": first["median_s"]}
+    load = other_load(cpu_at_start, cpu_snapshot())
     for r, flag in zip(results, find_unstable(results)):
         r["unstable"] = flag
     bandwidth = None
@@ -1067,14 +1124,14 @@ def run(argv=None):
     with_flat = any(r["arrays"] > 1 for r in results)
     print(format_table(results, with_flat))
     print("\ncolumns:\n" + legend(table_columns(with_flat)))
-    print("\nnotes:\n" + notes(results, llc, llc_source, dram_bytes, probe) + "\n")
+    print("\nnotes:\n" + notes(results, llc, llc_source, dram_bytes, probe, load) + "\n")
 
     json_path = os.path.abspath(args.json or DEFAULT_JSON)
     with open(json_path, "w") as f:
         json.dump({"config": _dispatch.config(), "header": header(with_torch),
                    "last_level_cache_bytes": llc, "last_level_cache_source": llc_source,
                    "dram_working_set_bytes": dram_bytes, "bandwidth_gbs": bandwidth,
-                   "probe_passes_gbs": probe.samples if probe else [],
+                   "probe_passes_gbs": probe.samples if probe else [], "other_load": load,
                    "results": results}, f, indent=1)
     print(f"saved {json_path}")
     plot_path = os.path.abspath(args.plot or DEFAULT_PLOT)

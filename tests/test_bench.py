@@ -425,3 +425,24 @@ def test_bench_torch_marks_and_remeasures_unstable_times(monkeypatch, capsys, tm
     assert "re-measured once" in text
     assert ("still unstable: none" in text) == stable_second
     assert "1.00x" in text  # ratios with two decimals, never 0.0x
+
+
+def test_other_load_is_the_machine_busy_time_less_this_process():
+    start = (100.0, 5.0, 10.0, 1000.0)
+    end = (130.0, 6.0, 25.0, 1010.0)  # 30 CPU-s busy in 10 s, 15 of them ours
+    load = bench.other_load(start, end)
+    assert load["other_cpus"] == pytest.approx(1.5) and load["stolen_cpus"] == pytest.approx(0.1)
+    assert bench.other_load(None, end) is None
+    if sys.platform.startswith("linux"):
+        snap = bench.cpu_snapshot()
+        assert snap is not None and snap[0] >= snap[2] - 1  # the machine's time includes ours
+
+
+def test_notes_say_when_the_machine_was_shared(fast_cases, monkeypatch, capsys, tmp_path):
+    loads = iter([{"other_cpus": 0.9, "stolen_cpus": 0.0, "wall_s": 1.0}])
+    monkeypatch.setattr(bench, "other_load", lambda start, end: next(loads))
+    assert main(["bench", "--cases", "sgd:float32:1000", "--no-torch",
+                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"other processes kept 0.90 of the {os.cpu_count()} CPUs busy" in text
+    assert "The benchmark shared the machine" in text
