@@ -904,7 +904,7 @@ def plot(results, path):
     panels = len(rules) + bool(many)
     if not panels:
         return None
-    ncols = min(panels, 4)
+    ncols = panels if panels <= 3 else 3 if panels <= 6 else 4  # no half-empty last row
     nrows = -(-panels // ncols)
     width = max(8.5, 4.3 * ncols + (1.5 if many else 0))  # room for the legend's row
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.6 * nrows + 0.8), squeeze=False)
