@@ -36,13 +36,14 @@ from .accumulate import GradientAccumulator
 from .batching import Batches, batches
 from .clip import clip_grad_norm, clip_grad_value, grad_norm
 from .flat import FlatParams
-from .optimizer import Optimizer
-from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop, load_optimizer
+from .optim import OPTIMIZERS as _OPTIMIZERS, Optimizer, load_optimizer
 from .training import EarlyStopping, History, fit, lr_range_test
 
+globals().update(_OPTIMIZERS)  # fastopt.SGD, fastopt.Adam, ...: every class of the registry
+
 __all__ = [
-    # optimizers
-    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "kernels", "reference",
+    # optimizers: every class of the registry (fastopt.optim)
+    *_OPTIMIZERS, "Optimizer", "kernels", "reference",
     # layout and runtime
     "FlatParams", "set_num_threads", "get_num_threads", "show_config", "simd_level",
     # training loops

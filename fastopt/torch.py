@@ -22,9 +22,8 @@ import torch
 
 from . import _fastpath
 from . import _validation as V
-from . import kernels as K
-
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+from .optim import MODULES
+from .optim.rule import Batches, run_lists
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -97,7 +96,8 @@ class _FastoptStep:
     microsecond per tensor. Anything else falls back to the general path.
     """
 
-    _rule = None        # fastopt.kernels.Rule
+    _rule = None        # fastopt.optim.rule.Rule
+    _fixed = {}         # options the class sets itself (AdamW: decoupled_weight_decay)
 
     def _kernel_hyper(self, gi, group):
         for flag in ("differentiable", "capturable"):
@@ -110,18 +110,27 @@ class _FastoptStep:
         return hyper
 
     def _fastopt_hyper(self, group):
-        return {k: group[k] for k in self._rule.hyper}
+        # torch's groups may lack newer flags (a state_dict from an older
+        # torch: they are off) and hold betas as a list or tensors (plain
+        # floats here); then the class's own fixed options.
+        hyper = {}
+        for k, rule in self._rule.hyper.items():
+            v = group[k] if k in group or rule is not V.flag else False
+            hyper[k] = tuple(float(b) for b in v) if k == "betas" else v
+        hyper.update(self._fixed)
+        return hyper
 
     def _init_state(self, p, group):
         """torch.optim's state for a parameter's first step, in torch's layout."""
         state = {}
-        if self._rule.step_arg == "step":
+        if self._rule.counts_steps:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         return state
 
     def _buffer(self, state, name, p, group):
-        if name not in state:
-            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if name not in state:  # torch fills some in __init__ (Adagrad's sum); added groups too
+            start = group[self._rule.initial[name]] if name in self._rule.initial else 0.0
+            state[name] = torch.full_like(p, start, memory_format=torch.preserve_format)
         return state[name]
 
     def step(self, closure=None):
@@ -149,7 +158,6 @@ class _FastoptStep:
 
     def _general_step(self):
         rule = self._rule
-        counts_steps = rule.step_arg == "step"
         plan = []
         for gi, group in enumerate(self.param_groups):
             hyper = self._kernel_hyper(gi, group)
@@ -169,7 +177,7 @@ class _FastoptStep:
         self._check_aliasing()
         # Checked: allocate state, then run one kernel call per group and step count.
         for group, hyper, needs, members in plan:
-            batches = {}
+            batches = Batches(rule, needs)
             for p, g in members:
                 state = self.state[p]
                 if not state:
@@ -177,22 +185,15 @@ class _FastoptStep:
                 created = [n for n, need in zip(rule.buffers, needs) if need and n not in state]
                 for n in created:
                     self._buffer(state, n, p, group)
-                if counts_steps:
+                count = None
+                if rule.counts_steps:
                     step_view = _view(state["step"])
                     step_view += 1  # torch's step tensor, through its view
-                    key = int(step_view)
-                else:
-                    key = "momentum_buffer" in created
-                batch = batches.get(key)
-                if batch is None:
-                    batch = batches[key] = ([], [], [[] if n else None for n in needs])
-                batch[0].append(_view(p))
-                batch[1].append(_view(g))
-                for lst, name in zip(batch[2], rule.buffers):
-                    if lst is not None:
-                        lst.append(_view(state[name]))
-            for key, (ps, gs, buffer_lists) in batches.items():
-                K.run_lists(rule, ps, gs, tuple(buffer_lists), key, hyper)
+                    count = int(step_view)
+                used = {n: _view(state[n]) for n, need in zip(rule.buffers, needs) if need}
+                batches.add(rule.step_value(count, created), _view(p), _view(g), used)
+            for step_value, ps, gs, buffer_lists in batches:
+                run_lists(rule, ps, gs, buffer_lists, step_value, hyper)
 
     def _check_aliasing(self):
         """Params and state tensors are disjoint, and no gradient overlaps one.
@@ -268,7 +269,7 @@ class _FastoptStep:
             ws.protect_arrays(held)
             groups.append(_fastpath.TensorGroup(
                 ws, params, slot_of, dtypes, states, expected, counters,
-                rule.scalars(hyper), rule.step_arg == "step"))
+                rule.scalars(hyper), rule.counts_steps))
             snapshots.append(dict(group))
             needs_list.append(needs)
         return {"groups": groups, "snapshots": snapshots, "needs": needs_list,
@@ -279,46 +280,26 @@ class _FastoptStep:
         self._fastopt_fast = None  # the state tensors were replaced
 
 
-class SGD(_FastoptStep, torch.optim.SGD):
-    """torch.optim.SGD, stepped by fastopt's fused kernel."""
+def _torch_twin(cls, twins):
+    """fastopt.torch's ``cls``: torch.optim's class of that name, stepped by fastopt.
 
-    _rule = K.SGD_RULE
-
-
-class Adagrad(_FastoptStep, torch.optim.Adagrad):
-    """torch.optim.Adagrad, stepped by fastopt's fused kernel."""
-
-    _rule = K.ADAGRAD_RULE
-
-    def _buffer(self, state, name, p, group):
-        if name not in state:  # torch fills "sum" in __init__; this covers added groups
-            state[name] = torch.full_like(p, group["initial_accumulator_value"],
-                                          memory_format=torch.preserve_format)
-        return state[name]
+    A subclass of another registry class (AdamW of Adam) subclasses that
+    one's twin too, as torch.optim.AdamW does torch.optim.Adam.
+    """
+    base = twins.get(cls.__bases__[0].__name__, _FastoptStep)
+    return type(cls.__name__, (base, getattr(torch.optim, cls.__name__)), {
+        "__doc__": f"torch.optim.{cls.__name__}, stepped by fastopt's fused kernel.",
+        "__module__": __name__,
+        "_rule": cls.rule,
+        "_fixed": cls.fixed,
+    })
 
 
-class RMSprop(_FastoptStep, torch.optim.RMSprop):
-    """torch.optim.RMSprop, stepped by fastopt's fused kernel."""
-
-    _rule = K.RMSPROP_RULE
-
-
-class Adam(_FastoptStep, torch.optim.Adam):
-    """torch.optim.Adam, stepped by fastopt's fused kernel."""
-
-    _rule = K.ADAM_RULE
-
-    def _fastopt_hyper(self, group):
-        hyper = {k: group[k] for k in self._rule.hyper if k != "decoupled_weight_decay"}
-        hyper["decoupled_weight_decay"] = bool(group.get("decoupled_weight_decay", False))
-        hyper["betas"] = tuple(float(b) for b in group["betas"])
-        return hyper
-
-
-class AdamW(Adam, torch.optim.AdamW):
-    """torch.optim.AdamW, stepped by fastopt's fused kernel."""
-
-    def _fastopt_hyper(self, group):
-        hyper = super()._fastopt_hyper(group)
-        hyper["decoupled_weight_decay"] = True
-        return hyper
+# One class per optimizer class of the registry that torch.optim also has.
+_twins = {}
+for _module in MODULES:
+    for _cls in (getattr(_module, n) for n in _module.__all__):
+        if isinstance(_cls, type) and hasattr(torch.optim, _cls.__name__):
+            _twins[_cls.__name__] = _torch_twin(_cls, _twins)
+globals().update(_twins)
+__all__ = list(_twins)

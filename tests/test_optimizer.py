@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.optimizer import ParamGroup
+from fastopt.optim.optimizer import ParamGroup
 
 OPTIMIZERS = [
     (fastopt.SGD, dict(lr=0.1)),

@@ -1,6 +1,6 @@
 """The machinery every optimizer shares: param groups, state, step, state_dict.
 
-A concrete optimizer (see ``fastopt.optimizers``) is only a description: its
+A concrete optimizer (see ``fastopt.optim``) is only a description: its
 update rule (``fastopt.kernels.Rule``), its defaults and how its state starts.
 Everything here works for any rule.
 
@@ -13,13 +13,12 @@ import numbers
 
 import numpy as np
 
-from . import _fastpath
-from . import _validation as V
-from . import checkpoint
-from . import reference
-from ._watched import ParamGroup, State
-from .flat import packed_like
-from .kernels import run_lists, run_workspace
+from .. import _fastpath
+from .. import _validation as V
+from .. import checkpoint
+from .._watched import ParamGroup, State
+from ..flat import packed_like
+from .rule import Batches, run_lists, run_workspace
 
 BACKENDS = ("cython", "numpy")
 #: step()'s default, so that a call without gradients gets a message, not
@@ -28,6 +27,23 @@ _NO_GRADS = object()
 # The attributes an optimizer's Stepper is bound to (see Optimizer.__setattr__).
 _STEPPER_INPUTS = frozenset({"_lock", "param_groups", "state", "_workspaces", "_guard",
                              "backend", "skip_nonfinite", "rule"})
+
+
+#: The constructor parameters every optimizer shares, for their docstrings.
+PARAMS_DOC = """params : list of ndarray, dict or list of dict
+        The arrays to optimize (updated in place), a dict name -> array, or
+        param-group dicts ``{"params": ..., "lr": ..., ...}``.
+    backend : {"cython", "numpy"}
+        ``"numpy"`` runs the pure-NumPy reference twins instead of the fused
+        kernels (for comparison; much slower).
+    skip_nonfinite : bool
+        Skip (and count in ``skipped_steps``) any step whose gradients hold
+        NaN or Inf: parameters and state stay untouched.
+    flush_denormals : bool
+        Run the kernels with the CPU's flush-to-zero and denormals-are-zero
+        modes (x86; restored after every call): subnormal values, which make
+        each operation 10-20x slower, count as zero. Off by default, because
+        results then differ from torch.optim's in the subnormal range."""
 
 
 def _split_groups(params):
@@ -58,9 +74,8 @@ def _split_groups(params):
 class Optimizer:
     """Base class: holds param groups and state, validates and runs steps.
 
-    Subclasses set :attr:`rule` and may add hyperparameters that only shape
-    the state (:attr:`extra_hyper`) or override :meth:`_initial_value` and
-    :meth:`_advance`.
+    Subclasses set :attr:`rule` (a fastopt.optim.rule.Rule, whose data says
+    everything rule-specific) and their constructor's signature.
 
     Attributes
     ----------
@@ -75,7 +90,8 @@ class Optimizer:
     """
 
     rule = None
-    extra_hyper = {}
+    #: options the class always sets (AdamW: decoupled weight decay), for its torch twin
+    fixed = {}
 
     def __init__(self, params, defaults, *, backend="cython", skip_nonfinite=False,
                  flush_denormals=False):
@@ -101,7 +117,7 @@ class Optimizer:
     # ------------------------------------------------------------ groups
 
     def _hyper_rules(self):
-        return {**self.rule.hyper, **self.extra_hyper}
+        return {**self.rule.hyper, **self.rule.state_hyper}
 
     def _check_group_hyper(self, group, where):
         hyper = V.check_hyper(self._hyper_rules(), group, where)
@@ -300,7 +316,7 @@ class Optimizer:
                                 f"of arrays, got {type(group).__name__}")
         grads = self._align(grads, sum([len(group["params"]) for group in groups]))
         rule = self.rule
-        counts_steps = rule.step_arg == "step"
+        counts_steps = rule.counts_steps
         plan = []
         start = 0
         everything_gathered = True
@@ -324,13 +340,14 @@ class Optimizer:
         return grads, plan
 
     def _initial_value(self, name, hyper):
-        """The value state buffer ``name`` starts at; zero unless a rule says otherwise."""
-        return 0.0
+        """The value state buffer ``name`` starts at: zero unless the rule names a hyperparameter."""
+        return hyper[self.rule.initial[name]] if name in self.rule.initial else 0.0
 
     def _advance(self, state, created):
-        """Count this step in ``state``; return the rule's per-step value."""
-        state["step"] = state.get("step", 0) + 1
-        return state["step"]
+        """Count this step in ``state`` (if the rule counts steps); the rule's per-step value."""
+        if self.rule.counts_steps:
+            state["step"] = state.get("step", 0) + 1
+        return self.rule.step_value(state.get("step"), created)
 
     def step(self, grads=_NO_GRADS):
         """Update every parameter that has a gradient, in place.
@@ -379,7 +396,7 @@ class Optimizer:
         lock = self._lock
         bindings = lock.bindings  # read first: a rebind from here on makes it decline
         return _fastpath.Stepper(lock, bindings, self.param_groups, self.state, self._workspaces,
-                                 self._guard, self.rule.buffers, self.rule.step_arg == "step",
+                                 self._guard, self.rule.buffers, self.rule.counts_steps,
                                  enabled=self.backend == "cython" and not self.skip_nonfinite)
 
     def __setattr__(self, name, value):
@@ -410,7 +427,7 @@ class Optimizer:
         for gi, (checked, start, stop, gathered, step) in enumerate(plan):
             if gathered and self.backend == "cython":
                 # Every parameter has its state at the same step: one kernel call.
-                if rule.step_arg == "step":
+                if rule.counts_steps:
                     run_workspace(rule, self._workspaces[gi], step + 1, checked.scalars)
                     _fastpath.commit_steps(self._workspaces[gi], step + 1)
                 else:
@@ -436,32 +453,22 @@ class Optimizer:
             for i, view in zip(missing, views):
                 self.state.setdefault(i, {})[name] = view
                 created.setdefault(i, []).append(name)
-        # Parameters can be at different steps (one had no gradient once);
-        # each distinct per-step value is one kernel call.
-        batches = {}
+        batches = Batches(rule, needs)
         for index in range(start, stop):
             g = grads[index]
             if g is None:
                 continue
-            p = params[index - start]
             state = self.state.setdefault(index, {})
-            key = self._advance(state, created.get(index, ()))
-            batch = batches.get(key)
-            if batch is None:
-                batch = batches[key] = ([], [], [[] if n else None for n in needs])
-            batch[0].append(p)
-            batch[1].append(g)
-            for name, lst in zip(rule.buffers, batch[2]):
-                if lst is not None:
-                    lst.append(state[name])
-        for key, (ps, gs, buffer_lists) in batches.items():
-            self._run(ps, gs, tuple(buffer_lists), key, kernel_hyper, scalars)
+            batches.add(self._advance(state, created.get(index, ())), params[index - start], g,
+                        state)
+        for step_value, ps, gs, buffer_lists in batches:
+            self._run(ps, gs, buffer_lists, step_value, kernel_hyper, scalars)
 
     def _run(self, params, grads, buffer_lists, step_value, kernel_hyper, scalars):
         if self.backend == "cython":
             run_lists(self.rule, params, grads, buffer_lists, step_value, kernel_hyper, scalars)
             return
-        twin = getattr(reference, self.rule.name)
+        twin = self.rule.twin
         for i, (p, g) in enumerate(zip(params, grads)):
             buffers = [None if lst is None else lst[i] for lst in buffer_lists]
             twin(p, g, *buffers, **{self.rule.step_arg: step_value}, **kernel_hyper)

@@ -1,0 +1,134 @@
+"""What the API layer knows about an update rule, and how it runs one.
+
+A :class:`Rule` is data: the hyperparameters and their validators, the state
+it keeps, how the options decide which buffers are used, how the per-step
+value is formed, and the step-independent scalars its kernel reads. Each rule
+module (``fastopt/optim/<rule>.py``) defines one, next to its low-level
+function and its optimizer classes; the machinery below, the optimizers, the
+torch adapter and the checkpoints only ever read those fields.
+"""
+from typing import Callable, NamedTuple
+
+from .. import _dispatch  # noqa: F401  (installs the compute layer for this CPU)
+from .. import _fastpath
+from .. import _validation as V
+
+
+class Rule(NamedTuple):
+    """Everything the API layer needs to know about one update rule."""
+
+    name: str
+    #: the compute layer's number for this rule (src_c/rules/table.py)
+    rule_id: int
+    #: hyperparameter -> validation rule (the kernel's keyword arguments)
+    hyper: dict
+    #: state buffer names, in kernel argument order (torch.optim's names)
+    buffers: tuple
+    #: hyper -> tuple of bools: which buffers these options use
+    needs: Callable
+    #: hyper -> the kernel's step-independent scalars (fields of StepScalars)
+    consts: Callable
+    #: the pure-NumPy twin (fastopt.reference), same signature as the kernel function
+    twin: Callable
+    #: True: the state holds a step count t >= 1, passed as ``step``. False: the
+    #: per-step value is ``first_step``, True on ``first_step_buffer``'s first use
+    counts_steps: bool = True
+    first_step_buffer: str = None
+    #: buffer -> the hyperparameter holding its initial value (else it starts at 0)
+    initial: dict = {}
+    #: hyperparameters that only shape the state (not kernel arguments) -> validator
+    state_hyper: dict = {}
+    #: cross-field constraints, hyper -> None or raise
+    check: Callable = None
+
+    @property
+    def step_arg(self):
+        """The name of the kernel's per-step argument: "step" or "first_step"."""
+        return "step" if self.counts_steps else "first_step"
+
+    def step_value(self, new_count, created):
+        """This step's per-step value, from the new step count and the buffers just made."""
+        return new_count if self.counts_steps else self.first_step_buffer in created
+
+    def scalars(self, hyper, flush_denormals=False):
+        """The compiled scalars for validated ``hyper``; the step adds the rest."""
+        return _fastpath.Scalars(self.rule_id, **self.consts(hyper),
+                                 flush_denormals=flush_denormals)
+
+
+def check_step_value(rule, name, value):
+    """Validate the per-step argument of ``rule`` (a step count or a flag)."""
+    if rule.counts_steps:
+        return V.step_count(name, value)
+    return V.flag(name, value)
+
+
+def apply(rule, p, g, buffers, step_value, hyper):
+    """Validate one parameter's update under ``rule``, then run it (the low-level API)."""
+    hyper = V.check_hyper(rule.hyper, hyper)
+    if rule.check is not None:
+        rule.check(hyper)
+    step_value = check_step_value(rule, rule.step_arg, step_value)
+    V.check_float_array("p", p, writeable=True)
+    V.check_float_array("g", g, writeable=False)
+    V.check_like("g", g, "p", p)
+    named = {}
+    for name, buf, needed in zip(rule.buffers, buffers, rule.needs(hyper)):
+        if needed and buf is None:
+            raise ValueError(f"{name} is required with these options")
+        if buf is not None and not needed:
+            raise ValueError(f"{name} was given but these options do not use it")
+        if buf is not None:
+            V.check_float_array(name, buf, writeable=True)
+            V.check_like(name, buf, "p", p)
+            V.check_no_overlap(name, buf, {"p": p, **named})
+            named[name] = buf
+    V.check_no_overlap("g", g, {"p": p, **named})
+    run_lists(rule, [p], [g], tuple(None if b is None else [b] for b in buffers),
+              step_value, hyper)
+
+
+def run_lists(rule, params, grads, buffer_lists, step_value, hyper, scalars=None):
+    """Run ``rule`` over aligned, already validated lists (one kernel call)."""
+    ws = _fastpath.Workspace()
+    ws.fill(params, grads, buffer_lists)
+    run_workspace(rule, ws, step_value, scalars or rule.scalars(hyper))
+
+
+def run_workspace(rule, ws, step_value, scalars):
+    """Run a loaded workspace; ``step_value`` is the step count or SGD's first_step."""
+    if rule.counts_steps:
+        _fastpath.run_workspace(ws, scalars, step_value, False)
+    else:
+        _fastpath.run_workspace(ws, scalars, 0, step_value)
+
+
+class Batches:
+    """A group's validated updates sorted by per-step value: one kernel call each.
+
+    The general path of a step (fastopt's optimizers and fastopt.torch) adds
+    each parameter with its gradient and buffers; parameters can be at
+    different step counts (one had no gradient once), and each distinct
+    value is one call.
+    """
+
+    def __init__(self, rule, needs):
+        self.rule = rule
+        self.needs = needs
+        self._by_value = {}
+
+    def add(self, step_value, p, g, buffers):
+        """Queue one update; ``buffers`` maps the rule's buffer names to arrays."""
+        batch = self._by_value.get(step_value)
+        if batch is None:
+            batch = self._by_value[step_value] = ([], [], [[] if n else None for n in self.needs])
+        batch[0].append(p)
+        batch[1].append(g)
+        for name, lst in zip(self.rule.buffers, batch[2]):
+            if lst is not None:
+                lst.append(buffers[name])
+
+    def __iter__(self):
+        """``(step_value, params, grads, buffer_lists)`` per kernel call."""
+        for step_value, (ps, gs, buffer_lists) in self._by_value.items():
+            yield step_value, ps, gs, tuple(buffer_lists)
