@@ -758,6 +758,11 @@ def _fmt_ratio(x):
     return f"{x:.2g}x"
 
 
+def _fmt_rate(x):
+    """GB/s: one decimal, or two significant digits below 1 (a disturbed case is not '0.0')."""
+    return f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+
 def case_name(result):
     """'adam f32 1e5': how the notes name a case."""
     return f"{result['rule']} {result['dtype'].replace('float', 'f')} {result['case']}"
@@ -783,7 +788,7 @@ def format_table(results, with_flat):
         cells = {
             "rule": r["rule"], "dtype": r["dtype"].replace("float", "f"), "case": r["case"],
             "fastopt": t(s["fastopt_s"], "fastopt"), "flat": t(s.get("flat_s"), "fastopt flat"),
-            "ns/elem": f"{s['ns_per_element']:.3f}", "GB/s": f"{s['gb_per_s']:.1f}",
+            "ns/elem": f"{s['ns_per_element']:.3f}", "GB/s": _fmt_rate(s["gb_per_s"]),
             "% bound": "-" if percent is None else f"{percent:.0f}%",
             "numpy": t(s["numpy_s"], "numpy"), "torch best": t(s["torch_best_s"], s["torch_best"]),
             "x numpy": _fmt_ratio(s["speedup_vs_numpy"]),

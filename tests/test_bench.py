@@ -183,6 +183,7 @@ def test_ratios_never_print_as_zero():
     assert bench._fmt_ratio(0.04) == "0.04x"
     assert bench._fmt_ratio(1.5) == "1.50x" and bench._fmt_ratio(26.8) == "26.8x"
     assert bench._fmt_ratio(None) == "-"
+    assert bench._fmt_rate(0.0488) == "0.049" and bench._fmt_rate(56.04) == "56.0"
 
 
 def _unstable_then(monkeypatch, stable_second):
