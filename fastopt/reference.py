@@ -11,7 +11,7 @@ promotion rules), which is how torch.optim computes a float32 step.
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam"]
 
 
 def _lerp(a, b, w):
@@ -90,3 +90,25 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
         second = exp_avg_sq
     denom = np.sqrt(second) / bias_correction2 ** 0.5 + eps
     p[...] = p + (-(lr / bias_correction1)) * exp_avg / denom
+
+
+def nadam(p, g, exp_avg, exp_avg_sq, *, step, mu_product, lr=2e-3, betas=(0.9, 0.999),
+          eps=1e-8, weight_decay=0.0, momentum_decay=4e-3, decoupled_weight_decay=False,
+          maximize=False):
+    """Reference for :func:`fastopt.kernels.nadam`; returns the new ``mu_product``."""
+    beta1, beta2 = betas
+    if decoupled_weight_decay:
+        g = _effective_grad(p, g, 0.0, maximize)
+        p[...] = p * (1 - lr * weight_decay)
+    else:
+        g = _effective_grad(p, g, weight_decay, maximize)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    # torch keeps mu_product as a float32 tensor: the product is rounded to float32.
+    mu_product = float(np.float32(mu_product) * np.float32(mu))
+    exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
+    exp_avg_sq[...] = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    denom = np.sqrt(exp_avg_sq / (1 - beta2 ** step)) + eps
+    p[...] = p + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
+    p[...] = p + ((-lr * mu_next) / (1.0 - mu_product * mu_next)) * (exp_avg / denom)
+    return mu_product

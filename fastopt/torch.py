@@ -56,12 +56,15 @@ def _check(gi, k, p, g):
     return "has a non-contiguous gradient"
 
 
-def _check_state(p, name, t):
-    """Why state tensor ``name`` of ``p`` cannot be updated in place, or None."""
-    if name == "step":
+def _check_state(p, name, t, scalars=()):
+    """Why state tensor ``name`` of ``p`` cannot be updated in place, or None.
+
+    ``scalars``: the rule's scalar state names (one-element tensors, like the step).
+    """
+    if name == "step" or name in scalars:
         if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.numel() == 1
                 and t.dtype in _DTYPES):
-            return f"has state['step'] = {t!r}; fastopt needs a float32/float64 CPU tensor"
+            return f"has state[{name!r}] = {t!r}; fastopt needs a float32/float64 CPU tensor"
         return None
     if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.dtype is p.dtype
             and t.shape == p.shape and t.is_contiguous()):
@@ -125,6 +128,8 @@ class _FastoptStep:
         state = {}
         if self._rule.counts_steps:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for name, initial in self._rule.scalar_state.items():  # NAdam's mu_product
+            state[name] = torch.tensor(initial, dtype=torch.float32)
         return state
 
     def _buffer(self, state, name, p, group):
@@ -169,7 +174,8 @@ class _FastoptStep:
                     continue
                 state = self.state.get(p, {})
                 problem = _check(gi, k, p, g) or next(
-                    (why for name, t in state.items() if (why := _check_state(p, name, t))), None)
+                    (why for name, t in state.items()
+                     if (why := _check_state(p, name, t, rule.scalar_state))), None)
                 if problem:
                     raise ValueError(f"{_name(gi, k, p)} {problem}")
                 members.append((p, g))
@@ -191,9 +197,18 @@ class _FastoptStep:
                     step_view += 1  # torch's step tensor, through its view
                     count = int(step_view)
                 used = {n: _view(state[n]) for n, need in zip(rule.buffers, needs) if need}
-                batches.add(rule.step_value(count, created), _view(p), _view(g), used)
-            for step_value, ps, gs, buffer_lists in batches:
-                run_lists(rule, ps, gs, buffer_lists, step_value, hyper)
+                batches.add(rule.step_value(count, created), _view(p), _view(g), used,
+                            [float(state[n]) for n in rule.scalar_state], state)
+            for step_value, values, ps, gs, buffer_lists, owners in batches:
+                if not rule.scalar_state:
+                    run_lists(rule, ps, gs, buffer_lists, step_value, hyper)
+                    continue
+                new_values, extra = rule.per_step(hyper, step_value, values)
+                run_lists(rule, ps, gs, buffer_lists, step_value, hyper,
+                          rule.scalars(hyper, extra=extra))
+                for state in owners:
+                    for name, value in new_values.items():
+                        state[name].fill_(value)
 
     def _check_aliasing(self):
         """Params and state tensors are disjoint, and no gradient overlaps one.
@@ -235,6 +250,8 @@ class _FastoptStep:
     def _gather(self):
         """The fast path's view of the step just taken, or None if it cannot serve it."""
         rule = self._rule
+        if rule.scalar_state:
+            return None  # per-parameter scalars (NAdam): the general path every step
         groups, snapshots, needs_list = [], [], []
         for gi, group in enumerate(self.param_groups):
             hyper = self._kernel_hyper(gi, group)

@@ -25,6 +25,9 @@ cdef struct StepScalars:
     double beta1
     double beta2
     double bc2_sqrt      # sqrt(1 - beta2 ** t)
+    double bc2           # NAdam: 1 - beta2 ** t
+    double grad_coef     # NAdam: -lr * (1 - mu_t) / (1 - mu_product), from its scalar state
+    double avg_coef      # NAdam: -lr * mu_{t+1} / (1 - mu_product * mu_{t+1})
     double decay         # AdamW: p *= decay, decay = 1 - lr * wd (1.0 when off: exact)
     bint amsgrad
     bint flush_denormals  # run with the FPU's flush-to-zero / denormals-are-zero modes on

@@ -328,9 +328,17 @@ class Optimizer:
                                           self.state, rule.buffers, checked.needs, counts_steps)
             if code >= 0:
                 self._explain(grads)
-            plan.append((checked, start, stop, code == _fastpath.GATHERED, step))
-            everything_gathered &= code == _fastpath.GATHERED
+            # A rule with scalar state (NAdam) always takes the general path.
+            gathered = code == _fastpath.GATHERED and not rule.scalar_state
+            plan.append((checked, start, stop, gathered, step))
+            everything_gathered &= gathered
             start = stop
+        if rule.scalar_state:  # the screen knows buffers, not scalars (NAdam's mu_product)
+            for index, g in enumerate(grads):
+                state = self.state.get(index) if g is not None else None
+                for name in rule.scalar_state if isinstance(state, dict) else ():
+                    if name in state:
+                        V.finite(f"state[{index}][{name!r}]", state[name])
         # Aliasing across parameters: in C when every workspace is loaded,
         # else (the general path, Python work per parameter anyway) here.
         if not everything_gathered:
@@ -397,7 +405,8 @@ class Optimizer:
         bindings = lock.bindings  # read first: a rebind from here on makes it decline
         return _fastpath.Stepper(lock, bindings, self.param_groups, self.state, self._workspaces,
                                  self._guard, self.rule.buffers, self.rule.counts_steps,
-                                 enabled=self.backend == "cython" and not self.skip_nonfinite)
+                                 enabled=(self.backend == "cython" and not self.skip_nonfinite
+                                          and not self.rule.scalar_state))
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
@@ -459,19 +468,27 @@ class Optimizer:
             if g is None:
                 continue
             state = self.state.setdefault(index, {})
+            for name, initial in rule.scalar_state.items():
+                state.setdefault(name, initial)
             batches.add(self._advance(state, created.get(index, ())), params[index - start], g,
-                        state)
-        for step_value, ps, gs, buffer_lists in batches:
-            self._run(ps, gs, buffer_lists, step_value, kernel_hyper, scalars)
+                        state, [state[name] for name in rule.scalar_state], state)
+        for step_value, values, ps, gs, buffer_lists, owners in batches:
+            if rule.scalar_state:
+                new_values, extra = rule.per_step(kernel_hyper, step_value, values)
+                scalars = rule.scalars(kernel_hyper, self.flush_denormals, extra)
+            self._run(ps, gs, buffer_lists, step_value, kernel_hyper, scalars, values)
+            if rule.scalar_state:
+                for state in owners:
+                    state.update(new_values)
 
-    def _run(self, params, grads, buffer_lists, step_value, kernel_hyper, scalars):
+    def _run(self, params, grads, buffer_lists, step_value, kernel_hyper, scalars, values):
         if self.backend == "cython":
             run_lists(self.rule, params, grads, buffer_lists, step_value, kernel_hyper, scalars)
             return
         twin = self.rule.twin
         for i, (p, g) in enumerate(zip(params, grads)):
             buffers = [None if lst is None else lst[i] for lst in buffer_lists]
-            twin(p, g, *buffers, **{self.rule.step_arg: step_value}, **kernel_hyper)
+            twin(p, g, *buffers, **{self.rule.step_arg: step_value}, **values, **kernel_hyper)
 
     # -------------------------------------------------------- state_dict
 
@@ -530,7 +547,7 @@ class Optimizer:
         # Map the snapshot's parameter ids onto our flat order, group by group.
         ids = [i for saved in saved_groups for i in saved["params"]]
         id_to_index = {pid: index for index, pid in enumerate(ids)}
-        allowed = set(self.rule.buffers) | {"step"}
+        allowed = set(self.rule.buffers) | set(self.rule.scalar_state) | {"step"}
         new_state = {}
         for pid, entry in state_dict["state"].items():
             if pid not in id_to_index:
@@ -546,6 +563,12 @@ class Optimizer:
                     raise ValueError(f"{where} is not state of {type(self).__name__}")
                 if key == "step":
                     restored[key] = _step_from(where, value)
+                    continue
+                if key in self.rule.scalar_state:  # a number (a 0-d array from a checkpoint)
+                    value = np.asarray(value)
+                    if value.size != 1 or value.dtype.kind != "f":
+                        raise TypeError(f"{where} must be a real number, got {value!r}")
+                    restored[key] = V.finite(where, float(value.reshape(())))
                     continue
                 value = np.asarray(value)
                 if value.shape != p.shape:

@@ -38,6 +38,12 @@ class Rule(NamedTuple):
     initial: dict = {}
     #: hyperparameters that only shape the state (not kernel arguments) -> validator
     state_hyper: dict = {}
+    #: per-parameter scalar state (NAdam's mu_product) -> its initial value. A rule
+    #: with scalar state steps on the general path, one kernel call per distinct
+    #: (step, scalar values), and needs ``per_step``
+    scalar_state: dict = {}
+    #: (hyper, step, scalar values) -> (new scalar values, extra StepScalars fields)
+    per_step: Callable = None
     #: cross-field constraints, hyper -> None or raise
     check: Callable = None
 
@@ -50,9 +56,9 @@ class Rule(NamedTuple):
         """This step's per-step value, from the new step count and the buffers just made."""
         return new_count if self.counts_steps else self.first_step_buffer in created
 
-    def scalars(self, hyper, flush_denormals=False):
-        """The compiled scalars for validated ``hyper``; the step adds the rest."""
-        return _fastpath.Scalars(self.rule_id, **self.consts(hyper),
+    def scalars(self, hyper, flush_denormals=False, extra=None):
+        """The compiled scalars for validated ``hyper`` (and ``extra`` fields); the step adds the rest."""
+        return _fastpath.Scalars(self.rule_id, **self.consts(hyper), **(extra or {}),
                                  flush_denormals=flush_denormals)
 
 
@@ -63,9 +69,13 @@ def check_step_value(rule, name, value):
     return V.flag(name, value)
 
 
-def apply(rule, p, g, buffers, step_value, hyper):
-    """Validate one parameter's update under ``rule``, then run it (the low-level API)."""
+def apply(rule, p, g, buffers, step_value, hyper, scalar_values=None):
+    """Validate one parameter's update under ``rule``, then run it (the low-level API).
+
+    Returns the new scalar state (a dict) for a rule that keeps one, else None.
+    """
     hyper = V.check_hyper(rule.hyper, hyper)
+    scalar_values = {k: V.finite(k, v) for k, v in (scalar_values or {}).items()}
     if rule.check is not None:
         rule.check(hyper)
     step_value = check_step_value(rule, rule.step_arg, step_value)
@@ -84,8 +94,11 @@ def apply(rule, p, g, buffers, step_value, hyper):
             V.check_no_overlap(name, buf, {"p": p, **named})
             named[name] = buf
     V.check_no_overlap("g", g, {"p": p, **named})
+    new_values, extra = (rule.per_step(hyper, step_value, scalar_values) if rule.scalar_state
+                         else (None, None))
     run_lists(rule, [p], [g], tuple(None if b is None else [b] for b in buffers),
-              step_value, hyper)
+              step_value, hyper, rule.scalars(hyper, extra=extra))
+    return new_values
 
 
 def run_lists(rule, params, grads, buffer_lists, step_value, hyper, scalars=None):
@@ -117,18 +130,26 @@ class Batches:
         self.needs = needs
         self._by_value = {}
 
-    def add(self, step_value, p, g, buffers):
-        """Queue one update; ``buffers`` maps the rule's buffer names to arrays."""
-        batch = self._by_value.get(step_value)
+    def add(self, step_value, p, g, buffers, scalar_values=(), owner=None):
+        """Queue one update; ``buffers`` maps the rule's buffer names to arrays.
+
+        ``scalar_values``: the parameter's scalar state, in the order of
+        ``rule.scalar_state`` (parameters with other values need another call);
+        ``owner``: where the caller writes the new values back (its state).
+        """
+        key = (step_value, tuple(scalar_values))
+        batch = self._by_value.get(key)
         if batch is None:
-            batch = self._by_value[step_value] = ([], [], [[] if n else None for n in self.needs])
+            batch = self._by_value[key] = ([], [], [[] if n else None for n in self.needs], [])
         batch[0].append(p)
         batch[1].append(g)
         for name, lst in zip(self.rule.buffers, batch[2]):
             if lst is not None:
                 lst.append(buffers[name])
+        batch[3].append(owner)
 
     def __iter__(self):
-        """``(step_value, params, grads, buffer_lists)`` per kernel call."""
-        for step_value, (ps, gs, buffer_lists) in self._by_value.items():
-            yield step_value, ps, gs, tuple(buffer_lists)
+        """``(step_value, scalar_values, params, grads, buffer_lists, owners)`` per call."""
+        for (step_value, values), (ps, gs, buffer_lists, owners) in self._by_value.items():
+            yield (step_value, dict(zip(self.rule.scalar_state, values)), ps, gs,
+                   tuple(buffer_lists), owners)

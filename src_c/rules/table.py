@@ -37,6 +37,7 @@ RULES = (
     ("adagrad", "adagrad", 4),
     ("rmsprop", "rmsprop", 5),
     ("adam", "adam", 5),
+    ("nadam", "nadam", 6),
     ("stream", "passes", 2),
     ("axpy", "passes", 1),
     ("scale", "passes", 1),
