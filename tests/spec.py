@@ -1,0 +1,427 @@
+"""The test suite's one table of fastopt's update rules, written out by hand.
+
+Every test and bench module that sweeps the rules takes them from here (in
+the spirit of bottleneck's ``tests/util.py``): the rules, their optimizer
+classes, the kernel and torch.optim names, the constructor defaults, the
+state each option set keeps, and the option sets worth sweeping. Nothing is
+read from fastopt: the names and defaults are written out literally, so a
+wrong registry in fastopt fails the tests instead of steering them.
+``tests/test_spec.py`` checks this table against the code both ways (a rule
+or class in one and not in the other, a default that differs, a buffer used
+under other options) and against torch.optim where torch is installed.
+
+Adding a rule is one :class:`Rule` entry in :data:`RULES`: its options,
+buffers, classes, and the option sets and cases its sweeps should run.
+
+Import it as ``import spec``: pytest puts ``tests/`` on ``sys.path`` for the
+test modules (also for ``python -m pytest /path/to/repo/tests`` from another
+folder); ``bench/`` modules insert ``tests/`` themselves.
+
+A sweep case is an ``(id, what, options)`` tuple - ``what`` a rule name for
+:func:`kernel_cases`, an optimizer class for :func:`optimizer_cases` - so
+that ``@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)``
+names each test after its case.
+"""
+from types import MappingProxyType
+from typing import Callable, NamedTuple
+
+NOTHING = MappingProxyType({})
+
+
+def always(options):
+    """A buffer every option set uses."""
+    return True
+
+
+class Buffer(NamedTuple):
+    """One state buffer of a rule (an array shaped like its parameter)."""
+
+    #: the state key, torch.optim's name (fastopt's ``opt.state[i]`` uses it too)
+    name: str
+    #: the parameter of fastopt.kernels.<kernel> (and fastopt.reference) taking
+    #: it, where that is not ``name``: see :attr:`param`
+    arg: str = None
+    #: full options -> whether they use it (required then, refused otherwise)
+    used: Callable = always
+    #: what it holds, for realistic starting values: "squares" (sums or averages
+    #: of g * g: never negative), "small" (a mean of g whose square is subtracted
+    #: from a "squares" buffer under a square root: |x| < 0.05 keeps that >= 0),
+    #: or "signed" (anything)
+    values: str = "signed"
+    #: the option the optimizers' buffer starts at; None: it starts at 0
+    start: str = None
+
+    @property
+    def param(self):
+        """The kernel's parameter name for this buffer."""
+        return self.arg or self.name
+
+
+class Class(NamedTuple):
+    """One optimizer class of a rule: fastopt.<name> and fastopt.torch.<name>."""
+
+    name: str
+    #: its torch.optim counterpart, torch.optim.<torch>
+    torch: str
+    #: the constructor's options before the keyword-only ones, in signature
+    #: order, with their defaults (torch.optim's)
+    defaults: dict
+    #: rule options the class sets itself and does not take (AdamW's
+    #: decoupled_weight_decay); its param groups hold them
+    fixed: dict = NOTHING
+    #: constructor kwargs worth sweeping: optimizer_cases()
+    cases: tuple = ()
+    #: case id -> kwargs: how most runs use it (what the benchmarks time);
+    #: None: its defaults, named after the class in lower case
+    typical: dict = None
+
+
+class Rule(NamedTuple):
+    """One update rule: a kernel, its state, its optimizer classes, its sweeps."""
+
+    #: the rule's name (fastopt's Rule.name)
+    name: str
+    #: fastopt.kernels.<kernel> and fastopt.reference.<kernel>
+    kernel: str
+    #: the kernel's per-step argument: "step" (the count t >= 1, kept in
+    #: state["step"]) or "first_step" (a flag: SGD keeps no count)
+    step_arg: str
+    #: the kernel's options, in its signature order -> how they are validated:
+    #: "nonneg" (>= 0), "positive" (> 0 and finite), "finite", "unit" ([0, 1)),
+    #: "betas" (a pair in [0, 1)), "flag" (a bool)
+    options: dict
+    #: the state buffers, in kernel argument order
+    buffers: tuple
+    #: the optimizer classes; the first takes every option of the rule, and
+    #: its defaults are the kernel's
+    classes: tuple
+    #: options only the constructors take (they shape the state) -> validation
+    class_options: dict = NOTHING
+    #: per-parameter scalars the optimizers keep in the state besides the buffers
+    scalars: tuple = ("step",)
+    #: full options -> whether they go together (beyond each option's own check)
+    valid: Callable = always
+    #: what every kernel-level sweep of the rule starts from, over the defaults:
+    #: a learning rate large enough that a few steps move the parameters
+    sweep: dict = NOTHING
+    #: kernel options worth sweeping (over ``sweep``): kernel_cases()
+    option_sets: tuple = ()
+
+
+RULES = (
+    Rule(
+        name="sgd",
+        kernel="sgd",
+        step_arg="first_step",
+        options={"lr": "nonneg", "momentum": "nonneg", "dampening": "finite",
+                 "weight_decay": "nonneg", "nesterov": "flag", "maximize": "flag"},
+        buffers=(Buffer("momentum_buffer", used=lambda o: o["momentum"] != 0),),
+        scalars=(),
+        valid=lambda o: not o["nesterov"] or (o["momentum"] > 0 and o["dampening"] == 0),
+        classes=(
+            Class("SGD", torch="SGD",
+                  defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                                nesterov=False, maximize=False),
+                  cases=({"lr": 0.1},
+                         {"lr": 0.1, "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01},
+                         {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3,
+                          "maximize": True}),
+                  typical={"sgd": {"lr": 0.01}, "sgd-momentum": {"lr": 0.01, "momentum": 0.9}}),
+        ),
+        sweep={"lr": 0.1},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1},
+            {"momentum": 0.9},
+            {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01},
+            {"momentum": 0.9, "nesterov": True},
+            {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1, "maximize": True},
+            {"maximize": True},
+        ),
+    ),
+    Rule(
+        name="adagrad",
+        kernel="adagrad",
+        step_arg="step",
+        options={"lr": "nonneg", "lr_decay": "nonneg", "weight_decay": "nonneg",
+                 "eps": "positive", "maximize": "flag"},
+        buffers=(Buffer("sum", arg="state_sum", values="squares",
+                        start="initial_accumulator_value"),),
+        class_options={"initial_accumulator_value": "nonneg"},
+        classes=(
+            Class("Adagrad", torch="Adagrad",
+                  defaults=dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                                initial_accumulator_value=0.0, eps=1e-10, maximize=False),
+                  cases=({"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.01,
+                          "initial_accumulator_value": 0.1},
+                         {"lr_decay": 0.01, "maximize": True})),
+        ),
+        sweep={"lr": 0.1},
+        option_sets=(
+            {},
+            {"lr_decay": 0.1, "weight_decay": 0.05},
+            {"maximize": True, "eps": 1e-3},
+        ),
+    ),
+    Rule(
+        name="rmsprop",
+        kernel="rmsprop",
+        step_arg="step",
+        options={"lr": "nonneg", "alpha": "unit", "eps": "positive", "weight_decay": "nonneg",
+                 "momentum": "nonneg", "centered": "flag", "maximize": "flag"},
+        buffers=(Buffer("square_avg", values="squares"),
+                 Buffer("grad_avg", used=lambda o: o["centered"], values="small"),
+                 Buffer("momentum_buffer", used=lambda o: o["momentum"] > 0)),
+        classes=(
+            Class("RMSprop", torch="RMSprop",
+                  defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                                centered=False, maximize=False),
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "momentum": 0.9},
+                         {"lr": 0.01, "centered": True, "momentum": 0.5, "weight_decay": 0.1,
+                          "maximize": True})),
+        ),
+        sweep={"lr": 0.01},
+        option_sets=(
+            {},
+            {"centered": True},
+            {"momentum": 0.9},
+            {"centered": True, "momentum": 0.9},
+            {"weight_decay": 0.1, "maximize": True, "alpha": 0.3},
+            {"centered": True, "momentum": 0.5, "weight_decay": 0.1},
+        ),
+    ),
+    Rule(
+        name="adam",
+        kernel="adam",
+        step_arg="step",
+        options={"lr": "nonneg", "betas": "betas", "eps": "positive", "weight_decay": "nonneg",
+                 "amsgrad": "flag", "maximize": "flag", "decoupled_weight_decay": "flag"},
+        buffers=(Buffer("exp_avg"),
+                 Buffer("exp_avg_sq", values="squares"),
+                 Buffer("max_exp_avg_sq", used=lambda o: o["amsgrad"],
+                        values="squares")),
+        classes=(
+            Class("Adam", torch="Adam",
+                  defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                amsgrad=False, maximize=False, decoupled_weight_decay=False),
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
+                         {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1,
+                          "betas": (0.3, 0.6)})),
+            Class("AdamW", torch="AdamW",
+                  defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                                amsgrad=False, maximize=False),
+                  fixed={"decoupled_weight_decay": True},
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "amsgrad": True, "weight_decay": 0.5})),
+        ),
+        sweep={"lr": 0.01},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1},
+            {"amsgrad": True},
+            {"amsgrad": True, "weight_decay": 0.1, "maximize": True},
+            {"decoupled_weight_decay": True, "weight_decay": 0.1},
+            {"decoupled_weight_decay": True, "weight_decay": 0.1, "amsgrad": True},
+            {"betas": (0.3, 0.6)},  # 1 - beta1 >= 0.5: the other form of lerp
+        ),
+    ),
+)
+
+#: the keyword-only constructor options every class takes (fastopt's own)
+COMMON_KEYWORDS = {"backend": "cython", "skip_nonfinite": False, "flush_denormals": False}
+
+
+# ------------------------------------------------------------------ look-ups
+
+def rules():
+    """Every rule, in table order."""
+    return RULES
+
+
+def rule_names():
+    return [r.name for r in RULES]
+
+
+def classes():
+    """Every optimizer class entry, in table order."""
+    return [c for r in RULES for c in r.classes]
+
+
+def class_names():
+    return [c.name for c in classes()]
+
+
+def rule(name):
+    """The rule entry for a rule name, a class name, a Rule, a Class or an optimizer class."""
+    return _lookup(name)[0]
+
+
+def find_class(name):
+    """The class entry for a class name, a Class or an optimizer class (fastopt's, torch's)."""
+    found = _lookup(name)[1]
+    if found is None:
+        raise KeyError(f"{name!r} names a rule, not an optimizer class")
+    return found
+
+
+def _lookup(name):
+    """``(Rule, Class or None)`` for any of the names rule() takes."""
+    if isinstance(name, Rule):
+        return name, None
+    if isinstance(name, Class):
+        name = name.name
+    name = getattr(name, "__name__", name)
+    for r in RULES:
+        if r.name == name:
+            return r, None
+        for c in r.classes:
+            if c.name == name:
+                return r, c
+    raise KeyError(f"{name!r} is no rule or optimizer class of tests/spec.py")
+
+
+# ---------------------------------------------------------------- defaults
+
+def kernel_defaults(name):
+    """The kernel's keyword defaults: its first class's defaults for the rule's options."""
+    r = rule(name)
+    first = r.classes[0]
+    return {k: {**first.defaults, **first.fixed}[k] for k in r.options}
+
+
+def defaults(class_name):
+    """The constructor's defaults (the options before its keyword-only ones)."""
+    return dict(find_class(class_name).defaults)
+
+
+def group_defaults(class_name):
+    """What a param group of the class holds by default: its defaults and fixed options."""
+    c = find_class(class_name)
+    return {**c.defaults, **c.fixed}
+
+
+def option_kinds(class_name):
+    """Constructor option -> validation kind, in signature order."""
+    r, c = _lookup(class_name)
+    kinds = {**r.options, **r.class_options}
+    return {k: kinds[k] for k in c.defaults}
+
+
+def full_options(name, options=NOTHING):
+    """``options`` over the defaults: a rule's kernel's, or a class's param group's."""
+    r, c = _lookup(name)
+    base = kernel_defaults(r) if c is None else group_defaults(c)
+    return {**base, **options}
+
+
+# ------------------------------------------------------------------- state
+
+def needs(name, options=NOTHING):
+    """Per buffer (kernel order), whether ``options`` use it (``name``: as for rule())."""
+    full = full_options(name, options)
+    return tuple(bool(b.used(full)) for b in rule(name).buffers)
+
+
+def buffers_for(name, options=NOTHING):
+    """The names of the buffers ``options`` use, in kernel order."""
+    return tuple(b.name for b, n in zip(rule(name).buffers, needs(name, options)) if n)
+
+
+def state_keys(name, options=NOTHING):
+    """The keys of a parameter's state after a step with ``options``."""
+    return set(rule(name).scalars) | set(buffers_for(name, options))
+
+
+def is_valid(name, options=NOTHING):
+    """Whether ``options`` go together (e.g. SGD's nesterov needs momentum, no dampening)."""
+    return bool(rule(name).valid(full_options(name, options)))
+
+
+def step_kwargs(name, t):
+    """The kernel's per-step argument for step ``t`` (1 on the first step)."""
+    if rule(name).step_arg == "step":
+        return {"step": t}
+    return {"first_step": t == 1}
+
+
+def streams(name, options=NOTHING):
+    """Memory streams per element of a step: read p, g and each buffer; write p and each."""
+    return 3 + 2 * len(buffers_for(name, options))
+
+
+# ------------------------------------------------------------------- sweeps
+
+def case_id(case):
+    """The id of a sweep case (its first item): for pytest's ``ids=``."""
+    return case[0]
+
+
+def _option_id(prefix, options):
+    return prefix + "".join(f"-{k}={v}" for k, v in options.items())
+
+
+def option_sets(name):
+    """The rule's kernel option sets worth sweeping (over its ``sweep`` base)."""
+    return [dict(o) for o in rule(name).option_sets]
+
+
+def kernel_case(rule_name, options):
+    """``(id, rule name, options)``: a kernel sweep case."""
+    return (_option_id(rule_name, options), rule_name, dict(options))
+
+
+def kernel_cases():
+    """Every rule's option sets: ``(id, rule name, options)``."""
+    return [kernel_case(r.name, o) for r in RULES for o in r.option_sets]
+
+
+def kernel_kwargs(name, options=NOTHING):
+    """The kernel's keyword arguments for a sweep case: defaults, sweep base, options."""
+    r = rule(name)
+    return {**kernel_defaults(r), **r.sweep, **options}
+
+
+def class_cases():
+    """Every class's cases: ``(id, Class entry, kwargs)``."""
+    return [(_option_id(c.name, kw), c, dict(kw)) for c in classes() for kw in c.cases]
+
+
+def _resolve(cases, module):
+    if module is None:
+        import fastopt as module
+    return [(cid, getattr(module, c.name), kw) for cid, c, kw in cases]
+
+
+def optimizer_cases(module=None):
+    """Every class's cases: ``(id, class, kwargs)``, the class taken from ``module``.
+
+    ``module`` defaults to fastopt; ``fastopt.torch`` gives its torch.optim
+    subclasses (same names).
+    """
+    return _resolve(class_cases(), module)
+
+
+def richest_cases(module=None):
+    """One case per class, its first that uses the most state buffers: ``(id, class, kwargs)``.
+
+    For the sweeps too costly to run every case (long runs, error x case grids).
+    """
+    picked = []
+    for cid, c, kw in class_cases():
+        if picked and picked[-1][1] is c:
+            if len(buffers_for(c, kw)) > len(buffers_for(c, picked[-1][2])):
+                picked[-1] = (cid, c, kw)
+        else:
+            picked.append((cid, c, kw))
+    return _resolve(picked, module)
+
+
+def typical_cases(module=None):
+    """Every class as most runs use it: ``(id, class, kwargs)`` (what benchmarks time)."""
+    cases = []
+    for c in classes():
+        typical = {c.name.lower(): {}} if c.typical is None else c.typical
+        cases += [(cid, c, dict(kw)) for cid, kw in typical.items()]
+    return _resolve(cases, module)

@@ -1,0 +1,306 @@
+"""tests/spec.py, the table every sweep iterates, against the code and torch.optim.
+
+The spec is written by hand; these tests hold it to what fastopt (and torch,
+when installed) really has, both ways: a rule, kernel or class that one has
+and the other lacks fails here, and so does a default, a buffer name or
+order, or an option set that turns a buffer on where the code does not.
+"""
+import inspect
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import kernels, reference
+
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
+
+EMPTY = inspect.Parameter.empty
+
+
+def fastopt_classes():
+    """fastopt's optimizer classes, by their public names."""
+    found = {}
+    for name in fastopt.__all__:
+        obj = getattr(fastopt, name)
+        if (isinstance(obj, type) and issubclass(obj, fastopt.Optimizer)
+                and obj is not fastopt.Optimizer):
+            found[name] = obj
+    return found
+
+
+def typed(value):
+    """A default with its type: the spec's 0.0 is not the code's 0 or False."""
+    return type(value), value
+
+
+# --------------------------------------------------------------- both ways
+
+def test_every_optimizer_class_is_in_the_spec_and_every_spec_class_in_fastopt():
+    names = spec.class_names()
+    assert len(set(names)) == len(names)
+    assert set(fastopt_classes()) == set(names)
+
+
+def test_every_rule_is_in_the_spec_and_every_spec_rule_in_fastopt():
+    assert len(set(spec.rule_names())) == len(spec.rule_names())
+    in_code = {cls.rule.name for cls in fastopt_classes().values()}
+    assert in_code == set(spec.rule_names())
+    for name, cls in fastopt_classes().items():
+        assert cls.rule.name == spec.rule(name).name, name
+
+
+def test_the_registry_is_the_specs():
+    # fastopt.optim lists every rule, low-level function and class once: the
+    # public names above are made from it, and so is fastopt.torch.
+    from fastopt import optim
+    assert list(optim.RULES) == spec.rule_names()
+    assert list(optim.FUNCTIONS) == [r.kernel for r in spec.rules()]
+    assert list(optim.OPTIMIZERS) == spec.class_names()
+    for name, cls in optim.OPTIMIZERS.items():
+        assert cls.rule is optim.RULES[spec.rule(name).name], name
+    for r in spec.rules():
+        rule = optim.RULES[r.name]
+        assert rule.twin is getattr(reference, r.kernel)
+        assert dict(rule.initial) == {b.name: b.start for b in r.buffers if b.start}
+        assert list(rule.state_hyper) == list(r.class_options)
+
+
+def test_every_kernel_and_reference_twin_is_in_the_spec_and_back():
+    wanted = [r.kernel for r in spec.rules()]
+    assert sorted(kernels.__all__) == sorted(wanted)
+    assert sorted(reference.__all__) == sorted(wanted)
+
+
+def test_every_torch_adapter_is_in_the_spec_and_back():
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    assert set(ft.__all__) == set(spec.class_names())
+    for c in spec.classes():
+        assert issubclass(getattr(ft, c.name), getattr(torch.optim, c.torch)), c.name
+
+
+# ------------------------------------------------------------- signatures
+
+@pytest.mark.parametrize("name", spec.class_names())
+def test_constructor_defaults_are_the_specs(name):
+    sig = inspect.signature(fastopt_classes()[name])
+    params = list(sig.parameters.values())
+    assert params[0].name == "params" and params[0].default is EMPTY
+    options = [(p.name, typed(p.default)) for p in params[1:] if p.kind is not p.KEYWORD_ONLY]
+    assert options == [(k, typed(v)) for k, v in spec.defaults(name).items()]
+    keywords = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    assert keywords == spec.COMMON_KEYWORDS
+
+
+@pytest.mark.parametrize("name", spec.class_names())
+def test_param_groups_hold_the_specs_options(name):
+    opt = fastopt_classes()[name]([np.zeros(3)])
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    assert {k: typed(v) for k, v in group.items()} == \
+        {k: typed(v) for k, v in spec.group_defaults(name).items()}
+
+
+@pytest.mark.parametrize("rule_name", spec.rule_names())
+def test_kernel_signature_is_the_specs(rule_name):
+    r = spec.rule(rule_name)
+    sig = inspect.signature(getattr(kernels, r.kernel))
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [p.name for p in positional] == ["p", "g"] + [b.param for b in r.buffers]
+    for b, p in zip(r.buffers, positional[2:]):
+        # a buffer some options leave out is optional (None), one every option uses is not
+        assert p.default is (EMPTY if b.used is spec.always else None), b.param
+    keywords = [p for p in params if p.kind is p.KEYWORD_ONLY]
+    assert r.step_arg in [p.name for p in keywords]
+    options = [p for p in keywords if p.name != r.step_arg]
+    assert [p.name for p in options] == list(r.options)
+    assert {p.name: typed(p.default) for p in options} == \
+        {k: typed(v) for k, v in spec.kernel_defaults(r).items()}
+    assert inspect.signature(getattr(reference, r.kernel)) == sig  # the twin: the same
+
+
+@pytest.mark.parametrize("name", spec.class_names())
+def test_the_optimizers_rule_is_the_specs(name):
+    r, rule = spec.rule(name), fastopt_classes()[name].rule
+    assert tuple(rule.buffers) == tuple(b.name for b in r.buffers)
+    assert list(rule.hyper) == list(r.options)
+    assert rule.step_arg == r.step_arg
+    c = spec.find_class(name)
+    for options in [{}] + list(c.cases):
+        full = spec.full_options(name, options)
+        assert tuple(bool(n) for n in rule.needs({k: full[k] for k in r.options})) == \
+            spec.needs(name, options), options
+
+
+def test_torch_optim_defaults_are_the_specs():
+    torch = pytest.importorskip("torch")
+    for c in spec.classes():
+        params = inspect.signature(getattr(torch.optim, c.torch)).parameters
+        for key, value in spec.group_defaults(c.name).items():
+            if key in c.fixed:
+                assert key not in params or params[key].default == value, (c.torch, key)
+                continue
+            assert key in params, f"torch.optim.{c.torch} has no option {key!r}"
+            assert params[key].default == value, (c.torch, key)
+
+
+# ------------------------------------------------------------------ state
+
+def _step_once(cls, kwargs, backend="cython"):
+    params = [np.ones(5), np.ones((2, 3), np.float32)]
+    opt = cls(params, backend=backend, **kwargs)
+    opt.step([np.full(p.shape, 0.5, p.dtype) for p in params])
+    return opt
+
+
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
+def test_state_after_a_step_is_the_specs(case):
+    _, cls, kwargs = case
+    expected = spec.state_keys(cls.__name__, kwargs)
+    for backend in ("cython", "numpy"):
+        opt = _step_once(cls, kwargs, backend)
+        assert sorted(opt.state) == [0, 1]
+        for i, p in enumerate(opt.param_groups[0]["params"]):
+            assert set(opt.state[i]) == expected, backend
+            for name in spec.buffers_for(cls.__name__, kwargs):
+                assert opt.state[i][name].shape == p.shape and opt.state[i][name].dtype == p.dtype
+
+
+@pytest.mark.parametrize("name", spec.class_names())
+def test_state_at_the_defaults_is_the_specs(name):
+    opt = _step_once(fastopt_classes()[name], {})
+    assert set(opt.state[0]) == spec.state_keys(name)
+
+
+def test_buffers_start_where_the_spec_says():
+    for c in spec.classes():
+        r = spec.rule(c.name)
+        for kwargs in c.cases:
+            full = spec.full_options(c.name, kwargs)
+            p = np.zeros(4)
+            opt = fastopt_classes()[c.name]([p], **kwargs)
+            opt.step([np.zeros(4)])  # a zero gradient leaves a sum of squares where it started
+            for b in r.buffers:
+                if b.values == "squares" and b.name in opt.state[0]:
+                    start = full[b.start] if b.start else 0.0
+                    np.testing.assert_array_equal(opt.state[0][b.name], start, (c.name, b.name))
+
+
+@pytest.mark.parametrize("case", spec.class_cases(), ids=spec.case_id)
+def test_torch_state_after_a_step_is_the_specs(case):
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    _, c, kwargs = case
+    for module, name in ((torch.optim, c.torch), (ft, c.name)):
+        p = torch.ones(5, dtype=torch.float64, requires_grad=True)
+        opt = getattr(module, name)([p], **kwargs)
+        p.grad = torch.full_like(p, 0.5)
+        opt.step()
+        assert {k for k, v in opt.state[p].items() if v is not None} == \
+            spec.state_keys(c.name, kwargs), f"{module.__name__}.{name}"
+
+
+@pytest.mark.parametrize("case", spec.kernel_cases(), ids=spec.case_id)
+def test_kernels_need_exactly_the_specs_buffers(case):
+    _, rule_name, options = case
+    r = spec.rule(rule_name)
+    kw = {**spec.kernel_kwargs(r, options), **spec.step_kwargs(r, 1)}
+    kernel = getattr(kernels, r.kernel)
+    needs = spec.needs(r, kw)
+    g = np.full(4, 0.5)
+
+    def call(present):
+        p = np.ones(4)
+        bufs = [np.ones(4) if here else None for here in present]
+        kernel(p, g, *bufs, **kw)
+        return p
+
+    assert not np.array_equal(call(needs), np.ones(4))
+    for i, b in enumerate(r.buffers):
+        flipped = list(needs)
+        flipped[i] = not flipped[i]
+        if needs[i] and b.used is spec.always:
+            with pytest.raises((TypeError, ValueError), match=b.name):
+                call(flipped)
+        else:
+            with pytest.raises(ValueError, match=b.name):
+                call(flipped)
+
+
+# ---------------------------------------------------------- the table itself
+
+def test_sweeps_use_known_options_and_valid_combinations():
+    for r in spec.rules():
+        kernel = set(r.options)
+        assert set(r.sweep) <= kernel, r.name
+        for options in r.option_sets:
+            assert set(options) <= kernel, (r.name, options)
+            assert spec.is_valid(r, {**r.sweep, **options}), (r.name, options)
+        assert len({repr(o) for o in r.option_sets}) == len(r.option_sets), r.name
+        for c in r.classes:
+            constructor = set(c.defaults)
+            assert set(c.defaults) <= kernel | set(r.class_options), c.name
+            assert set(c.fixed) <= kernel - constructor, c.name
+            assert set(spec.group_defaults(c.name)) >= kernel, c.name
+            for kwargs in list(c.cases) + list((c.typical or {}).values()):
+                assert set(kwargs) <= constructor, (c.name, kwargs)
+                assert spec.is_valid(c, kwargs), (c.name, kwargs)
+        for b in r.buffers:
+            assert b.values in ("squares", "small", "signed"), b
+            assert b.start is None or b.start in r.class_options, b
+
+
+def test_ids_are_unique():
+    for cases in (spec.kernel_cases(), spec.class_cases(), spec.typical_cases()):
+        ids = [spec.case_id(c) for c in cases]
+        assert len(set(ids)) == len(ids), ids
+
+
+def test_sweeps_turn_every_optional_buffer_on_and_off_and_every_flag_on():
+    # Kernel sweeps: each buffer some options leave out is used by one option
+    # set and left out by another; each flag is set in one of them.
+    for r in spec.rules():
+        sets = [{**r.sweep, **o} for o in r.option_sets]
+        for i, b in enumerate(r.buffers):
+            used = {spec.needs(r, o)[i] for o in sets}
+            assert used == ({True} if b.used is spec.always else {True, False}), (r.name, b.name)
+        for key, kind in r.options.items():
+            if kind == "flag":
+                assert any(o.get(key) for o in sets), (r.name, key)
+    # Optimizer sweeps: every class's cases use each of its buffers, and
+    # together with the other classes of its rule leave each optional one out.
+    for r in spec.rules():
+        for i, b in enumerate(r.buffers):
+            used = {spec.needs(c, kw)[i] for c in r.classes for kw in c.cases}
+            assert used == ({True} if b.used is spec.always else {True, False}), (r.name, b.name)
+        for c in r.classes:
+            assert c.cases, c.name
+            for i, _ in enumerate(r.buffers):
+                assert any(spec.needs(c, kw)[i] for kw in c.cases), c.name
+
+
+def test_richest_cases_use_every_buffer_a_class_can_use():
+    picked = {case[1].__name__: case for case in spec.richest_cases()}
+    assert list(picked) == spec.class_names()
+    for name, (_, _, kwargs) in picked.items():
+        most = max(len(spec.buffers_for(name, kw)) for kw in spec.find_class(name).cases)
+        assert len(spec.buffers_for(name, kwargs)) == most
+
+
+def test_helpers_resolve_names():
+    assert spec.rule("AdamW") is spec.rule("adam") is spec.rule(fastopt.AdamW.__name__)
+    assert spec.find_class(fastopt.AdamW).fixed == {"decoupled_weight_decay": True}
+    assert spec.buffers_for("adam", {"amsgrad": True}) == \
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    assert spec.buffers_for("SGD") == ()
+    assert spec.buffers_for("SGD", {"momentum": 0.9}) == ("momentum_buffer",)
+    assert spec.state_keys("RMSprop", {"centered": True}) == {"step", "square_avg", "grad_avg"}
+    assert spec.step_kwargs("sgd", 1) == {"first_step": True}
+    assert spec.step_kwargs("adam", 3) == {"step": 3}
+    assert not spec.is_valid("SGD", {"nesterov": True})
+    assert spec.streams("adam") == 7 and spec.streams("SGD") == 3
+    with pytest.raises(KeyError):
+        spec.rule("lamb")
+    with pytest.raises(KeyError):
+        spec.find_class("adam")
