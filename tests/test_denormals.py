@@ -2,7 +2,7 @@
 
 * With params, grads and state in (or stepping into) the subnormal range,
   the kernels give the NumPy reference's bits - every rule and option set
-  of tests/test_kernels.py, both dtypes, plus an eps so small that the
+  of tests/spec.py, both dtypes, plus an eps so small that the
   square root of a subnormal second moment matters; the optimizers give the
   numpy backend's bits at every SIMD level on 1 and 2 threads (so an OpenMP
   thread left flushing subnormals would show on the next step).
@@ -24,7 +24,7 @@ import pytest
 import fastopt
 from fastopt import _dispatch, kernels, reference
 
-import test_kernels as tk  # noqa: E402  (tests/ is on sys.path under pytest)
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
 
 DTYPES = [np.float32, np.float64]
 N = 257
@@ -68,13 +68,12 @@ def subnormal_grads(rng, n, dtype):
 
 
 def subnormal_state(rule_name, hyper, p, rng):
-    """The buffers the options need, all in the subnormal range."""
-    rule = tk.RULES[rule_name]
+    """The buffers the options need (tests/spec.py), all in the subnormal range."""
     buffers = []
-    for name, needed in zip(rule.buffers, rule.needs(hyper)):
+    for buf, needed in zip(spec.rule(rule_name).buffers, spec.needs(rule_name, hyper)):
         if not needed:
             buffers.append(None)
-        elif name in ("sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        elif buf.values == "squares":
             buffers.append(np.abs(subnormals(rng, p.size, p.dtype, signed=False)))
         else:
             buffers.append(subnormals(rng, p.size, p.dtype))
@@ -85,16 +84,16 @@ def same_bits(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-# Besides test_kernels' option sets: eps at the bottom of the normal range, so
-# that sqrt(subnormal second moment) is not drowned by eps.
+# Besides every rule's option sets (tests/spec.py): eps at the bottom of the
+# normal range, so that sqrt(subnormal second moment) is not drowned by eps.
 TINY_EPS = "smallest normal"
-CASES = tk.OPTION_SETS + [
+CASES = spec.kernel_cases() + [spec.kernel_case(*case) for case in [
     ("adam", {"eps": TINY_EPS}),
     ("adam", {"eps": TINY_EPS, "amsgrad": True, "decoupled_weight_decay": True,
               "weight_decay": 0.1}),
     ("rmsprop", {"eps": TINY_EPS, "centered": True, "momentum": 0.9}),
     ("adagrad", {"eps": TINY_EPS, "lr_decay": 0.1}),
-]
+]]
 
 
 def resolve(options, dtype):
@@ -102,11 +101,12 @@ def resolve(options, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CASES, ids=tk.case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec.case_id)
 def test_kernels_equal_reference_in_the_subnormal_range(case, dtype):
-    rule_name, options = case
+    _, rule_name, options = case
+    kernel = spec.rule(rule_name).kernel
     rng = np.random.default_rng(7)
-    hyper = {**tk.DEFAULTS[rule_name], **resolve(options, dtype)}
+    hyper = spec.kernel_kwargs(rule_name, resolve(options, dtype))
     p = subnormals(rng, N, dtype)
     p[: N // 4] = (rng.standard_normal(N // 4) * 1e-3).astype(dtype)  # some normal ones too
     buffers = subnormal_state(rule_name, hyper, p, rng)
@@ -116,9 +116,9 @@ def test_kernels_equal_reference_in_the_subnormal_range(case, dtype):
     with np.errstate(all="ignore"):
         for t in range(1, STEPS + 1):
             g = subnormal_grads(rng, N, dtype)
-            kw = {**hyper, **tk.step_kwargs(rule_name, t)}
-            getattr(kernels, rule_name)(fast[0], g, *fast[1:], **kw)
-            getattr(reference, rule_name)(slow[0], g, *slow[1:], **kw)
+            kw = {**hyper, **spec.step_kwargs(rule_name, t)}
+            getattr(kernels, kernel)(fast[0], g, *fast[1:], **kw)
+            getattr(reference, kernel)(slow[0], g, *slow[1:], **kw)
             for i, (a, b) in enumerate(zip(fast, slow)):
                 if a is None:
                     continue
@@ -140,14 +140,6 @@ def _model(rng):
     return params
 
 
-OPTIMIZER_CASES = {
-    "adam": (fastopt.Adam, {"lr": 1e-3}),
-    "adamw-amsgrad": (fastopt.AdamW, {"lr": 1e-3, "amsgrad": True, "weight_decay": 0.1}),
-    "sgd-nesterov": (fastopt.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True,
-                                   "weight_decay": 1e-3}),
-    "rmsprop-centered": (fastopt.RMSprop, {"centered": True, "momentum": 0.5}),
-    "adagrad": (fastopt.Adagrad, {"lr_decay": 0.01}),
-}
 RUNNABLE = [lvl for lvl in _dispatch.built_levels() if lvl in _dispatch.cpu_levels()]
 
 
@@ -180,9 +172,9 @@ def _run_optimizer(cls, kw, backend, params0, grad_seq):
     return out
 
 
-@pytest.mark.parametrize("name", OPTIMIZER_CASES)
-def test_optimizers_equal_numpy_backend_in_the_subnormal_range(name, restore_dispatch):
-    cls, kw = OPTIMIZER_CASES[name]
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
+def test_optimizers_equal_numpy_backend_in_the_subnormal_range(case, restore_dispatch):
+    _, cls, kw = case
     rng = np.random.default_rng(3)
     params0 = _model(rng)
     grad_seq = [[subnormal_grads(rng, p.size, p.dtype) for p in params0] for _ in range(STEPS)]

@@ -2,7 +2,7 @@
 
 * Every SIMD level this CPU runs and every thread count give the same bits as
   the baseline level on one thread, and as the NumPy reference, for every
-  rule and option set of tests/test_kernels.py - on one large array and on a
+  rule and option set of tests/spec.py - on one large array and on a
   model of many arrays of mixed dtype whose elements the threads split
   across array boundaries.
 * FASTOPT_SIMD and FASTOPT_NUM_THREADS are read at import (in subprocesses);
@@ -36,15 +36,10 @@ import pytest
 import fastopt
 from fastopt import _dispatch
 
-
-
-
-import test_kernels as tk  # noqa: E402  (tests/ is on sys.path under pytest)
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
 
 RUNNABLE = [lvl for lvl in _dispatch.built_levels() if lvl in _dispatch.cpu_levels()]
 THREADS = (1, 2, 3, 4)
-OPTIMIZERS = {"sgd": fastopt.SGD, "adagrad": fastopt.Adagrad, "rmsprop": fastopt.RMSprop,
-              "adam": fastopt.Adam}
 STEPS = 3
 SUBPROCESS_TIMEOUT = 120
 
@@ -108,7 +103,9 @@ def run_steps(rule, options, arrays, grads, backend="cython"):
     Returns ``{label: array or int}``: every parameter and every state entry.
     """
     params = [a.copy() for a in arrays]
-    opt = OPTIMIZERS[rule](params, **{**tk.DEFAULTS[rule], **options}, backend=backend)
+    # The rule's first class takes every kernel option (tests/spec.py).
+    cls = getattr(fastopt, spec.rule(rule).classes[0].name)
+    opt = cls(params, **spec.kernel_kwargs(rule, options), backend=backend)
     for g in grads:
         opt.step(list(g))
     out = {f"params[{i}]": p for i, p in enumerate(params)}
@@ -177,9 +174,9 @@ def sweep(rule, options, arrays, grads, min_work):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", tk.OPTION_SETS, ids=tk.case_id)
+@pytest.mark.parametrize("case", spec.kernel_cases(), ids=spec.case_id)
 def test_results_identical_for_every_thread_count_and_simd_level(case, layout):
-    rule, options = case
+    _, rule, options = case
     arrays, grads = make_problem(LAYOUTS[layout])
     # Threshold 0: every step is split over the threads, however small.
     sweep(rule, options, arrays, grads, min_work=0)

@@ -10,94 +10,42 @@ import pytest
 
 from fastopt import kernels, reference
 
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
+
 SIZES = [0, 1, 7, 16, 17, 1000, 4099, 100003]
 DTYPES = [np.float32, np.float64]
 STEPS = 3
 
-RULES = {
-    "sgd": kernels.SGD_RULE,
-    "adagrad": kernels.ADAGRAD_RULE,
-    "rmsprop": kernels.RMSPROP_RULE,
-    "adam": kernels.ADAM_RULE,
-}
-
-DEFAULTS = {
-    "sgd": dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                maximize=False),
-    "adagrad": dict(lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False),
-    "rmsprop": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                    centered=False, maximize=False),
-    "adam": dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 maximize=False, decoupled_weight_decay=False),
-}
-
-OPTION_SETS = [
-    ("sgd", {}),
-    ("sgd", {"weight_decay": 0.1}),
-    ("sgd", {"momentum": 0.9}),
-    ("sgd", {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01}),
-    ("sgd", {"momentum": 0.9, "nesterov": True}),
-    ("sgd", {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1, "maximize": True}),
-    ("sgd", {"maximize": True}),
-    ("adagrad", {}),
-    ("adagrad", {"lr_decay": 0.1, "weight_decay": 0.05}),
-    ("adagrad", {"maximize": True, "eps": 1e-3}),
-    ("rmsprop", {}),
-    ("rmsprop", {"centered": True}),
-    ("rmsprop", {"momentum": 0.9}),
-    ("rmsprop", {"centered": True, "momentum": 0.9}),
-    ("rmsprop", {"weight_decay": 0.1, "maximize": True, "alpha": 0.3}),
-    ("rmsprop", {"centered": True, "momentum": 0.5, "weight_decay": 0.1}),
-    ("adam", {}),
-    ("adam", {"weight_decay": 0.1}),
-    ("adam", {"amsgrad": True}),
-    ("adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
-    ("adam", {"decoupled_weight_decay": True, "weight_decay": 0.1}),
-    ("adam", {"decoupled_weight_decay": True, "weight_decay": 0.1, "amsgrad": True}),
-    ("adam", {"betas": (0.3, 0.6)}),  # 1 - beta1 >= 0.5: the other form of lerp
-]
-
-
-def case_id(case):
-    rule, options = case
-    return rule + "".join(f"-{k}={v}" for k, v in options.items())
-
 
 def make_state(rule_name, hyper, p, rng):
-    """Buffers the options need, with non-trivial starting values."""
-    rule = RULES[rule_name]
+    """Buffers the options need (tests/spec.py), with non-trivial starting values."""
     buffers = []
-    for name, needed in zip(rule.buffers, rule.needs(hyper)):
+    for buf, needed in zip(spec.rule(rule_name).buffers, spec.needs(rule_name, hyper)):
         if not needed:
             buffers.append(None)
-        elif name in ("sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        elif buf.values == "squares":
             # >= 0, and square_avg above grad_avg ** 2 as in a real run
             buffers.append((0.01 + rng.random(p.shape)).astype(p.dtype))
-        elif name == "grad_avg":
+        elif buf.values == "small":
             buffers.append((0.1 * rng.random(p.shape) - 0.05).astype(p.dtype))
         else:
             buffers.append(rng.standard_normal(p.shape).astype(p.dtype))
     return buffers
 
 
-def step_kwargs(rule_name, t):
-    if RULES[rule_name].step_arg == "step":
-        return {"step": t}
-    return {"first_step": t == 1}
-
-
 def run_both(rule_name, options, dtype, n, grads_fn, steps=STEPS, seed=0):
     rng = np.random.default_rng(seed)
-    hyper = {**DEFAULTS[rule_name], **options}
+    hyper = spec.kernel_kwargs(rule_name, options)
     p = rng.standard_normal(n).astype(dtype)
     buffers = make_state(rule_name, hyper, p, rng)
     fast = [p.copy()] + [None if b is None else b.copy() for b in buffers]
     slow = [p.copy()] + [None if b is None else b.copy() for b in buffers]
+    kernel = spec.rule(rule_name).kernel
     for t in range(1, steps + 1):
         g = grads_fn(rng, n, dtype)
-        kw = {**hyper, **step_kwargs(rule_name, t)}
-        getattr(kernels, rule_name)(fast[0], g, *fast[1:], **kw)
-        getattr(reference, rule_name)(slow[0], g, *slow[1:], **kw)
+        kw = {**hyper, **spec.step_kwargs(rule_name, t)}
+        getattr(kernels, kernel)(fast[0], g, *fast[1:], **kw)
+        getattr(reference, kernel)(slow[0], g, *slow[1:], **kw)
     return fast, slow
 
 
@@ -115,9 +63,9 @@ def hostile_grads(rng, n, dtype):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", OPTION_SETS, ids=case_id)
+@pytest.mark.parametrize("case", spec.kernel_cases(), ids=spec.case_id)
 def test_fast_equals_reference(case, dtype, n):
-    fast, slow = run_both(*case, dtype, n, normal_grads)
+    fast, slow = run_both(*case[1:], dtype, n, normal_grads)
     for a, b in zip(fast, slow):
         if a is not None:
             assert a.dtype == dtype
@@ -125,10 +73,10 @@ def test_fast_equals_reference(case, dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", OPTION_SETS, ids=case_id)
+@pytest.mark.parametrize("case", spec.kernel_cases(), ids=spec.case_id)
 def test_fast_equals_reference_with_nan_and_inf(case, dtype):
     with np.errstate(all="ignore"):
-        fast, slow = run_both(*case, dtype, 37, hostile_grads)
+        fast, slow = run_both(*case[1:], dtype, 37, hostile_grads)
     for a, b in zip(fast, slow):
         if a is not None:
             np.testing.assert_array_equal(a, b)  # NaN positions must match too
