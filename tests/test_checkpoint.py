@@ -13,13 +13,7 @@ import pytest
 import fastopt
 from fastopt.lr_scheduler import CosineAnnealingLR, OneCycleLR, ReduceLROnPlateau, StepLR
 
-CASES = [
-    (fastopt.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
-    (fastopt.Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
-    (fastopt.RMSprop, dict(lr=0.01, centered=True, momentum=0.5)),
-    (fastopt.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
-    (fastopt.AdamW, dict(lr=0.01)),
-]
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
 
 
 def make_params(seed=0):
@@ -57,8 +51,9 @@ def assert_same(a, b):
             np.testing.assert_array_equal(v, b[1]["state"][i][k])
 
 
-@pytest.mark.parametrize("cls, kwargs", CASES, ids=lambda c: getattr(c, "__name__", ""))
-def test_save_load_continues_bit_identically(tmp_path, cls, kwargs):
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
+def test_save_load_continues_bit_identically(tmp_path, case):
+    _, cls, kwargs = case
     seq = grad_seq(8)
     straight = make_params()
     opt = build(cls, kwargs, straight)

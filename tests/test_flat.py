@@ -8,6 +8,8 @@ import fastopt
 import fastopt.flat
 from fastopt.flat import ALIGNMENT, FlatParams
 
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
+
 
 def model(rng, dtype=np.float32):
     shapes = {"W1": (7, 13), "b1": (13,), "W2": (13, 3), "b2": (3,), "scale": ()}
@@ -28,10 +30,9 @@ def test_views_are_aligned_contiguous_and_share_the_buffers(dtype):
         assert not np.shares_memory(view, value)  # values were copied in
 
 
-@pytest.mark.parametrize("cls, kwargs", [(fastopt.Adam, {"lr": 0.01, "weight_decay": 0.1}),
-                                         (fastopt.SGD, {"lr": 0.1, "momentum": 0.9}),
-                                         (fastopt.RMSprop, {"centered": True})])
-def test_flat_optimizer_equals_per_array_optimizer(cls, kwargs):
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
+def test_flat_optimizer_equals_per_array_optimizer(case):
+    _, cls, kwargs = case
     rng = np.random.default_rng(1)
     arrays = model(rng)
     separate = {k: v.copy() for k, v in arrays.items()}

@@ -1,6 +1,7 @@
 """Memory over long runs: no growth, no reference leaks, no arrays kept alive.
 
-* 100k optimizer steps (Adam; SGD with momentum) of a tiny model leave the
+* 100k optimizer steps (every optimizer class, with the options of its
+  tests/spec.py case that keeps the most state) of a tiny model leave the
   traced Python/NumPy memory (tracemalloc) and the resident set size (RSS,
   /proc/self/statm: catches C allocations tracemalloc does not see) where
   they were after warm-up; so do 5k steps on the other paths (grads as a
@@ -31,6 +32,8 @@ import pytest
 
 import fastopt
 from fastopt import _fastpath, kernels
+
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
 
 STEPS = 100_000        # the fast path: about 1 us a step
 OTHER_STEPS = 5_000    # the Python paths: 3-20 us a step (10x that traced)
@@ -172,16 +175,12 @@ def rss_available():
 
 # ------------------------------------------------------- (a) no growth
 
-LONG_RUNS = {
-    "adam": lambda params: fastopt.Adam(params, lr=1e-3),
-    "sgd-momentum": lambda params: fastopt.SGD(params, lr=1e-3, momentum=0.9),
-}
-
-
-@pytest.mark.parametrize("name", LONG_RUNS)
-def test_100k_fast_path_steps_do_not_grow_memory(name):
+# One case per optimizer class (its richest in state), 100k steps each.
+@pytest.mark.parametrize("case", spec.richest_cases(), ids=spec.case_id)
+def test_100k_fast_path_steps_do_not_grow_memory(case):
+    name, cls, kwargs = case
     params, grads = make_model()
-    opt = LONG_RUNS[name](params)
+    opt = cls(params, **kwargs)
     opt.step(grads)
     # The configuration really runs on the Cython fast path (this is a step too).
     assert opt._make_stepper()(grads) is True
@@ -288,15 +287,6 @@ def test_measuring_would_see_a_leak():
 
 # ------------------------------------------------------- (b) refcounts
 
-OPTIMIZERS = {
-    "adam": lambda params: fastopt.Adam(params, lr=1e-3),
-    "adam-amsgrad": lambda params: fastopt.Adam(params, lr=1e-3, amsgrad=True, weight_decay=0.1),
-    "sgd-momentum": lambda params: fastopt.SGD(params, lr=1e-3, momentum=0.9),
-    "rmsprop-centered": lambda params: fastopt.RMSprop(params, centered=True, momentum=0.5),
-    "adagrad": lambda params: fastopt.Adagrad(params),
-}
-
-
 def watched_objects(opt, params, grads):
     """Every array a step touches: params, grads, state buffers and their packed blocks."""
     objs = list(params) + list(grads)
@@ -339,24 +329,27 @@ def changed(objs, before, may_drop=frozenset()):
             if not (b - (id(o) in may_drop)) <= a <= b]
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_fast_path_steps_keep_refcounts(name):
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
+def test_fast_path_steps_keep_refcounts(case):
+    _, cls, kwargs = case
     params, grads = make_model()
-    opt = OPTIMIZERS[name](params)
+    opt = cls(params, **kwargs)
     opt.step(grads)
     opt.step(grads)  # state exists, workspaces cached
     objs = watched_objects(opt, params, grads)
-    assert len(objs) > len(params) + len(grads) + 1  # the state buffers are watched
+    if spec.buffers_for(cls, kwargs):
+        assert len(objs) > len(params) + len(grads) + 1  # the state buffers are watched
     before = refcounts(objs)
     for _ in range(1000):
         opt.step(grads)
     assert not changed(objs, before)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_slow_path_steps_keep_refcounts(name):
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
+def test_slow_path_steps_keep_refcounts(case):
+    _, cls, kwargs = case
     params, grads = make_model()
-    opt = OPTIMIZERS[name](params)
+    opt = cls(params, **kwargs)
     opt.step(grads)
     opt.step(grads)
     some = [grads[0], None, grads[2]]
@@ -432,10 +425,11 @@ ERRORS = {"dtype": _bad_dtype, "shape": _bad_shape, "grad-is-param": _grad_is_pa
 
 
 @pytest.mark.parametrize("error", ERRORS)
-@pytest.mark.parametrize("name", ["adam", "sgd-momentum"])
-def test_raising_steps_keep_refcounts(name, error):
+@pytest.mark.parametrize("case", spec.richest_cases(), ids=spec.case_id)
+def test_raising_steps_keep_refcounts(case, error):
+    _, cls, kwargs = case
     params, grads = make_model()
-    opt = OPTIMIZERS[name](params)
+    opt = cls(params, **kwargs)
     opt.step(grads)
     opt.step(grads)
     bad, exc = ERRORS[error](opt, params, grads)

@@ -7,22 +7,7 @@ import pytest
 import fastopt
 from fastopt.optim.optimizer import ParamGroup
 
-OPTIMIZERS = [
-    (fastopt.SGD, dict(lr=0.1)),
-    (fastopt.SGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)),
-    (fastopt.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
-    (fastopt.Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
-    (fastopt.RMSprop, dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.1)),
-    (fastopt.RMSprop, dict(lr=0.01)),
-    (fastopt.Adam, dict(lr=0.01)),
-    (fastopt.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
-    (fastopt.AdamW, dict(lr=0.01, amsgrad=True)),
-]
-
-
-def opt_id(case):
-    cls, kw = case
-    return cls.__name__ + "".join(f"-{k}={v}" for k, v in kw.items())
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
 
 
 def make_params(seed=0, dtypes=(np.float32, np.float64, np.float32), shapes=((5,), (3, 4), (17,))):
@@ -155,9 +140,9 @@ def test_named_groups_refuse_duplicate_names():
 
 # -------------------------------------------------------------------- step
 
-@pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
 def test_cython_and_numpy_backends_agree_bit_for_bit(case):
-    cls, kwargs = case
+    _, cls, kwargs = case
     params_fast, params_slow = make_params(), make_params()
     groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}]
     fast = cls(groups(params_fast), **kwargs)
@@ -174,9 +159,9 @@ def test_cython_and_numpy_backends_agree_bit_for_bit(case):
     assert_same_state(fast.state, slow.state)
 
 
-@pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
 def test_step_updates_the_callers_arrays_in_place(case):
-    cls, kwargs = case
+    _, cls, kwargs = case
     params = make_params()
     ids = [id(p) for p in params]
     before = [p.copy() for p in params]
@@ -404,9 +389,9 @@ def test_screen_never_disagrees_with_the_checks():
 
 # -------------------------------------------------------------- state_dict
 
-@pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
 def test_state_dict_round_trip_continues_bit_identically(case):
-    cls, kwargs = case
+    _, cls, kwargs = case
     rng = np.random.default_rng(7)
     grads = [grads_like(make_params(), rng) for _ in range(8)]
     grads[2][1] = None  # uneven step counts must survive the round trip
@@ -564,9 +549,9 @@ def test_swapping_a_parameter_for_another_shape_is_refused():
         opt.step(grads)
 
 
-@pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
 def test_skip_nonfinite_skips_and_counts(case):
-    cls, kwargs = case
+    _, cls, kwargs = case
     params = make_params()
     opt = cls(params, skip_nonfinite=True, **kwargs)
     rng = np.random.default_rng(0)
