@@ -6,24 +6,16 @@ import pytest
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
 
-CASES = [
-    ("SGD", dict(lr=0.1)),
-    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)),
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
-    ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
-    ("RMSprop", dict(lr=0.01)),
-    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.1, maximize=True)),
-    ("Adam", dict(lr=0.01)),
-    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True)),
-    ("Adam", dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1, betas=(0.3, 0.6))),
-    ("AdamW", dict(lr=0.01)),
-    ("AdamW", dict(lr=0.01, amsgrad=True, weight_decay=0.5)),
-]
+import spec  # noqa: E402  (tests/spec.py: tests/ is on sys.path under pytest)
+
+#: (id, class name, kwargs): every class's cases; each runs against torch.optim.<its torch name>
+CASES = [(cid, c.name, kwargs) for cid, c, kwargs in spec.class_cases()]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # of the total change (docs/numerics.rst)
 
 
-def case_id(case):
-    return case[0] + "".join(f"-{k}={v}" for k, v in case[1].items())
+def torch_class(name):
+    """torch.optim's counterpart of fastopt.torch.<name> (tests/spec.py)."""
+    return getattr(torch.optim, spec.find_class(name).torch)
 
 
 def tensors(dtype, seed=0):
@@ -38,7 +30,7 @@ def run_pair(name, kwargs, dtype, steps=40, groups=False):
     make = (lambda ps: [{"params": ps[:1]}, {"params": ps[1:], "lr": kwargs.get("lr", 0.01) / 3}]) \
         if groups else (lambda ps: ps)
     a = getattr(ft, name)(make(mine), **kwargs)
-    b = getattr(torch.optim, name)(make(theirs), foreach=False, **kwargs)
+    b = torch_class(name)(make(theirs), foreach=False, **kwargs)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         for x, y in zip(mine, theirs):
@@ -55,9 +47,9 @@ def run_pair(name, kwargs, dtype, steps=40, groups=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec.case_id)
 def test_trajectories_match_torch(case, dtype):
-    start, mine, theirs, a, b = run_pair(*case, dtype, groups=True)
+    start, mine, theirs, a, b = run_pair(*case[1:], dtype, groups=True)
     for p0, x, y in zip(start, mine, theirs):
         x, y = x.detach(), y.detach()
         scale = float((y - p0).abs().max())
@@ -70,13 +62,13 @@ def test_trajectories_match_torch(case, dtype):
             assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec.case_id)
 def test_state_dict_loads_both_ways(case):
-    name, kwargs = case
+    _, name, kwargs = case
     start, mine, theirs, a, b = run_pair(name, kwargs, torch.float64, steps=10)
     # fastopt -> torch and torch -> fastopt, then one more identical step each
-    into_torch = getattr(torch.optim, name)([p.detach().clone().requires_grad_() for p in mine],
-                                            foreach=False, **kwargs)
+    into_torch = torch_class(name)([p.detach().clone().requires_grad_() for p in mine],
+                                   foreach=False, **kwargs)
     into_torch.load_state_dict(copy.deepcopy(a.state_dict()))
     into_fastopt = getattr(ft, name)([p.detach().clone().requires_grad_() for p in theirs], **kwargs)
     into_fastopt.load_state_dict(copy.deepcopy(b.state_dict()))
@@ -158,7 +150,7 @@ def warm_pair(name="Adam", steps=2, **kwargs):
     mine = [p.clone().requires_grad_() for p in start]
     theirs = [p.clone().requires_grad_() for p in start]
     a = getattr(ft, name)(mine, lr=0.1, **kwargs)
-    b = getattr(torch.optim, name)(theirs, lr=0.1, foreach=False, **kwargs)
+    b = torch_class(name)(theirs, lr=0.1, foreach=False, **kwargs)
     for k in range(steps):
         step_both(a, b, mine, theirs, seed=k)
     return a, b, mine, theirs
@@ -260,9 +252,9 @@ def test_unsupported_torch_options_are_refused():
 
 def test_is_a_torch_optimizer():
     p = torch.zeros(3, requires_grad=True)
-    for name in ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW"):
+    for name in spec.class_names():
         opt = getattr(ft, name)([p])
-        assert isinstance(opt, getattr(torch.optim, name))
+        assert isinstance(opt, torch_class(name))
 
 
 def test_bench_torch_runs_and_checks():
@@ -278,10 +270,10 @@ def parity_table():
     for case in CASES:
         worst = []
         for dtype in (torch.float32, torch.float64):
-            start, mine, theirs, _, _ = run_pair(*case, dtype, groups=True)
+            start, mine, theirs, _, _ = run_pair(*case[1:], dtype, groups=True)
             change = max(float((y - s).abs().max()) for y, s in zip(theirs, start))
             worst.append(max(float((x - y).abs().max()) for x, y in zip(mine, theirs)) / change)
-        rows.append(f"{case_id(case):78s} f32 {worst[0]:.1e}  f64 {worst[1]:.1e}")
+        rows.append(f"{spec.case_id(case):78s} f32 {worst[0]:.1e}  f64 {worst[1]:.1e}")
     return "\n".join(rows)
 
 

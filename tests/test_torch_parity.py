@@ -26,10 +26,8 @@ import pytest
 
 import fastopt
 
-
-
-
 import make_golden as mg  # noqa: E402  (tests/ is on sys.path under pytest)
+import spec  # noqa: E402  (tests/spec.py, likewise)
 
 BACKENDS = ("cython", "numpy")
 DTYPES = mg.DTYPES
@@ -146,10 +144,14 @@ def test_case_table_covers_every_option():
     # Each optimizer's cases together set every constructor option of fastopt's
     # class that torch shares to a non-default value at least once (besides the
     # defaults case). Keyword-only options are fastopt's own (backend,
-    # skip_nonfinite): torch has nothing to compare them with.
+    # skip_nonfinite): torch has nothing to compare them with. Every class of
+    # tests/spec.py has its cases, and the recording no other class; a case
+    # names both classes at once (fastopt.<name>, torch.optim.<name>).
     import inspect
 
-    for name in ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW"):
+    assert {opt for _, opt, _ in mg.CASES} == set(spec.class_names())
+    assert all(spec.find_class(opt).torch == opt for _, opt, _ in mg.CASES)
+    for name in spec.class_names():
         sig = inspect.signature(getattr(fastopt, name))
         options = {k for k, v in sig.parameters.items()
                    if k != "params" and v.kind is not v.KEYWORD_ONLY and v.default is not v.empty}
@@ -351,7 +353,7 @@ def run_scenario_torch(torch, optimizer):
     params = [torch.tensor(p, requires_grad=True) for p in p0s]
     groups = [{"params": [params[i] for i in GROUPS[0]]},
               {"params": [params[i] for i in GROUPS[1]], **group1}]
-    opt = getattr(torch.optim, optimizer)(groups, foreach=False, **defaults)
+    opt = getattr(torch.optim, spec.find_class(optimizer).torch)(groups, foreach=False, **defaults)
     trajs = [[] for _ in params]
     for t, grads in enumerate(steps, start=1):
         for when, gi, key, value in changes:
@@ -369,7 +371,7 @@ def run_scenario_torch(torch, optimizer):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("optimizer", sorted(SCENARIOS))
+@pytest.mark.parametrize("optimizer", sorted(spec.class_names()))
 def test_live_param_groups_missing_grads_and_changed_hyper(torch, optimizer, backend):
     p0s, got, got_state = run_scenario_fastopt(optimizer, backend)
     want, want_state = run_scenario_torch(torch, optimizer)
