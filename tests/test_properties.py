@@ -54,6 +54,8 @@ from hypothesis import strategies as st
 import fastopt
 from fastopt import kernels, reference
 
+import spec  # tests/spec.py: tests/ is on sys.path under pytest
+
 # ------------------------------------------------------------------ profiles
 
 _COMMON = dict(
@@ -528,45 +530,26 @@ def settle(call, verdict, mem, what):
 
 # ================================================================ kernels
 
+#: rule -> its kernel and NumPy twin and what tests/spec.py says of them: the
+#: buffer arguments (kernel order), the per-step argument and its kind, and
+#: the kind of each hyperparameter (kernel order)
 KERNELS = {
-    "sgd": dict(fast=kernels.sgd, ref=reference.sgd, buffers=("momentum_buffer",),
-                step_arg="first_step", step_kind="flag",
-                hyper={"lr": "nonneg", "momentum": "nonneg", "dampening": "finite",
-                       "weight_decay": "nonneg", "nesterov": "flag", "maximize": "flag"}),
-    "adagrad": dict(fast=kernels.adagrad, ref=reference.adagrad, buffers=("state_sum",),
-                    step_arg="step", step_kind="step",
-                    hyper={"lr": "nonneg", "lr_decay": "nonneg", "weight_decay": "nonneg",
-                           "eps": "positive", "maximize": "flag"}),
-    "rmsprop": dict(fast=kernels.rmsprop, ref=reference.rmsprop,
-                    buffers=("square_avg", "grad_avg", "momentum_buffer"),
-                    step_arg="step", step_kind="step",
-                    hyper={"lr": "nonneg", "alpha": "unit", "eps": "positive",
-                           "weight_decay": "nonneg", "momentum": "nonneg", "centered": "flag",
-                           "maximize": "flag"}),
-    "adam": dict(fast=kernels.adam, ref=reference.adam,
-                 buffers=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                 step_arg="step", step_kind="step",
-                 hyper={"lr": "nonneg", "betas": "betas", "eps": "positive",
-                        "weight_decay": "nonneg", "amsgrad": "flag", "maximize": "flag",
-                        "decoupled_weight_decay": "flag"}),
+    r.name: dict(fast=getattr(kernels, r.kernel), ref=getattr(reference, r.kernel),
+                 buffers=tuple(b.param for b in r.buffers), step_arg=r.step_arg,
+                 step_kind="step" if r.step_arg == "step" else "flag", hyper=dict(r.options))
+    for r in spec.rules()
 }
+#: the kernel arguments that hold sums or averages of squares (never negative)
+SQUARES = {b.param for r in spec.rules() for b in r.buffers if b.values == "squares"}
 
 
 def kernel_needs(rule, h):
     """Which buffers the options use (README: required if used, refused if not)."""
-    if rule == "sgd":
-        return (h["momentum"] != 0,)
-    if rule == "adagrad":
-        return (True,)
-    if rule == "rmsprop":
-        return (True, h["centered"], h["momentum"] > 0)
-    return (True, True, h["amsgrad"])
+    return spec.needs(rule, h)
 
 
 def cross_verdict(rule, h):
-    if rule == "sgd" and h["nesterov"] and not (h["momentum"] > 0 and h["dampening"] == 0):
-        return BAD
-    return OK
+    return OK if spec.is_valid(rule, h) else BAD
 
 
 ALIAS_KINDS = ("g_is_p", "g_view_p", "g_overlaps_p", "buf_is_p", "buf_is_g", "buf_is_buf",
@@ -651,12 +634,10 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
             arrays[name] = None
             continue
         seed, profile = data.draw(value_specs())
-        if name in ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "state_sum") and \
-                data.draw(st.booleans()):
+        if name in SQUARES and data.draw(st.booleans()):
             profile = data.draw(st.sampled_from(["zeros", "tiny", "normal"]))
         values = make_values(seed, shape, dtype, profile)
-        if name in ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "state_sum") and \
-                profile in ("normal", "tiny"):
+        if name in SQUARES and profile in ("normal", "tiny"):
             values = np.abs(values)
         layouts = VALID_LAYOUTS + (("readonly",) if name == "g" else ())
         arrays[name] = lay_out(values, data.draw(st.sampled_from(layouts)), mem)
@@ -788,41 +769,15 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
 
 # ================================================================ optimizers
 
-OPTIMIZERS = {
-    "SGD": (fastopt.SGD, "sgd",
-            {"lr": "nonneg", "momentum": "nonneg", "dampening": "finite",
-             "weight_decay": "nonneg", "nesterov": "flag", "maximize": "flag"}),
-    "Adagrad": (fastopt.Adagrad, "adagrad",
-                {"lr": "nonneg", "lr_decay": "nonneg", "weight_decay": "nonneg",
-                 "initial_accumulator_value": "nonneg", "eps": "positive", "maximize": "flag"}),
-    "RMSprop": (fastopt.RMSprop, "rmsprop",
-                {"lr": "nonneg", "alpha": "unit", "eps": "positive", "weight_decay": "nonneg",
-                 "momentum": "nonneg", "centered": "flag", "maximize": "flag"}),
-    "Adam": (fastopt.Adam, "adam",
-             {"lr": "nonneg", "betas": "betas", "eps": "positive", "weight_decay": "nonneg",
-              "amsgrad": "flag", "maximize": "flag", "decoupled_weight_decay": "flag"}),
-    "AdamW": (fastopt.AdamW, "adam",
-              {"lr": "nonneg", "betas": "betas", "eps": "positive", "weight_decay": "nonneg",
-               "amsgrad": "flag", "maximize": "flag"}),
-}
-# torch.optim's defaults (README "API")
-DEFAULTS = {
-    "SGD": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                maximize=False),
-    "Adagrad": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                    eps=1e-10, maximize=False),
-    "RMSprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                    centered=False, maximize=False),
-    "Adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 maximize=False, decoupled_weight_decay=False),
-    "AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                  maximize=False, decoupled_weight_decay=True),
-}
-GROUP_KINDS = {name: dict(spec[2], **({"decoupled_weight_decay": "flag"} if name == "AdamW" else {}))
-               for name, spec in OPTIMIZERS.items()}
-STATE_BUFFERS = {"sgd": ("momentum_buffer",), "adagrad": ("sum",),
-                 "rmsprop": ("square_avg", "grad_avg", "momentum_buffer"),
-                 "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+#: optimizer class -> (class, rule, constructor option -> kind), from tests/spec.py
+OPTIMIZERS = {c.name: (getattr(fastopt, c.name), spec.rule(c).name, spec.option_kinds(c))
+              for c in spec.classes()}
+#: torch.optim's defaults (README "API"), with the options a class fixes (AdamW)
+DEFAULTS = {c.name: spec.group_defaults(c) for c in spec.classes()}
+#: what a param group holds -> kind
+GROUP_KINDS = {c.name: dict(spec.option_kinds(c), **{k: spec.rule(c).options[k] for k in c.fixed})
+               for c in spec.classes()}
+STATE_BUFFERS = {r.name: tuple(b.name for b in r.buffers) for r in spec.rules()}
 KERNEL_FIELDS = {rule: tuple(KERNELS[rule]["hyper"]) for rule in KERNELS}
 
 
@@ -878,17 +833,19 @@ class ModelOptimizer:
         kh = {k: h[k] for k in KERNEL_FIELDS[rule]}
         needs = kernel_needs(rule, h)
         created = set()
-        for name, need in zip(STATE_BUFFERS[rule], needs):
-            if need and st_.get(name) is None:
-                fill = h["initial_accumulator_value"] if rule == "adagrad" else 0.0
-                st_[name] = np.full(p.shape, fill, p.dtype)
-                created.add(name)
+        for buf, need in zip(spec.rule(rule).buffers, needs):
+            if need and st_.get(buf.name) is None:
+                fill = h[buf.start] if buf.start else 0.0
+                st_[buf.name] = np.full(p.shape, fill, p.dtype)
+                created.add(buf.name)
         bufs = [st_[name] if need else None for name, need in zip(STATE_BUFFERS[rule], needs)]
-        if rule == "sgd":
-            reference.sgd(p, g, *bufs, first_step="momentum_buffer" in created, **kh)
+        twin = KERNELS[rule]["ref"]
+        if KERNELS[rule]["step_arg"] == "first_step":
+            # no step count (SGD): the first step is the one that made the buffer
+            twin(p, g, *bufs, first_step=bool(created), **kh)
             return
         st_["step"] = st_.get("step", 0) + 1
-        getattr(reference, rule)(p, g, *bufs, step=st_["step"], **kh)
+        twin(p, g, *bufs, step=st_["step"], **kh)
 
 
 def assert_matches_model(opt, params, model, what):
@@ -1501,7 +1458,7 @@ def set_shape_in_place(a, shape):
 def _bad_state_action(data, lock, grads, form_g, t, what):
     """Corrupt parameter t's state; the step must refuse; undo; carry on."""
     kind = data.draw(st.sampled_from(BAD_STATE_KINDS), label="bad state")
-    if lock.model.rule == "sgd" and kind == "step":
+    if "step" not in spec.rule(lock.model.rule).scalars and kind == "step":  # SGD
         kind = "entry_not_dict"
     entries = [opt.state.get(t) for opt in lock.opts]
     bufs = sorted(k for k in (entries[0] or {}) if isinstance(entries[0][k], np.ndarray))
@@ -2596,10 +2553,10 @@ def test_b2_kernel_step_beyond_int64():
     """B2: kernel step counts beyond int64 are refused by validation (they
     passed, then raised OverflowError converting to Py_ssize_t)."""
     problems = {}
-    for rule in ("adagrad", "rmsprop", "adam"):
+    for rule in [r.name for r in spec.rules() if r.step_arg == "step"]:
         for step in (2 ** 63, 10 ** 30):
             p, g = np.ones(3), np.ones(3)
-            bufs = [np.zeros(3) for _ in range(2 if rule == "adam" else 1)]
+            bufs = [np.zeros(3) for _ in range(sum(spec.needs(rule)))]
             outcome = _outcome(lambda f=KERNELS[rule]["fast"], a=(p, g, *bufs), s=step: f(*a, step=s),
                                [p] + bufs)
             if outcome not in ("ok", "clean refusal"):
