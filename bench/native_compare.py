@@ -20,6 +20,8 @@ import fastopt
 from fastopt import _dispatch, _fastpath
 
 SRC = Path(__file__).resolve().parent.parent / "src_c"
+sys.path.insert(0, str(SRC.parent / "tests"))
+import spec  # noqa: E402  (tests/spec.py: every class as it is typically used)
 
 
 def build_native(folder):
@@ -64,9 +66,7 @@ def main():
         print(f"dispatched level: {dispatched}; native build flags: {native.info()['flags']}")
         print(f"{'rule':<14}{'n':>8}{'dispatched':>14}{'native':>12}{'dispatched/native':>20}")
         worst = 0.0
-        for rule, cls, kwargs in (("adam", fastopt.Adam, {}), ("sgd-momentum", fastopt.SGD,
-                                  {"momentum": 0.9}), ("rmsprop", fastopt.RMSprop, {}),
-                                  ("adagrad", fastopt.Adagrad, {})):
+        for rule, cls, kwargs in spec.typical_cases():
             for n in (1000, 4099, 16384, 65536):
                 rng = np.random.default_rng(0)
                 p0 = rng.standard_normal(n).astype(np.float32)

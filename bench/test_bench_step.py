@@ -10,20 +10,18 @@ Implementations: fastopt (separate arrays), fastopt-flat (one FlatParams
 buffer; many-array cases), numpy-reference, torch-fused, torch-foreach, and
 deepspeed-cpuadam when DeepSpeed is importable (Adam only).
 """
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import fastopt
 from fastopt.bench import MANY_LARGE, MANY_SMALL, model_sizes
 
-RULES = {
-    "sgd": (fastopt.SGD, {"lr": 0.01}),
-    "sgd-momentum": (fastopt.SGD, {"lr": 0.01, "momentum": 0.9}),
-    "adagrad": (fastopt.Adagrad, {}),
-    "rmsprop": (fastopt.RMSprop, {}),
-    "adam": (fastopt.Adam, {}),
-    "adamw": (fastopt.AdamW, {}),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import spec  # noqa: E402  (tests/spec.py: the rules, as every class is typically used)
+
 SIZES = ["1e3", "1e5", "1e6", MANY_SMALL, MANY_LARGE]
 DTYPES = {"f32": np.float32, "f64": np.float64}
 
@@ -54,7 +52,7 @@ def _torch(cls, kwargs, arrays, flavour):
     torch = pytest.importorskip("torch")
     tensors = [torch.from_numpy(a) for a in arrays]
     try:
-        opt = getattr(torch.optim, cls.__name__)(tensors, **{flavour: True}, **kwargs)
+        opt = getattr(torch.optim, spec.find_class(cls).torch)(tensors, **{flavour: True}, **kwargs)
     except (TypeError, RuntimeError, ValueError) as e:
         pytest.skip(f"torch {cls.__name__} has no {flavour} path: {e}")
     wrapped = {}
@@ -96,9 +94,9 @@ IMPLEMENTATIONS = {
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("rule", list(RULES))
-def test_step(benchmark, rule, dtype, size, impl):
-    cls, kwargs = RULES[rule]
+@pytest.mark.parametrize("case", spec.typical_cases(), ids=spec.case_id)
+def test_step(benchmark, case, dtype, size, impl):
+    rule, cls, kwargs = case
     rng = np.random.default_rng(0)
     sizes = model_sizes(size)
     p0 = [rng.standard_normal(n).astype(DTYPES[dtype]) for n in sizes]

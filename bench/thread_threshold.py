@@ -6,15 +6,18 @@ threshold (parallel_min_work, in elements x rule cost) should sit near the
 crossover: python bench/thread_threshold.py
 """
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import fastopt
 from fastopt import _dispatch
 
-CASES = [("adam", fastopt.Adam, {}, 7), ("sgd", fastopt.SGD, {}, 3),
-         ("sgd-momentum", fastopt.SGD, {"momentum": 0.9}, 5)]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import spec  # noqa: E402  (tests/spec.py: every class as it is typically used)
+
 SIZES = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
 
 
@@ -33,7 +36,8 @@ def main():
     print(f"{'rule':<14}{'n':>8}{'work':>10}{'1 thread':>12}{'threads':>12}{'ratio':>8}")
     try:
         module.set_parallel_min_work(0)
-        for rule, cls, kwargs, cost in CASES:
+        for rule, cls, kwargs in spec.typical_cases():
+            cost = spec.streams(cls, kwargs)  # memory streams per element (Adam: 7)
             for n in SIZES:
                 p = np.random.default_rng(0).standard_normal(n).astype(np.float32)
                 g = [np.ones(n, np.float32)]
