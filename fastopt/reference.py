@@ -21,6 +21,14 @@ def _lerp(a, b, w):
     return a + w * (b - a) if w < 0.5 else b - (b - a) * (1 - w)
 
 
+def _decayed_grad(p, g, lr, weight_decay, decoupled, maximize):
+    """The gradient after maximize and coupled decay; a decoupled decay scales p itself."""
+    if decoupled:
+        p[...] = p * (1 - lr * weight_decay)
+        return _effective_grad(p, g, 0.0, maximize)
+    return _effective_grad(p, g, weight_decay, maximize)
+
+
 def _effective_grad(p, g, weight_decay, maximize):
     if maximize:
         g = -g
@@ -74,11 +82,7 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
          decoupled_weight_decay=False):
     """Reference for :func:`fastopt.kernels.adam`."""
     beta1, beta2 = betas
-    if decoupled_weight_decay:
-        g = _effective_grad(p, g, 0.0, maximize)
-        p[...] = p * (1 - lr * weight_decay)
-    else:
-        g = _effective_grad(p, g, weight_decay, maximize)
+    g = _decayed_grad(p, g, lr, weight_decay, decoupled_weight_decay, maximize)
     exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
     exp_avg_sq[...] = exp_avg_sq * beta2 + (1 - beta2) * g * g
     bias_correction1 = 1 - beta1 ** step
@@ -97,11 +101,7 @@ def nadam(p, g, exp_avg, exp_avg_sq, *, step, mu_product, lr=2e-3, betas=(0.9, 0
           maximize=False):
     """Reference for :func:`fastopt.kernels.nadam`; returns the new ``mu_product``."""
     beta1, beta2 = betas
-    if decoupled_weight_decay:
-        g = _effective_grad(p, g, 0.0, maximize)
-        p[...] = p * (1 - lr * weight_decay)
-    else:
-        g = _effective_grad(p, g, weight_decay, maximize)
+    g = _decayed_grad(p, g, lr, weight_decay, decoupled_weight_decay, maximize)
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
     # torch keeps mu_product as a float32 tensor: the product is rounded to float32.

@@ -15,20 +15,13 @@ from .. import _validation as V
 from .. import reference
 from .._fastpath import RULE_IDS
 from .optimizer import PARAMS_DOC, Optimizer
-from .rule import Rule, apply
+from .rule import Rule, apply, moment_consts
 
 __all__ = ["RULE", "adam", "Adam", "AdamW"]
 
 
 def _adam_consts(h):
-    beta1, beta2 = h["betas"]
-    if h["decoupled_weight_decay"]:
-        # AdamW: p *= 1 - lr * weight_decay, and no decay term in the gradient
-        coupled_wd, decay = 0.0, 1 - h["lr"] * h["weight_decay"]
-    else:
-        coupled_wd, decay = h["weight_decay"], 1.0
-    return dict(lr=h["lr"], beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=coupled_wd,
-                decay=decay, amsgrad=h["amsgrad"], maximize=h["maximize"])
+    return {**moment_consts(h), "amsgrad": h["amsgrad"]}
 
 
 RULE = Rule(

@@ -21,19 +21,9 @@ from .. import _validation as V
 from .. import reference
 from .._fastpath import RULE_IDS
 from .optimizer import PARAMS_DOC, Optimizer
-from .rule import Rule, apply
+from .rule import Rule, apply, moment_consts
 
 __all__ = ["RULE", "nadam", "NAdam"]
-
-
-def _consts(h):
-    beta1, beta2 = h["betas"]
-    if h["decoupled_weight_decay"]:
-        coupled_wd, decay = 0.0, 1 - h["lr"] * h["weight_decay"]
-    else:
-        coupled_wd, decay = h["weight_decay"], 1.0
-    return dict(lr=h["lr"], beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=coupled_wd,
-                decay=decay, maximize=h["maximize"])
 
 
 def _per_step(h, step, scalar):
@@ -57,7 +47,7 @@ RULE = Rule(
     buffers=("exp_avg", "exp_avg_sq"),
     needs=lambda h: (True, True),
     twin=reference.nadam,
-    consts=_consts,
+    consts=moment_consts,
     scalar_state={"mu_product": 1.0},
     per_step=_per_step,
 )

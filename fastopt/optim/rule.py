@@ -62,6 +62,18 @@ class Rule(NamedTuple):
                                  flush_denormals=flush_denormals)
 
 
+def moment_consts(h):
+    """The StepScalars of the Adam family (Adam, AdamW, NAdam) from validated ``h``."""
+    beta1, beta2 = h["betas"]
+    if h["decoupled_weight_decay"]:
+        # AdamW: p *= 1 - lr * weight_decay, and no decay term in the gradient
+        coupled_wd, decay = 0.0, 1 - h["lr"] * h["weight_decay"]
+    else:
+        coupled_wd, decay = h["weight_decay"], 1.0
+    return dict(lr=h["lr"], beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=coupled_wd,
+                decay=decay, maximize=h["maximize"])
+
+
 def check_step_value(rule, name, value):
     """Validate the per-step argument of ``rule`` (a step count or a flag)."""
     if rule.counts_steps:
