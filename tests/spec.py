@@ -63,9 +63,11 @@ class Class(NamedTuple):
     name: str
     #: its torch.optim counterpart, torch.optim.<torch>
     torch: str
-    #: the constructor's options before the keyword-only ones, in signature
-    #: order, with their defaults (torch.optim's)
+    #: the constructor's options, in signature order, with their defaults
+    #: (torch.optim's); fastopt's own keyword-only ones (COMMON_KEYWORDS) aside
     defaults: dict
+    #: the options among ``defaults`` that are keyword-only (as in torch.optim)
+    keyword_only: tuple = ()
     #: rule options the class sets itself and does not take (AdamW's
     #: decoupled_weight_decay); its param groups hold them
     fixed: dict = NOTHING
@@ -74,6 +76,12 @@ class Class(NamedTuple):
     #: case id -> kwargs: how most runs use it (what the benchmarks time);
     #: None: its defaults, named after the class in lower case
     typical: dict = None
+    #: a run of several param groups against torch.optim (test_torch_parity):
+    #: (constructor kwargs, the second group's own options, hyperparameter
+    #: changes [(before step, group, key, value)]). Only values torch can
+    #: change mid-run: options that add state (centered, amsgrad, RMSprop's
+    #: momentum from 0) fail in torch when switched on later.
+    scenario: tuple = None
 
 
 class Rule(NamedTuple):
@@ -97,8 +105,11 @@ class Rule(NamedTuple):
     classes: tuple
     #: options only the constructors take (they shape the state) -> validation
     class_options: dict = NOTHING
-    #: per-parameter scalars the optimizers keep in the state besides the buffers
-    scalars: tuple = ("step",)
+    #: per-parameter scalars the optimizers keep in the state besides the
+    #: buffers -> their value before the first step. "step" is the count the
+    #: kernel gets as ``step``; the kernel takes each other one (NAdam's
+    #: mu_product) as a keyword argument and returns its new value
+    scalars: dict = MappingProxyType({"step": 0})
     #: full options -> whether they go together (beyond each option's own check)
     valid: Callable = always
     #: what every kernel-level sweep of the rule starts from, over the defaults:
@@ -116,7 +127,7 @@ RULES = (
         options={"lr": "nonneg", "momentum": "nonneg", "dampening": "finite",
                  "weight_decay": "nonneg", "nesterov": "flag", "maximize": "flag"},
         buffers=(Buffer("momentum_buffer", used=lambda o: o["momentum"] != 0),),
-        scalars=(),
+        scalars={},
         valid=lambda o: not o["nesterov"] or (o["momentum"] > 0 and o["dampening"] == 0),
         classes=(
             Class("SGD", torch="SGD",
@@ -126,7 +137,15 @@ RULES = (
                          {"lr": 0.1, "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01},
                          {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3,
                           "maximize": True}),
-                  typical={"sgd": {"lr": 0.01}, "sgd-momentum": {"lr": 0.01, "momentum": 0.9}}),
+                  typical={"sgd": {"lr": 0.01}, "sgd-momentum": {"lr": 0.01, "momentum": 0.9}},
+                  scenario=(
+                      {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+                      {"lr": 0.01, "momentum": 0.0, "nesterov": False, "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.02),
+                       (21, 1, "momentum", 0.6),  # the buffer starts here, as a copy of g
+                       (21, 1, "dampening", 0.2),
+                       (31, 0, "momentum", 0.5),
+                       (31, 1, "maximize", True)])),
         ),
         sweep={"lr": 0.1},
         option_sets=(
@@ -154,7 +173,17 @@ RULES = (
                                 initial_accumulator_value=0.0, eps=1e-10, maximize=False),
                   cases=({"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.01,
                           "initial_accumulator_value": 0.1},
-                         {"lr_decay": 0.01, "maximize": True})),
+                         {"lr_decay": 0.01, "maximize": True}),
+                  scenario=(
+                      # initial_accumulator_value only in the defaults: torch ignores a group's
+                      # own value (see test_live_adagrad_group_initial_accumulator_value).
+                      {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+                      {"lr": 0.05, "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.05),
+                       (21, 1, "lr_decay", 0.05),
+                       (21, 1, "eps", 1e-6),
+                       (31, 0, "weight_decay", 0.02),
+                       (31, 0, "maximize", True)])),
         ),
         sweep={"lr": 0.1},
         option_sets=(
@@ -179,7 +208,16 @@ RULES = (
                   cases=({"lr": 0.01},
                          {"lr": 0.01, "momentum": 0.9},
                          {"lr": 0.01, "centered": True, "momentum": 0.5, "weight_decay": 0.1,
-                          "maximize": True})),
+                          "maximize": True}),
+                  scenario=(
+                      {"lr": 0.01, "centered": True, "momentum": 0.5},
+                      {"lr": 0.003, "alpha": 0.9, "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.005),
+                       (21, 1, "alpha", 0.95),
+                       (21, 1, "weight_decay", 0.0),
+                       (31, 0, "momentum", 0.8),
+                       (31, 0, "eps", 1e-6),
+                       (31, 1, "maximize", True)])),
         ),
         sweep={"lr": 0.01},
         option_sets=(
@@ -208,13 +246,28 @@ RULES = (
                   cases=({"lr": 0.01},
                          {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
                          {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1,
-                          "betas": (0.3, 0.6)})),
+                          "betas": (0.3, 0.6)}),
+                  scenario=(
+                      {"lr": 0.01, "amsgrad": True},
+                      {"lr": 0.003, "betas": (0.8, 0.99), "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.005),
+                       (21, 1, "betas", (0.9, 0.999)),
+                       (21, 1, "weight_decay", 0.05),
+                       (31, 0, "eps", 1e-6),
+                       (31, 0, "maximize", True)])),
             Class("AdamW", torch="AdamW",
                   defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                                 amsgrad=False, maximize=False),
                   fixed={"decoupled_weight_decay": True},
                   cases=({"lr": 0.01},
-                         {"lr": 0.01, "amsgrad": True, "weight_decay": 0.5})),
+                         {"lr": 0.01, "amsgrad": True, "weight_decay": 0.5}),
+                  scenario=(
+                      {"lr": 0.01},
+                      {"lr": 0.003, "amsgrad": True, "weight_decay": 0.1},
+                      [(11, 0, "lr", 0.005),
+                       (21, 0, "betas", (0.8, 0.99)),
+                       (21, 1, "weight_decay", 0.5),
+                       (31, 1, "maximize", True)])),
         ),
         sweep={"lr": 0.01},
         option_sets=(
@@ -292,7 +345,7 @@ def kernel_defaults(name):
 
 
 def defaults(class_name):
-    """The constructor's defaults (the options before its keyword-only ones)."""
+    """The constructor's options and defaults, keyword-only ones (but fastopt's own) included."""
     return dict(find_class(class_name).defaults)
 
 
@@ -332,6 +385,21 @@ def buffers_for(name, options=NOTHING):
 def state_keys(name, options=NOTHING):
     """The keys of a parameter's state after a step with ``options``."""
     return set(rule(name).scalars) | set(buffers_for(name, options))
+
+
+def carried(name):
+    """The scalars a kernel call takes and returns anew (NAdam's mu_product) -> start value."""
+    return {k: v for k, v in rule(name).scalars.items() if k != "step"}
+
+
+def carry(name, returned):
+    """The carried scalars' new values, from what a kernel call returned."""
+    names = list(carried(name))
+    if not names:
+        return {}
+    if len(names) == 1:
+        return {names[0]: returned}
+    return dict(zip(names, returned))
 
 
 def is_valid(name, options=NOTHING):

@@ -113,12 +113,16 @@ def test_kernels_equal_reference_in_the_subnormal_range(case, dtype):
     fast = [p.copy()] + [None if b is None else b.copy() for b in buffers]
     slow = [p.copy()] + [None if b is None else b.copy() for b in buffers]
     seen_subnormal = 0
+    carried = [spec.carried(rule_name)] * 2  # per-parameter scalars (NAdam's mu_product)
     with np.errstate(all="ignore"):
         for t in range(1, STEPS + 1):
             g = subnormal_grads(rng, N, dtype)
             kw = {**hyper, **spec.step_kwargs(rule_name, t)}
-            getattr(kernels, kernel)(fast[0], g, *fast[1:], **kw)
-            getattr(reference, kernel)(slow[0], g, *slow[1:], **kw)
+            carried = [spec.carry(rule_name, getattr(module, kernel)(arrays[0], g, *arrays[1:],
+                                                                    **kw, **scalars))
+                       for module, arrays, scalars in ((kernels, fast, carried[0]),
+                                                       (reference, slow, carried[1]))]
+            assert carried[0] == carried[1], f"step {t}: the returned scalars differ"
             for i, (a, b) in enumerate(zip(fast, slow)):
                 if a is None:
                     continue

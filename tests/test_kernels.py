@@ -41,11 +41,15 @@ def run_both(rule_name, options, dtype, n, grads_fn, steps=STEPS, seed=0):
     fast = [p.copy()] + [None if b is None else b.copy() for b in buffers]
     slow = [p.copy()] + [None if b is None else b.copy() for b in buffers]
     kernel = spec.rule(rule_name).kernel
+    carried = [spec.carried(rule_name)] * 2  # per-parameter scalars (NAdam's mu_product)
     for t in range(1, steps + 1):
         g = grads_fn(rng, n, dtype)
         kw = {**hyper, **spec.step_kwargs(rule_name, t)}
-        getattr(kernels, kernel)(fast[0], g, *fast[1:], **kw)
-        getattr(reference, kernel)(slow[0], g, *slow[1:], **kw)
+        carried = [spec.carry(rule_name, getattr(module, kernel)(arrays[0], g, *arrays[1:],
+                                                                **kw, **scalars))
+                   for module, arrays, scalars in ((kernels, fast, carried[0]),
+                                                   (reference, slow, carried[1]))]
+        assert carried[0] == carried[1], f"step {t}: the returned scalars differ"
     return fast, slow
 
 

@@ -531,12 +531,14 @@ def settle(call, verdict, mem, what):
 # ================================================================ kernels
 
 #: rule -> its kernel and NumPy twin and what tests/spec.py says of them: the
-#: buffer arguments (kernel order), the per-step argument and its kind, and
-#: the kind of each hyperparameter (kernel order)
+#: buffer arguments (kernel order), the per-step argument and its kind, the
+#: kind of each hyperparameter (kernel order), and the scalars a call takes
+#: and returns anew (NAdam's mu_product) at their first step's values
 KERNELS = {
     r.name: dict(fast=getattr(kernels, r.kernel), ref=getattr(reference, r.kernel),
                  buffers=tuple(b.param for b in r.buffers), step_arg=r.step_arg,
-                 step_kind="step" if r.step_arg == "step" else "flag", hyper=dict(r.options))
+                 step_kind="step" if r.step_arg == "step" else "flag", hyper=dict(r.options),
+                 scalars=spec.carried(r))
     for r in spec.rules()
 }
 #: the kernel arguments that hold sums or averages of squares (never negative)
@@ -749,17 +751,19 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
         expected = {n: native(arrays[n]) for n in live}
         ref_buffers = [expected.get(n) for n in spec["buffers"]]
         with quiet():
-            spec["ref"](expected["p"], expected["g"], *ref_buffers,
-                        **{spec["step_arg"]: normalize(spec["step_kind"], step_value)}, **norm)
+            returned = spec["ref"](expected["p"], expected["g"], *ref_buffers,
+                                   **{spec["step_arg"]: normalize(spec["step_kind"], step_value)},
+                                   **spec["scalars"], **norm)
     mem.own(*[arrays[n] for n in live])
     g_before = arrays["g"].tobytes() if isinstance(arrays["g"], np.ndarray) else None
     call_buffers = [arrays[n] for n in spec["buffers"]]
-    accepted, _ = settle(lambda: spec["fast"](
-        arrays["p"], arrays["g"], *call_buffers, **{spec["step_arg"]: step_value}, **kwargs),
-        verdict, mem, "kernel")
+    accepted, out = settle(lambda: spec["fast"](
+        arrays["p"], arrays["g"], *call_buffers, **{spec["step_arg"]: step_value},
+        **spec["scalars"], **kwargs), verdict, mem, "kernel")
     if not accepted:
         return
     event("kernel outcome: matched the reference")
+    assert out == returned, f"the kernel returned {out!r}, the reference {returned!r}"
     for name in live:
         if name != "g":
             assert_same_numbers(arrays[name], expected[name], name)
@@ -845,7 +849,8 @@ class ModelOptimizer:
             twin(p, g, *bufs, first_step=bool(created), **kh)
             return
         st_["step"] = st_.get("step", 0) + 1
-        twin(p, g, *bufs, step=st_["step"], **kh)
+        carried = {k: st_.get(k, start) for k, start in spec.carried(rule).items()}
+        st_.update(spec.carry(rule, twin(p, g, *bufs, step=st_["step"], **carried, **kh)))
 
 
 def assert_matches_model(opt, params, model, what):
@@ -2557,8 +2562,8 @@ def test_b2_kernel_step_beyond_int64():
         for step in (2 ** 63, 10 ** 30):
             p, g = np.ones(3), np.ones(3)
             bufs = [np.zeros(3) for _ in range(sum(spec.needs(rule)))]
-            outcome = _outcome(lambda f=KERNELS[rule]["fast"], a=(p, g, *bufs), s=step: f(*a, step=s),
-                               [p] + bufs)
+            outcome = _outcome(lambda f=KERNELS[rule]["fast"], a=(p, g, *bufs), s=step:
+                               f(*a, step=s, **KERNELS[rule]["scalars"]), [p] + bufs)
             if outcome not in ("ok", "clean refusal"):
                 problems[f"{rule}(step={step})"] = outcome
     assert not problems, problems

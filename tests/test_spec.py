@@ -29,6 +29,15 @@ def fastopt_classes():
     return found
 
 
+def same_names(in_code, in_spec, what):
+    """Assert that fastopt and tests/spec.py list the same ``what``, saying which differ."""
+    in_code, in_spec = list(in_code), list(in_spec)
+    assert sorted(in_code) == sorted(in_spec), (
+        f"{what}: fastopt has {sorted(set(in_code) - set(in_spec))} that tests/spec.py lacks "
+        f"(add its Rule or Class entry to spec.RULES), tests/spec.py has "
+        f"{sorted(set(in_spec) - set(in_code))} that fastopt lacks")
+
+
 def typed(value):
     """A default with its type: the spec's 0.0 is not the code's 0 or False."""
     return type(value), value
@@ -39,13 +48,13 @@ def typed(value):
 def test_every_optimizer_class_is_in_the_spec_and_every_spec_class_in_fastopt():
     names = spec.class_names()
     assert len(set(names)) == len(names)
-    assert set(fastopt_classes()) == set(names)
+    same_names(fastopt_classes(), names, "optimizer classes")
 
 
 def test_every_rule_is_in_the_spec_and_every_spec_rule_in_fastopt():
     assert len(set(spec.rule_names())) == len(spec.rule_names())
     in_code = {cls.rule.name for cls in fastopt_classes().values()}
-    assert in_code == set(spec.rule_names())
+    same_names(in_code, spec.rule_names(), "rules of the optimizer classes")
     for name, cls in fastopt_classes().items():
         assert cls.rule.name == spec.rule(name).name, name
 
@@ -54,8 +63,11 @@ def test_the_registry_is_the_specs():
     # fastopt.optim lists every rule, low-level function and class once: the
     # public names above are made from it, and so is fastopt.torch.
     from fastopt import optim
+    same_names(optim.RULES, spec.rule_names(), "fastopt.optim.RULES")
+    same_names(optim.FUNCTIONS, [r.kernel for r in spec.rules()], "fastopt.optim.FUNCTIONS")
+    same_names(optim.OPTIMIZERS, spec.class_names(), "fastopt.optim.OPTIMIZERS")
+    # ... in the same order (the public API lists them so)
     assert list(optim.RULES) == spec.rule_names()
-    assert list(optim.FUNCTIONS) == [r.kernel for r in spec.rules()]
     assert list(optim.OPTIMIZERS) == spec.class_names()
     for name, cls in optim.OPTIMIZERS.items():
         assert cls.rule is optim.RULES[spec.rule(name).name], name
@@ -64,18 +76,20 @@ def test_the_registry_is_the_specs():
         assert rule.twin is getattr(reference, r.kernel)
         assert dict(rule.initial) == {b.name: b.start for b in r.buffers if b.start}
         assert list(rule.state_hyper) == list(r.class_options)
+        assert dict(rule.scalar_state) == spec.carried(r)
+        assert rule.counts_steps == ("step" in r.scalars)
 
 
 def test_every_kernel_and_reference_twin_is_in_the_spec_and_back():
     wanted = [r.kernel for r in spec.rules()]
-    assert sorted(kernels.__all__) == sorted(wanted)
-    assert sorted(reference.__all__) == sorted(wanted)
+    same_names(kernels.__all__, wanted, "fastopt.kernels functions")
+    same_names(reference.__all__, wanted, "fastopt.reference twins")
 
 
 def test_every_torch_adapter_is_in_the_spec_and_back():
     torch = pytest.importorskip("torch")
     import fastopt.torch as ft
-    assert set(ft.__all__) == set(spec.class_names())
+    same_names(ft.__all__, spec.class_names(), "fastopt.torch classes")
     for c in spec.classes():
         assert issubclass(getattr(ft, c.name), getattr(torch.optim, c.torch)), c.name
 
@@ -87,10 +101,12 @@ def test_constructor_defaults_are_the_specs(name):
     sig = inspect.signature(fastopt_classes()[name])
     params = list(sig.parameters.values())
     assert params[0].name == "params" and params[0].default is EMPTY
+    c = spec.find_class(name)
     options = [(p.name, typed(p.default)) for p in params[1:] if p.kind is not p.KEYWORD_ONLY]
-    assert options == [(k, typed(v)) for k, v in spec.defaults(name).items()]
-    keywords = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-    assert keywords == spec.COMMON_KEYWORDS
+    assert options == [(k, typed(v)) for k, v in c.defaults.items() if k not in c.keyword_only]
+    keywords = {p.name: typed(p.default) for p in params if p.kind is p.KEYWORD_ONLY}
+    wanted = {**{k: c.defaults[k] for k in c.keyword_only}, **spec.COMMON_KEYWORDS}
+    assert keywords == {k: typed(v) for k, v in wanted.items()}
 
 
 @pytest.mark.parametrize("name", spec.class_names())
@@ -112,8 +128,10 @@ def test_kernel_signature_is_the_specs(rule_name):
         # a buffer some options leave out is optional (None), one every option uses is not
         assert p.default is (EMPTY if b.used is spec.always else None), b.param
     keywords = [p for p in params if p.kind is p.KEYWORD_ONLY]
-    assert r.step_arg in [p.name for p in keywords]
-    options = [p for p in keywords if p.name != r.step_arg]
+    scalars = [r.step_arg, *spec.carried(r)]  # the per-step arguments
+    assert set(scalars) <= {p.name for p in keywords}
+    assert all(p.default is EMPTY for p in keywords if p.name in spec.carried(r))
+    options = [p for p in keywords if p.name not in scalars]
     assert [p.name for p in options] == list(r.options)
     assert {p.name: typed(p.default) for p in options} == \
         {k: typed(v) for k, v in spec.kernel_defaults(r).items()}
@@ -205,7 +223,7 @@ def test_torch_state_after_a_step_is_the_specs(case):
 def test_kernels_need_exactly_the_specs_buffers(case):
     _, rule_name, options = case
     r = spec.rule(rule_name)
-    kw = {**spec.kernel_kwargs(r, options), **spec.step_kwargs(r, 1)}
+    kw = {**spec.kernel_kwargs(r, options), **spec.step_kwargs(r, 1), **spec.carried(r)}
     kernel = getattr(kernels, r.kernel)
     needs = spec.needs(r, kw)
     g = np.full(4, 0.5)
@@ -249,6 +267,14 @@ def test_sweeps_use_known_options_and_valid_combinations():
         for b in r.buffers:
             assert b.values in ("squares", "small", "signed"), b
             assert b.start is None or b.start in r.class_options, b
+        assert ("step" in r.scalars) == (r.step_arg == "step"), r.name
+        for c in r.classes:
+            assert set(c.keyword_only) <= set(c.defaults), c.name
+            assert c.scenario is not None, f"{c.name}: no scenario (test_torch_parity runs one)"
+            constructor, group1, changes = c.scenario
+            assert set(constructor) <= set(c.defaults), c.name
+            changed = {key for _, _, key, _ in changes}
+            assert set(group1) | changed <= set(spec.group_defaults(c)), c.name
 
 
 def test_ids_are_unique():
