@@ -280,6 +280,43 @@ RULES = (
             {"betas": (0.3, 0.6)},  # 1 - beta1 >= 0.5: the other form of lerp
         ),
     ),
+    Rule(
+        name="nadam",
+        kernel="nadam",
+        step_arg="step",
+        options={"lr": "nonneg", "betas": "betas", "eps": "positive", "weight_decay": "nonneg",
+                 "momentum_decay": "nonneg", "decoupled_weight_decay": "flag",
+                 "maximize": "flag"},
+        buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq", values="squares")),
+        scalars={"step": 0, "mu_product": 1.0},
+        classes=(
+            Class("NAdam", torch="NAdam",
+                  defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                momentum_decay=4e-3, decoupled_weight_decay=False,
+                                maximize=False),
+                  keyword_only=("maximize",),
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "weight_decay": 0.1, "maximize": True},
+                         {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1,
+                          "momentum_decay": 0.01, "betas": (0.8, 0.9)}),
+                  scenario=(
+                      {"lr": 0.01, "momentum_decay": 0.01},
+                      {"lr": 0.003, "betas": (0.8, 0.99), "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.005),
+                       (21, 1, "momentum_decay", 0.002),
+                       (21, 1, "decoupled_weight_decay", True),
+                       (31, 0, "eps", 1e-6),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.01},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1},
+            {"decoupled_weight_decay": True, "weight_decay": 0.1},
+            {"maximize": True, "momentum_decay": 0.01, "betas": (0.8, 0.9), "eps": 1e-3},
+            {"betas": (0.3, 0.6)},  # 1 - beta1 >= 0.5: the other form of lerp
+        ),
+    ),
 )
 
 #: the keyword-only constructor options every class takes (fastopt's own)
