@@ -20,10 +20,12 @@ probe checks its own result.
 
 Unstable measurements. A printed time is marked "~" when its blocks spread
 (interquartile range over median) by more than SPREAD_LIMIT, and fastopt's
-time also when its ns/element is more than NEIGHBOUR_FACTOR times off that
-of every neighbouring size of the same rule and dtype. Such cases are
-re-measured once, after the rest of the plan; the notes under the table say
-which were re-measured and which are still unstable.
+time also when other processes kept more than LOAD_LIMIT CPUs busy during
+the case (from /proc/stat, less the bench's own CPU time), or when its
+ns/element is more than NEIGHBOUR_FACTOR times off that of every
+neighbouring size of the same rule and dtype. Such cases are re-measured
+once, after the rest of the plan; the notes under the table say which were
+re-measured and which are still unstable.
 """
 import argparse
 import glob
@@ -75,6 +77,11 @@ SPREAD_LIMIT = 0.5
 # at most 7x in a quiet run (1e3, where a call's fixed cost dominates, against
 # 1e5); 10x off every neighbour is a disturbed measurement, not a cache level.
 NEIGHBOUR_FACTOR = 10
+# Other processes keeping this many CPUs busy on average during a case make
+# it unstable: fastopt's steps split over threads, and a thread that loses its
+# core waits out another process's time slice (one busy process next to the
+# bench on this 2-core VM turns Adam's 32 us step at 1e5 into 1.5 ms).
+LOAD_LIMIT = 0.25
 PROBE_PASSES = 3
 # Besides around every case past the cache, the probe runs whenever this long
 # has passed since it last ran: more chances to catch the machine quiet.
@@ -626,7 +633,10 @@ def find_unstable(results):
 
     A printed time (fastopt, flat, numpy, the best torch) is unstable when
     its blocks spread by more than SPREAD_LIMIT (block_spread). fastopt's
-    time is also unstable when its ns/element is more than NEIGHBOUR_FACTOR
+    time is also unstable when other processes kept more than LOAD_LIMIT
+    CPUs busy during the case (``other_cpus``, which bench.run records; a
+    steady slowdown does not spread the blocks), and when its ns/element is
+    more than NEIGHBOUR_FACTOR
     times above, or below, that of every neighbouring size of the same rule
     and dtype (one-array cases). Only fastopt is held to its neighbours: the
     NumPy reference's fixed cost per step is large enough that its
@@ -640,12 +650,16 @@ def find_unstable(results):
     """
     flags = [{"impls": [], "reasons": []} for _ in results]
     for r, flag in zip(results, flags):
+        if r.get("other_cpus", 0.0) > LOAD_LIMIT:
+            flag["impls"].append("fastopt")
+            flag["reasons"].append(f"other processes kept {r['other_cpus']:.2f} CPUs busy")
         shown = ["fastopt", "fastopt flat", "numpy", _best_torch(r["median_s"])]
         for name in shown:
             if name in r.get("block_s", {}):
                 spread = block_spread(r["block_s"][name])
                 if spread > SPREAD_LIMIT:
-                    flag["impls"].append(name)
+                    if name not in flag["impls"]:
+                        flag["impls"].append(name)
                     flag["reasons"].append(f"{name} blocks spread {spread:.0%}")
     groups = {}
     for i, r in enumerate(results):
@@ -865,7 +879,8 @@ def notes(results, llc, llc_source, dram_bytes, probe, load=None):
     remeasured = [r for r in results if r.get("remeasured")]
     unstable = [r for r in results if r["unstable"]["reasons"]]
     rule = (f"the middle half of its blocks spread by more than {SPREAD_LIMIT:.0%} of their "
-            f"median, or fastopt's ns/elem is more than {NEIGHBOUR_FACTOR}x off every "
+            f"median; or, for fastopt, other processes kept more than {LOAD_LIMIT} CPUs busy "
+            f"during the case, or its ns/elem is more than {NEIGHBOUR_FACTOR}x off every "
             f"neighbouring size of the same rule and dtype")
     if not remeasured and not unstable:
         out.append(f"No time is marked ~ (unstable: {rule}).")
@@ -996,7 +1011,8 @@ def make_parser():
                   "last-level cache (the default plan adds one such Adam float32 case when "
                   "none of its cases is that large); the bandwidth is the best pass of a "
                   "7-stream probe run before, between and after those cases. Unstable times "
-                  f"(blocks spread over {SPREAD_LIMIT:.0%}, or fastopt's ns/elem "
+                  f"(blocks spread over {SPREAD_LIMIT:.0%}; for fastopt also other processes "
+                  f"busy on over {LOAD_LIMIT} CPUs during the case, or its ns/elem "
                   f"{NEIGHBOUR_FACTOR}x off its neighbours) are marked ~ and re-measured "
                   "once.", 78)
               + "\n\nfiles: written to the current folder unless --json/--plot say otherwise; "
@@ -1083,7 +1099,11 @@ def run(argv=None):
             # time), and now and then in between.
             probe.measure()
             last_probe[0] = time.perf_counter()
+        before = cpu_snapshot()
         result = run_case(*cases[i], budget_s=budget, with_torch=with_torch)
+        during = other_load(before, cpu_snapshot())
+        if during is not None:
+            result["other_cpus"] = during["other_cpus"] + during["stolen_cpus"]
         if past[i]:
             probe.measure()
             last_probe[0] = time.perf_counter()
