@@ -178,6 +178,11 @@ class _FastoptStep:
                      if (why := _check_state(p, name, t, rule.scalar_state))), None)
                 if problem:
                     raise ValueError(f"{_name(gi, k, p)} {problem}")
+                if rule.scalar_state:
+                    count = int(state["step"]) + 1 if "step" in state else 1
+                    rule.check_scalar_state(hyper, count, {n: float(t) for n, t in state.items()
+                                                           if n in rule.scalar_state},
+                                            f"state of {_name(gi, k, p)}")
                 members.append((p, g))
             plan.append((group, hyper, needs, members))
         self._check_aliasing()

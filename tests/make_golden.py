@@ -108,6 +108,14 @@ CASES = (
      {"lr": 0.01, "weight_decay": 0.05, "amsgrad": True, "eps": 1e-3}),
     ("adamw-weight_decay-big", "AdamW", {"lr": 0.01, "weight_decay": 2.0}),
     ("adamw-maximize", "AdamW", {"lr": 0.01, "betas": [0.8, 0.95], "maximize": True}),
+
+    ("nadam-defaults", "NAdam", {}),
+    ("nadam-plain", "NAdam", {"lr": 0.01}),
+    ("nadam-weight_decay", "NAdam", {"lr": 0.01, "weight_decay": 0.1}),
+    ("nadam-decoupled_weight_decay", "NAdam",
+     {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("nadam-momentum_decay-maximize", "NAdam",
+     {"lr": 0.01, "momentum_decay": 0.01, "betas": [0.8, 0.95], "eps": 1e-6, "maximize": True}),
 )
 
 

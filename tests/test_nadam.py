@@ -166,3 +166,29 @@ def test_matches_torch_nadam_live(dtype, options):
     again = ft.NAdam([ours], lr=1e-2, **options)
     again.load_state_dict(back.state_dict())
     assert float(again.state[ours]["mu_product"]) == float(opts[1].state[ours]["mu_product"])
+
+
+def test_a_mu_product_that_rounds_to_one_is_refused_with_nothing_changed():
+    # float32 mu_product can round to exactly 1; torch then divides by zero
+    p = np.ones(3)
+    opt = fastopt.NAdam([p], betas=(0.99999999, 0.999), momentum_decay=1000)
+    with pytest.raises(ValueError, match="mu_product rounds to 1 at step 1"):
+        opt.step([np.ones(3)])
+    assert not opt.state and np.all(p == 1)
+    with pytest.raises(ValueError, match="mu_product rounds to 1"):
+        kernels.nadam(p, np.ones(3), np.zeros(3), np.zeros(3), step=1, mu_product=1.0,
+                      betas=(0.99999999, 0.999), momentum_decay=1000)
+    assert np.all(p == 1)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch (pip install torch==2.13.0)")
+def test_torch_adapter_refuses_the_degenerate_step_too():
+    import torch
+
+    import fastopt.torch as ft
+    t = torch.ones(3, requires_grad=True)
+    opt = ft.NAdam([t], betas=(0.99999999, 0.999), momentum_decay=1000)
+    t.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="mu_product rounds to 1"):
+        opt.step()
+    assert not opt.state and torch.equal(t.detach(), torch.ones(3))

@@ -750,10 +750,15 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
     if verdict != BAD:
         expected = {n: native(arrays[n]) for n in live}
         ref_buffers = [expected.get(n) for n in spec["buffers"]]
-        with quiet():
-            returned = spec["ref"](expected["p"], expected["g"], *ref_buffers,
-                                   **{spec["step_arg"]: normalize(spec["step_kind"], step_value)},
-                                   **spec["scalars"], **norm)
+        try:
+            with quiet():
+                returned = spec["ref"](expected["p"], expected["g"], *ref_buffers,
+                                       **{spec["step_arg"]: normalize(spec["step_kind"], step_value)},
+                                       **spec["scalars"], **norm)
+        except ZeroDivisionError:  # NAdam's mu_product rounds to 1: torch cannot step either
+            verdict = BAD
+    if verdict == BAD:
+        expected = None
     mem.own(*[arrays[n] for n in live])
     g_before = arrays["g"].tobytes() if isinstance(arrays["g"], np.ndarray) else None
     call_buffers = [arrays[n] for n in spec["buffers"]]

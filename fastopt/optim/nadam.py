@@ -32,6 +32,12 @@ def _per_step(h, step, scalar):
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * rate))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * rate))
     mu_product = float(np.float32(scalar["mu_product"]) * np.float32(mu))
+    if mu_product == 1.0 or mu_product * mu_next == 1.0:
+        # torch divides by zero here (ZeroDivisionError); refuse it cleanly
+        raise ValueError(
+            f"NAdam: mu_product rounds to 1 at step {step} (betas[0]={beta1!r}, "
+            f"momentum_decay={rate!r}), so the step sizes divide by zero; use a smaller "
+            "betas[0] or momentum_decay")
     return {"mu_product": mu_product}, {
         "grad_coef": -lr * (1.0 - mu) / (1.0 - mu_product),
         "avg_coef": (-lr * mu_next) / (1.0 - mu_product * mu_next),

@@ -334,11 +334,15 @@ class Optimizer:
             everything_gathered &= gathered
             start = stop
         if rule.scalar_state:  # the screen knows buffers, not scalars (NAdam's mu_product)
-            for index, g in enumerate(grads):
-                state = self.state.get(index) if g is not None else None
-                for name in rule.scalar_state if isinstance(state, dict) else ():
-                    if name in state:
-                        V.finite(f"state[{index}][{name!r}]", state[name])
+            start = 0
+            for gi, group in enumerate(groups):
+                hyper = plan[gi][0].kernel_hyper
+                for index in range(start, start + len(group["params"])):
+                    state = self.state.get(index, {})
+                    if grads[index] is not None and isinstance(state, dict):
+                        rule.check_scalar_state(hyper, state.get("step", 0) + 1, state,
+                                                f"state[{index}]")
+                start += len(group["params"])
         # Aliasing across parameters: in C when every workspace is loaded,
         # else (the general path, Python work per parameter anyway) here.
         if not everything_gathered:

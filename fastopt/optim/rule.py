@@ -56,6 +56,17 @@ class Rule(NamedTuple):
         """This step's per-step value, from the new step count and the buffers just made."""
         return new_count if self.counts_steps else self.first_step_buffer in created
 
+    def check_scalar_state(self, hyper, step, state, where):
+        """Validate a parameter's scalar state and the step it would take, changing nothing.
+
+        ``state``: its state dict (or {} before its first step); ``step``: the
+        count this step would give it. Raises TypeError/ValueError.
+        """
+        values = {}
+        for name, initial in self.scalar_state.items():
+            values[name] = V.finite(f"{where}[{name!r}]", state.get(name, initial))
+        self.per_step(hyper, step, values)
+
     def scalars(self, hyper, flush_denormals=False, extra=None):
         """The compiled scalars for validated ``hyper`` (and ``extra`` fields); the step adds the rest."""
         return _fastpath.Scalars(self.rule_id, **self.consts(hyper), **(extra or {}),
