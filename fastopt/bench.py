@@ -1,4 +1,4 @@
-"""python -m fastopt bench: fastopt's step against NumPy and torch.optim, side by side.
+"""fastopt bench: fastopt's step against NumPy and torch.optim, side by side.
 
 Every implementation runs the same steps on copies of the same data in one
 process, in rotating blocks of steps, so a noisy machine slows all of them
@@ -1017,7 +1017,7 @@ def make_parser():
                   "once.", 78)
               + "\n\nfiles: written to the current folder unless --json/--plot say otherwise; "
                 "their\nabsolute paths are printed.")
-    parser = argparse.ArgumentParser(prog="python -m fastopt bench",
+    parser = argparse.ArgumentParser(prog="fastopt bench",
                                      description=__doc__.splitlines()[0], epilog=epilog,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cases, under 30 s")
@@ -1059,7 +1059,7 @@ def _progress(text):
 
 
 def run(argv=None):
-    """``python -m fastopt bench``: run the plan, print the table, save JSON and a figure."""
+    """``fastopt bench``: run the plan, print the table, save JSON and a figure."""
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.torch:

@@ -1,4 +1,4 @@
-"""python -m fastopt bench --torch: fastopt.torch against torch.optim on torch models.
+"""fastopt bench --torch: fastopt.torch against torch.optim on torch models.
 
 Two cases, every implementation on its own copy of the same model, in
 rotating rounds of blocks of steps (see fastopt.bench): the optimizer step
@@ -177,7 +177,7 @@ def format_rows(rows, spreads=None):
 
 
 def run_cli(args):
-    """``python -m fastopt bench --torch``: print the header and table, save the JSON.
+    """``fastopt bench --torch``: print the header and table, save the JSON.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""python -m fastopt demo: the trade-offs between optimizers, with fastopt's own numbers.
+"""fastopt demo: the trade-offs between optimizers, with fastopt's own numbers.
 
 Part 1 trains one MLP on a digits-like classification task with batch
 gradient descent, stochastic gradient descent, mini-batch SGD, momentum,
@@ -208,7 +208,7 @@ def plot(curves, path_ball, path_gd, found, path):
 
 
 def run(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastopt demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastopt demo", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15,
                         help="epochs per training run in parts 1 and 3 (default 15)")
     parser.add_argument("--plot", metavar="PATH", default="fastopt-demo.png",
