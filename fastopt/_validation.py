@@ -99,22 +99,32 @@ def betas(name, value):
     return (unit_interval(f"{name}[0]", value[0]), unit_interval(f"{name}[1]", value[1]))
 
 
+def _integral(name, value, kind="an int"):
+    """Raise TypeError unless ``value`` is an integer that is not a bool (NumPy's pass)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+
+
 def integer(name, value, minimum):
     """An int (not a bool) ``>= minimum``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+    _integral(name, value)
     if value < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
 
 
-def step_count(name, value):
-    """A count ``1 <= t <= MAX_STEP`` (a step count after this step's increment)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+def count(name, value, kind="an int"):
+    """An int (not a bool) ``>= 1``: a size, a number of items; ``kind`` names the type."""
+    _integral(name, value, kind)
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return int(value)
+
+
+def step_count(name, value):
+    """A count ``1 <= t <= MAX_STEP`` (a step count after this step's increment)."""
+    count(name, value, "an integer")
     if value > MAX_STEP:
         raise ValueError(f"{name} must be <= 2**63 - 1 (counts are int64), got {value!r}")
     return int(value)
@@ -134,6 +144,53 @@ def stored_step(name, value):
         raise ValueError(f"{name} must be < 2**63 - 1, so that the next step's count "
                          f"fits an int64; got {value!r}")
     return value
+
+
+def in_interval(name, value, low, high, brackets="[]"):
+    """A finite real number in the interval ``brackets[0] low, high brackets[1]``."""
+    x = finite(name, value)
+    above = x >= low if brackets[0] == "[" else x > low
+    below = x <= high if brackets[1] == "]" else x < high
+    if not (above and below):
+        raise ValueError(f"{name} must be in {brackets[0]}{low}, {high}{brackets[1]}, "
+                         f"got {value!r}")
+    return x
+
+
+def nonnegative_finite(name, value):
+    """A finite real number ``>= 0``."""
+    return in_interval(name, value, 0, math.inf, "[)")
+
+
+def choice(name, value, options):
+    """One of ``options``, which the message lists as they print."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def either(name, value, first, second):
+    """``first`` or ``second`` (two modes, named in the message)."""
+    if value not in (first, second):
+        raise ValueError(f"{name} must be {first!r} or {second!r}, got {value!r}")
+    return value
+
+
+def function(name, value):
+    """Anything callable."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value
+
+
+def per_group(name, value, groups, rule):
+    """``value`` as one entry per param group, each checked by ``rule`` (a scalar is repeated)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise ValueError(f"{name} has {len(value)} entries but the optimizer has "
+                             f"{len(groups)} param groups")
+        return [rule(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [rule(name, value)] * len(groups)
 
 
 def check_hyper(rules, hyper, where=""):
@@ -179,6 +236,23 @@ def check_float_array(name, a, writeable, torch_twin=None):
         raise ValueError(f"{name} is not aligned to its dtype's size (a view of a byte buffer?)")
     if writeable and not a.flags.writeable:
         raise ValueError(f"{name} is read-only; the update must be written into it")
+
+
+def float_ndarray(name, a):
+    """An ndarray of float32 or float64, in any layout (input that is only read)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    return a
+
+
+def samples(name, a):
+    """An ndarray with samples along its first axis (at least 1-D)."""
+    if not isinstance(a, np.ndarray) or a.ndim == 0:
+        raise TypeError(f"{name} must be an ndarray with samples along axis 0, got "
+                        f"{type(a).__name__}")
+    return a
 
 
 def check_like(name, a, ref_name, ref):
@@ -251,3 +325,62 @@ def check_distinct_params(named_params):
         check_no_aliasing(named_params)
     except ValueError as e:
         raise ValueError(f"{e}: a parameter may appear only once") from None
+
+
+# ---------------------------------------------------------------- data
+# The inputs and targets of a loss or a model; ``where`` (the function or the
+# model) and ``name`` (its argument) start every message.
+
+def check_input(where, name, x, ndim=None):
+    """A non-empty float32/float64 ndarray (of ``ndim`` dimensions, if given)."""
+    float_ndarray(f"{where}: {name}", x)
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{where}: {name} must be {ndim}-D, got shape {x.shape}")
+    if x.ndim == 0 or x.size == 0:
+        raise ValueError(f"{where}: {name} must be a non-empty array of at least 1 dimension, "
+                         f"got shape {x.shape}")
+    return x
+
+
+def _real_numbers(where, name, t):
+    if t.dtype.kind not in "biuf":
+        raise TypeError(f"{where}: {name} must hold real numbers, got dtype {t.dtype}")
+
+
+def check_target(where, name, target, shape):
+    """Real numbers (bool, int or float) of exactly ``shape``, as an ndarray.
+
+    No broadcasting: a (n, 1) prediction against a (n,) target would silently
+    compare every row with every target.
+    """
+    t = np.asarray(target)
+    _real_numbers(where, name, t)
+    if t.shape != shape:
+        raise ValueError(f"{where}: {name} has shape {t.shape}, expected {shape}")
+    return t
+
+
+def check_class_target(where, name, target, n, k):
+    """Class targets for ``n`` rows of ``k`` logits; return ``(target, is_labels)``.
+
+    Either integer class indices of shape (n,), each in [0, k), or one-hot /
+    probability rows of shape (n, k).
+    """
+    t = np.asarray(target)
+    if t.ndim == 1:
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"{where}: {name} of shape (n,) holds class indices and must be "
+                            f"integers, got dtype {t.dtype} (one-hot or probabilities have "
+                            f"shape (n, {k}))")
+        if t.shape[0] != n:
+            raise ValueError(f"{where}: {name} has {t.shape[0]} labels for {n} rows")
+        low, high = t.min(), t.max()
+        if low < 0 or high >= k:
+            raise ValueError(f"{where}: class indices in {name} must be in [0, {k}), "
+                             f"got values from {low} to {high}")
+        return t, True
+    if t.shape == (n, k):
+        _real_numbers(where, name, t)
+        return t, False
+    raise ValueError(f"{where}: {name} must be class indices of shape ({n},) or one-hot / "
+                     f"probabilities of shape ({n}, {k}), got shape {t.shape}")

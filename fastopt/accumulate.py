@@ -42,8 +42,7 @@ class GradientAccumulator:
 
     def __init__(self, buffers, steps, reduction="mean"):
         steps = V.step_count("steps", steps)
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        V.either("reduction", reduction, "mean", "sum")
         if not isinstance(buffers, (list, tuple)) or not buffers:
             raise TypeError("buffers must be a non-empty list of arrays")
         named = [(f"buffers[{i}]", b) for i, b in enumerate(buffers)]

@@ -9,8 +9,6 @@ No array is allocated per batch: unshuffled batches are views of ``X`` and
 ``y``; shuffled batches are gathered into two buffers that are reused - a
 yielded batch is overwritten by the next one, so copy it if you keep it.
 """
-import numbers
-
 import numpy as np
 
 from . import _validation as V
@@ -58,23 +56,18 @@ class Batches:
     """The iterable that :func:`batches` returns (see there)."""
 
     def __init__(self, X, y=None, batch_size=None, shuffle=True, seed=None, drop_last=False):
-        if not isinstance(X, np.ndarray) or X.ndim == 0:
-            raise TypeError(f"X must be an ndarray with samples along axis 0, got {type(X).__name__}")
+        V.samples("X", X)
         n = len(X)
         if n == 0:
             raise ValueError("X has no samples")
         if y is not None:
-            if not isinstance(y, np.ndarray) or y.ndim == 0:
-                raise TypeError(f"y must be an ndarray with samples along axis 0, got {type(y).__name__}")
+            V.samples("y", y)
             if len(y) != n:
                 raise ValueError(f"X has {n} samples but y has {len(y)}")
         shuffle = V.flag("shuffle", shuffle)
         drop_last = V.flag("drop_last", drop_last)
         if batch_size is not None:
-            if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
-                raise TypeError(f"batch_size must be an int or None, got {batch_size!r}")
-            if batch_size <= 0:
-                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            V.count("batch_size", batch_size, kind="an int or None")
             if drop_last and batch_size > n:
                 raise ValueError(f"batch_size={batch_size} > {n} samples with drop_last=True "
                                  "would yield no batch")

@@ -63,61 +63,6 @@ _scratch = _Scratch()
 
 # -------------------------------------------------------------- validation
 
-def _check_input(where, name, x, ndim=None):
-    """A non-empty float32/float64 ndarray (of ``ndim`` dimensions, if given)."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{where}: {name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"{where}: {name} must have dtype float32 or float64, got {x.dtype}")
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{where}: {name} must be {ndim}-D, got shape {x.shape}")
-    if x.ndim == 0 or x.size == 0:
-        raise ValueError(f"{where}: {name} must be a non-empty array of at least 1 dimension, "
-                         f"got shape {x.shape}")
-    return x
-
-
-def _check_target(where, name, target, shape):
-    """Real numbers (bool, int or float) of exactly ``shape``, as an ndarray.
-
-    No broadcasting: a (n, 1) prediction against a (n,) target would silently
-    compare every row with every target.
-    """
-    t = np.asarray(target)
-    if t.dtype.kind not in "biuf":
-        raise TypeError(f"{where}: {name} must hold real numbers, got dtype {t.dtype}")
-    if t.shape != shape:
-        raise ValueError(f"{where}: {name} has shape {t.shape}, expected {shape}")
-    return t
-
-
-def _check_class_target(where, name, target, n, k):
-    """Class targets for ``n`` rows of ``k`` logits; return ``(target, is_labels)``.
-
-    Either integer class indices of shape (n,), each in [0, k), or one-hot /
-    probability rows of shape (n, k).
-    """
-    t = np.asarray(target)
-    if t.ndim == 1:
-        if t.dtype.kind not in "iu":
-            raise TypeError(f"{where}: {name} of shape (n,) holds class indices and must be "
-                            f"integers, got dtype {t.dtype} (one-hot or probabilities have "
-                            f"shape (n, {k}))")
-        if t.shape[0] != n:
-            raise ValueError(f"{where}: {name} has {t.shape[0]} labels for {n} rows")
-        low, high = t.min(), t.max()
-        if low < 0 or high >= k:
-            raise ValueError(f"{where}: class indices in {name} must be in [0, {k}), "
-                             f"got values from {low} to {high}")
-        return t, True
-    if t.shape == (n, k):
-        if t.dtype.kind not in "biuf":
-            raise TypeError(f"{where}: {name} must hold real numbers, got dtype {t.dtype}")
-        return t, False
-    raise ValueError(f"{where}: {name} must be class indices of shape ({n},) or one-hot / "
-                     f"probabilities of shape ({n}, {k}), got shape {t.shape}")
-
-
 def _grad_buffer(where, grad_out, x, target):
     """``grad_out`` checked against the input ``x``, or a new array like ``x``."""
     if grad_out is None:
@@ -132,8 +77,8 @@ def _grad_buffer(where, grad_out, x, target):
 
 def _prepare(where, x, target, grad_out, input_name="pred"):
     """Validated ``(input, target, grad)`` for an element-wise loss."""
-    x = _check_input(where, input_name, x)
-    t = _check_target(where, "target", target, x.shape)
+    x = V.check_input(where, input_name, x)
+    t = V.check_target(where, "target", target, x.shape)
     return x, t, _grad_buffer(where, grad_out, x, t)
 
 
@@ -291,9 +236,9 @@ def softmax_cross_entropy(logits, target, grad_out=None):
         ``(softmax - onehot) / n`` for labels.
     """
     where = "softmax_cross_entropy"
-    z = _check_input(where, "logits", logits, ndim=2)
+    z = V.check_input(where, "logits", logits, ndim=2)
     n, k = z.shape
-    t, labels = _check_class_target(where, "target", target, n, k)
+    t, labels = V.check_class_target(where, "target", target, n, k)
     grad = _grad_buffer(where, grad_out, z, t)
     flat = grad.reshape(-1)
     rows = _scratch.get("rows", n, z.dtype).reshape(n, 1)

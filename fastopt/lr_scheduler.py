@@ -42,39 +42,6 @@ _TORCH_TRANSIENT = frozenset({"_is_initial", "_get_lr_called_within_step", "verb
 
 # ------------------------------------------------------------------ checks
 
-def _in_interval(name, value, low, high, brackets="[]"):
-    """A finite real number in the interval ``brackets[0] low, high brackets[1]``."""
-    x = V.finite(name, value)
-    above = x >= low if brackets[0] == "[" else x > low
-    below = x <= high if brackets[1] == "]" else x < high
-    if not (above and below):
-        raise ValueError(f"{name} must be in {brackets[0]}{low}, {high}{brackets[1]}, "
-                         f"got {value!r}")
-    return x
-
-
-def _choice(name, value, options):
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
-
-
-def _callable(name, value):
-    if not callable(value):
-        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
-    return value
-
-
-def _per_group(name, value, groups, check):
-    """``value`` as one checked entry per param group (a scalar is repeated)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != len(groups):
-            raise ValueError(f"{name} has {len(value)} entries but the optimizer has "
-                             f"{len(groups)} param groups")
-        return [check(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    return [check(name, value)] * len(groups)
-
-
 def _check_optimizer(optimizer):
     """The optimizer's param groups: a non-empty list of dicts, each with an ``"lr"``."""
     groups = getattr(optimizer, "param_groups", None)
@@ -90,10 +57,6 @@ def _check_optimizer(optimizer):
         if "lr" not in group:
             raise ValueError(f"optimizer.param_groups[{i}] has no 'lr'")
     return groups
-
-
-def _nonnegative_finite(name, value):
-    return _in_interval(name, value, 0, math.inf, "[)")
 
 
 # ------------------------------------------------------------------- bases
@@ -302,7 +265,7 @@ class LambdaLR(LRScheduler):
 
     def __init__(self, optimizer, lr_lambda, last_epoch=-1):
         groups = _check_optimizer(optimizer)
-        self.lr_lambdas = _per_group("lr_lambda", lr_lambda, groups, _callable)
+        self.lr_lambdas = V.per_group("lr_lambda", lr_lambda, groups, V.function)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
@@ -436,8 +399,8 @@ class LinearLR(LRScheduler):
 
     def __init__(self, optimizer, start_factor=1.0 / 3, end_factor=1.0, total_iters=5,
                  last_epoch=-1):
-        self.start_factor = _in_interval("start_factor", start_factor, 0, 1, "(]")
-        self.end_factor = _in_interval("end_factor", end_factor, 0, 1, "[]")
+        self.start_factor = V.in_interval("start_factor", start_factor, 0, 1, "(]")
+        self.end_factor = V.in_interval("end_factor", end_factor, 0, 1, "[]")
         self.total_iters = V.integer("total_iters", total_iters, 1)
         super().__init__(optimizer, last_epoch)
 
@@ -484,7 +447,7 @@ class CosineAnnealingLR(LRScheduler):
 
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
         self.T_max = V.integer("T_max", T_max, 1)
-        self.eta_min = _nonnegative_finite("eta_min", eta_min)
+        self.eta_min = V.nonnegative_finite("eta_min", eta_min)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
@@ -532,7 +495,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         self.T_0 = V.integer("T_0", T_0, 1)
         self.T_i = self.T_0
         self.T_mult = V.integer("T_mult", T_mult, 1)
-        self.eta_min = _nonnegative_finite("eta_min", eta_min)
+        self.eta_min = V.nonnegative_finite("eta_min", eta_min)
         self.T_cur = V.integer("last_epoch", last_epoch, -1)
         super().__init__(optimizer, last_epoch)
 
@@ -559,7 +522,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
                 self.T_cur = self.T_cur % self.T_i
                 self.T_i = self.T_i * self.T_mult
         else:
-            epoch = _nonnegative_finite("epoch", epoch)
+            epoch = V.nonnegative_finite("epoch", epoch)
             if epoch >= self.T_0:
                 if self.T_mult == 1:
                     self.T_cur = epoch % self.T_0
@@ -641,11 +604,11 @@ class OneCycleLR(LRScheduler):
                                 * V.integer("steps_per_epoch", steps_per_epoch, 1))
         else:
             raise ValueError("OneCycleLR needs total_steps, or both epochs and steps_per_epoch")
-        pct_start = _in_interval("pct_start", pct_start, 0, 1, "[]")
+        pct_start = V.in_interval("pct_start", pct_start, 0, 1, "[]")
         self._schedule_phases = _one_cycle_phases(pct_start, self.total_steps,
                                                   V.flag("three_phase", three_phase))
-        self._anneal_func_type = _choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
-        max_lrs = _per_group("max_lr", max_lr, groups, V.positive)
+        self._anneal_func_type = V.choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
+        max_lrs = V.per_group("max_lr", max_lr, groups, V.positive)
         div_factor = V.positive("div_factor", div_factor)
         final_div_factor = V.positive("final_div_factor", final_div_factor)
         self.cycle_momentum = V.flag("cycle_momentum", cycle_momentum)
@@ -657,8 +620,8 @@ class OneCycleLR(LRScheduler):
                 raise ValueError("cycle_momentum=True needs an optimizer with 'momentum' or "
                                  "'betas' (pass cycle_momentum=False)")
             self.use_beta1 = "betas" in defaults
-            max_momenta = _per_group("max_momentum", max_momentum, groups, V.finite)
-            base_momenta = _per_group("base_momentum", base_momentum, groups, V.finite)
+            max_momenta = V.per_group("max_momentum", max_momentum, groups, V.finite)
+            base_momenta = V.per_group("base_momentum", base_momentum, groups, V.finite)
         if last_epoch == -1:
             for group, peak in zip(groups, max_lrs):
                 group["initial_lr"] = peak / div_factor
@@ -859,27 +822,27 @@ class ReduceLROnPlateau(LRScheduler):
     def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
                  threshold_mode="rel", cooldown=0, min_lr=0, eps=1e-8):
         groups = _check_optimizer(optimizer)
-        self.factor = _in_interval("factor", factor, 0, 1, "()")
+        self.factor = V.in_interval("factor", factor, 0, 1, "()")
         self.optimizer = optimizer
         if isinstance(min_lr, (list, tuple)):
             self.default_min_lr = None
-            self.min_lrs = _per_group("min_lr", min_lr, groups, _nonnegative_finite)
+            self.min_lrs = V.per_group("min_lr", min_lr, groups, V.nonnegative_finite)
         else:
-            self.default_min_lr = _nonnegative_finite("min_lr", min_lr)
+            self.default_min_lr = V.nonnegative_finite("min_lr", min_lr)
             self.min_lrs = [self.default_min_lr] * len(groups)
         self.patience = V.integer("patience", patience, 0)
         self.cooldown = V.integer("cooldown", cooldown, 0)
-        self.eps = _nonnegative_finite("eps", eps)
+        self.eps = V.nonnegative_finite("eps", eps)
         self.last_epoch = 0
         self._last_lr = self._group_lrs()
-        self._set_comparison(mode, _nonnegative_finite("threshold", threshold), threshold_mode)
+        self._set_comparison(mode, V.nonnegative_finite("threshold", threshold), threshold_mode)
         self.best = self.mode_worse
         self.cooldown_counter = 0
         self.num_bad_epochs = 0
 
     def _set_comparison(self, mode, threshold, threshold_mode):
-        self.mode = _choice("mode", mode, ("min", "max"))
-        self.threshold_mode = _choice("threshold_mode", threshold_mode, ("rel", "abs"))
+        self.mode = V.choice("mode", mode, ("min", "max"))
+        self.threshold_mode = V.choice("threshold_mode", threshold_mode, ("rel", "abs"))
         self.threshold = threshold
         self.mode_worse = math.inf if mode == "min" else -math.inf
 
@@ -941,6 +904,6 @@ class ReduceLROnPlateau(LRScheduler):
     def _load_special(self, state_dict):
         # The comparison options are checked before anything is loaded; the
         # rest of the state is plain numbers.
-        _choice("state_dict['mode']", state_dict["mode"], ("min", "max"))
-        _choice("state_dict['threshold_mode']", state_dict["threshold_mode"], ("rel", "abs"))
-        _nonnegative_finite("state_dict['threshold']", state_dict["threshold"])
+        V.choice("state_dict['mode']", state_dict["mode"], ("min", "max"))
+        V.choice("state_dict['threshold_mode']", state_dict["threshold_mode"], ("rel", "abs"))
+        V.nonnegative_finite("state_dict['threshold']", state_dict["threshold"])

@@ -27,8 +27,7 @@ import numpy as np
 
 from . import _validation as V
 from .flat import FlatParams
-from .losses import (LOSSES, _check_class_target, _check_target, _sigmoid, _softmax,
-                     bce_with_logits, softmax_cross_entropy)
+from .losses import LOSSES, _sigmoid, _softmax, bce_with_logits, softmax_cross_entropy
 
 __all__ = ["Model", "LinearRegression", "LogisticRegression", "MLP", "ACTIVATIONS"]
 
@@ -79,15 +78,6 @@ def _init_weights(rng, fan_in, fan_out, scheme):
         return rng.standard_normal((fan_in, fan_out)) * math.sqrt(2.0 / fan_in)
     limit = math.sqrt(6.0 / (fan_in + fan_out))
     return rng.uniform(-limit, limit, (fan_in, fan_out))
-
-
-def _size(where, name, value):
-    """A layer size: an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{where}: {name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{where}: {name} must be >= 1, got {value!r}")
-    return int(value)
 
 
 # ----------------------------------------------------------------- buffers
@@ -167,7 +157,7 @@ class Model:
         name = type(self).__name__
         if not isinstance(sizes, (list, tuple)) or len(sizes) < 2:
             raise ValueError(f"{name}: sizes must be a list of >= 2 layer sizes, got {sizes!r}")
-        sizes = [_size(name, f"sizes[{i}]", s) for i, s in enumerate(sizes)]
+        sizes = [V.count(f"{name}: sizes[{i}]", s) for i, s in enumerate(sizes)]
         if activation not in ACTIVATIONS:
             raise ValueError(f"{name}: activation must be one of {sorted(ACTIVATIONS)}, "
                              f"got {activation!r}")
@@ -222,10 +212,7 @@ class Model:
     def _check_X(self, X):
         """``X`` validated, in the model's dtype (converted, a copy, only if needed)."""
         where = type(self).__name__
-        if not isinstance(X, np.ndarray):
-            raise TypeError(f"{where}: X must be a numpy.ndarray, got {type(X).__name__}")
-        if X.dtype not in V.FLOAT_DTYPES:
-            raise TypeError(f"{where}: X must have dtype float32 or float64, got {X.dtype}")
+        V.float_ndarray(f"{where}: X", X)
         if X.ndim != 2 or X.shape[1] != self.n_features or X.shape[0] == 0:
             raise ValueError(f"{where}: X must be 2-D with at least one row and "
                              f"{self.n_features} columns, got shape {X.shape}")
@@ -372,7 +359,7 @@ def _labels_shape(where, y, n, width):
     y = np.asarray(y)
     if width == 1 and y.shape == (n, 1):
         y = y.reshape(n)
-    return _check_target(where, "y", y, (n,) if width == 1 else (n, width))
+    return V.check_target(where, "y", y, (n,) if width == 1 else (n, width))
 
 
 # ---------------------------------------------------------------- models
@@ -398,10 +385,9 @@ class LinearRegression(Model):
     """
 
     def __init__(self, n_features, n_outputs=1, loss="mse", dtype=np.float64, seed=None):
-        if loss not in ("mse", "mae"):
-            raise ValueError(f"LinearRegression: loss must be 'mse' or 'mae', got {loss!r}")
-        sizes = [_size("LinearRegression", "n_features", n_features),
-                 _size("LinearRegression", "n_outputs", n_outputs)]
+        V.either("LinearRegression: loss", loss, "mse", "mae")
+        sizes = [V.count("LinearRegression: n_features", n_features),
+                 V.count("LinearRegression: n_outputs", n_outputs)]
         super().__init__(sizes, LOSSES[loss], dtype=dtype, seed=seed, squeeze=True)
         self.n_outputs = self.sizes[-1]
         self.loss_name = loss
@@ -458,7 +444,7 @@ class LogisticRegression(_Classifier):
     """
 
     def __init__(self, n_features, dtype=np.float64, seed=None):
-        super().__init__([_size("LogisticRegression", "n_features", n_features), 1],
+        super().__init__([V.count("LogisticRegression: n_features", n_features), 1],
                          bce_with_logits, dtype=dtype, seed=seed, squeeze=True)
 
     def _check_y(self, y, n):
@@ -513,7 +499,7 @@ class MLP(_Classifier):
         self.n_classes = self.sizes[-1]
 
     def _check_y(self, y, n):
-        return _check_class_target("MLP", "y", y, n, self.n_classes)[0]
+        return V.check_class_target("MLP", "y", y, n, self.n_classes)[0]
 
     def _true_labels(self, y):
         return y if y.ndim == 1 else np.argmax(y, axis=1)

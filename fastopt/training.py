@@ -75,8 +75,7 @@ class EarlyStopping:
     """
 
     def __init__(self, monitor="loss", patience=5, min_delta=0.0, restore_best=False):
-        if monitor not in ("loss", "val_loss"):
-            raise ValueError(f"monitor must be 'loss' or 'val_loss', got {monitor!r}")
+        V.either("monitor", monitor, "loss", "val_loss")
         if not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be an int >= 0, got {patience!r}")
         if not min_delta >= 0:
@@ -175,8 +174,7 @@ def fit(model, optimizer, X, y, epochs=1, batch_size=None, schedule=None, clip=N
     """
     epochs = V.integer("epochs", epochs, 0)
     accumulate = V.integer("accumulate", accumulate, 1)
-    if schedule_interval not in ("epoch", "step"):
-        raise ValueError(f"schedule_interval must be 'epoch' or 'step', got {schedule_interval!r}")
+    V.either("schedule_interval", schedule_interval, "epoch", "step")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip!r}")
     plateau = schedule is not None and _is_plateau(schedule)

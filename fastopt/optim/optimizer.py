@@ -95,8 +95,7 @@ class Optimizer:
 
     def __init__(self, params, defaults, *, backend="cython", skip_nonfinite=False,
                  flush_denormals=False):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        V.choice("backend", backend, BACKENDS)
         self._fast = None  # the fast path (a _fastpath.Stepper), made on the first step
         self.backend = backend
         self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
