@@ -29,17 +29,25 @@ if _spec is None or _os.path.dirname(_os.path.realpath(_spec.origin)) != _here:
     )
 del _ilu, _os, _here, _spec
 
-from . import kernels, losses, lr_scheduler, models, reference
+from . import _aliases, kernels, lr_scheduler, reference
 from ._dispatch import get_num_threads, set_num_threads, show_config, simd_level
 from ._version import __version__
-from .accumulate import GradientAccumulator
-from .batching import Batches, batches
-from .clip import clip_grad_norm, clip_grad_value, grad_norm
 from .flat import FlatParams
 from .optim import OPTIMIZERS as _OPTIMIZERS, Optimizer, load_optimizer
-from .training import EarlyStopping, History, fit, lr_range_test
+from .train import (EarlyStopping, GradientAccumulator, History, accumulate, batches, Batches,
+                    batching, clip, clip_grad_norm, clip_grad_value, fit, grad_norm, losses,
+                    lr_range_test, models, training)
 
 globals().update(_OPTIMIZERS)  # fastopt.SGD, fastopt.Adam, ...: every class of the registry
+
+# The public paths of modules that live in a subpackage: fastopt.models is
+# fastopt.train.models (one module object), fastopt.bench is fastopt._cli.bench,
+# imported only when asked for (it is the command line's, with matplotlib).
+_aliases.install({
+    **{f"{__name__}.{name}": f"{__name__}.train.{name}"
+       for name in ("accumulate", "batching", "clip", "losses", "models", "training")},
+    **{f"{__name__}.{name}": f"{__name__}._cli.{name}" for name in ("bench", "bench_torch", "demo")},
+})
 
 __all__ = [
     # optimizers: every class of the registry (fastopt.optim)

@@ -8,8 +8,8 @@ Models from ``fastopt.models`` can do the same in their backward pass
 (``loss_and_grad(..., accumulate=True, scale=1/k)``); this class is for
 gradients computed elsewhere.
 """
-from . import _fastpath
-from . import _validation as V
+from .. import _fastpath
+from .. import _validation as V
 
 __all__ = ["GradientAccumulator"]
 

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from . import _fastpath
-from . import _validation as V
+from .. import _fastpath
+from .. import _validation as V
 
 __all__ = ["clip_grad_norm", "clip_grad_value", "grad_norm"]
 

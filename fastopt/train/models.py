@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from . import _validation as V
-from .flat import FlatParams
+from .. import _validation as V
+from ..flat import FlatParams
 from .losses import LOSSES, _sigmoid, _softmax, bce_with_logits, softmax_cross_entropy
 
 __all__ = ["Model", "LinearRegression", "LogisticRegression", "MLP", "ACTIVATIONS"]

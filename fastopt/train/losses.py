@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from . import _validation as V
+from .. import _validation as V
 
 __all__ = ["mse", "mae", "bce_with_logits", "softmax_cross_entropy", "LOSSES"]
 

@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
-from . import _plotting
-from . import _validation as V
+from .. import _plotting
+from .. import _validation as V
+from ..lr_scheduler import ReduceLROnPlateau
 from .batching import batches
 from .clip import clip_grad_norm
 
@@ -131,11 +132,6 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _is_plateau(schedule):
-    from .lr_scheduler import ReduceLROnPlateau
-    return isinstance(schedule, ReduceLROnPlateau)
-
-
 def fit(model, optimizer, X, y, epochs=1, batch_size=None, schedule=None, clip=None,
         callbacks=(), progress=True, *, shuffle=True, seed=None, accumulate=1,
         schedule_interval="epoch", validation_data=None):
@@ -177,7 +173,7 @@ def fit(model, optimizer, X, y, epochs=1, batch_size=None, schedule=None, clip=N
     V.either("schedule_interval", schedule_interval, "epoch", "step")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip!r}")
-    plateau = schedule is not None and _is_plateau(schedule)
+    plateau = isinstance(schedule, ReduceLROnPlateau)
     if plateau and schedule_interval == "step":
         raise ValueError("ReduceLROnPlateau steps once per epoch")
     callbacks = list(callbacks)

@@ -11,7 +11,7 @@ yielded batch is overwritten by the next one, so copy it if you keep it.
 """
 import numpy as np
 
-from . import _validation as V
+from .. import _validation as V
 
 __all__ = ["batches", "Batches"]
 
