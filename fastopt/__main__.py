@@ -26,10 +26,10 @@ def main(argv=None):
         print(f"fastopt {__version__}")
         return 0
     if argv[0] == "bench":
-        from . import bench
+        from ._cli import bench
         return bench.run(argv[1:])
     if argv[0] == "demo":
-        from . import demo
+        from ._cli import demo
         return demo.run(argv[1:])
     print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
     return 2

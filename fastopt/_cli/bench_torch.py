@@ -16,6 +16,9 @@ import statistics
 import sys
 import time
 
+from .. import _dispatch
+from .measure import SPREAD_LIMIT, block_spread, fmt_ratio, header
+
 CHECKED_STEPS = 10
 DEFAULT_JSON = "fastopt-bench-torch.json"
 
@@ -97,7 +100,7 @@ def run_torch(budget_s=1.0, spreads=None):
         Seconds of timed rounds per case.
     spreads : dict, optional
         Filled with case label -> {implementation: block spread}
-        (fastopt.bench.block_spread), for the unstable-time marks.
+        (fastopt._cli.measure.block_spread), for the unstable-time marks.
 
     Returns
     -------
@@ -147,20 +150,17 @@ def run_torch(budget_s=1.0, spreads=None):
 
 def _record_spreads(spreads, label, blocks):
     if spreads is not None:
-        from .bench import block_spread
         spreads[label] = {name: block_spread(ts) for name, ts in blocks.items()}
 
 
 def unstable(spreads):
-    """(case label, implementation) pairs whose blocks spread past bench.SPREAD_LIMIT."""
-    from .bench import SPREAD_LIMIT
+    """(case label, implementation) pairs whose blocks spread past SPREAD_LIMIT."""
     return [(label, name) for label, per_impl in spreads.items()
             for name, spread in per_impl.items() if spread > SPREAD_LIMIT]
 
 
 def format_rows(rows, spreads=None):
     """The rows as an aligned table; with ``spreads``, unstable times are marked ``~``."""
-    from .bench import _fmt_ratio
     shaky = set(unstable(spreads or {}))
     names = list(rows[0][1])
     header = ["case"] + names + ["fastopt vs best fused", "fastopt vs default"]
@@ -169,8 +169,8 @@ def format_rows(rows, spreads=None):
         fused = min(med["torch fused"], med["torch fused, 1 thread"])
         body.append([label] + [f"{med[n] * 1e6:.0f} us" + ("~" if (label, n) in shaky else "")
                                for n in names]
-                    + [_fmt_ratio(fused / med["fastopt.torch"]),
-                       _fmt_ratio(med["torch default"] / med["fastopt.torch"])])
+                    + [fmt_ratio(fused / med["fastopt.torch"]),
+                       fmt_ratio(med["torch default"] / med["fastopt.torch"])])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
     return "\n".join(lines + [" | ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body])
@@ -192,8 +192,7 @@ def run_cli(args):
     if importlib.util.find_spec("torch") is None:
         print('bench --torch needs torch (pip install "fastopt[torch]")')
         return 1
-    from . import _dispatch, bench
-    print(bench.header(with_torch=True))
+    print(header(with_torch=True))
     budget = 0.3 if args.quick else 1.0
     spreads = {}
     rows = run_torch(budget_s=budget, spreads=spreads)
@@ -208,7 +207,6 @@ def run_cli(args):
           f"{CHECKED_STEPS} steps checked against torch.optim's default (foreach=False); "
           "'torch fused, 1 thread' runs at torch.set_num_threads(1), the others at torch's "
           "default; 'fastopt vs ...' = that time / fastopt.torch's (above 1: fastopt is faster)")
-    from .bench import SPREAD_LIMIT
     still = unstable(spreads)
     if first or still:
         print(f"~ marks an unstable time (the middle half of its blocks spread by more than "
@@ -218,7 +216,7 @@ def run_cli(args):
                                      or "none"))
     path = os.path.abspath(args.json or DEFAULT_JSON)
     with open(path, "w") as f:
-        json.dump({"config": _dispatch.config(), "header": bench.header(with_torch=True),
+        json.dump({"config": _dispatch.config(), "header": header(with_torch=True),
                    "budget_s": budget, "remeasured": bool(first),
                    "rows": [{"case": label, "median_s": med, "block_spread": spreads.get(label)}
                             for label, med in rows]}, f, indent=1)

@@ -18,9 +18,10 @@ import time
 import numpy as np
 
 import fastopt
-from fastopt import _plotting
-from fastopt.models import MLP
-from fastopt.training import fit, lr_range_test
+
+from .. import _plotting
+from ..train.models import MLP
+from ..train.training import fit, lr_range_test
 
 
 # ------------------------------------------------------------------- data

@@ -31,7 +31,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import statistics
 import sys
 import textwrap
@@ -40,7 +39,10 @@ import time
 import numpy as np
 
 import fastopt
-from fastopt import _dispatch, _fastpath, _plotting
+
+from .. import _dispatch, _fastpath, _plotting
+from . import bench_torch
+from .measure import SPREAD_LIMIT, block_spread, fmt_ratio as _fmt_ratio, header
 
 RULES = {  # name -> (optimizer class, options, memory streams per element, arrays)
     # Streams: every array read once, every updated array written once (Adam:
@@ -66,13 +68,6 @@ CACHE_FACTOR = 2
 # most machines, so that an unknown machine errs towards "-" rather than
 # towards a DRAM bound applied to a cache-resident case.
 FALLBACK_LLC = 256 << 20
-# Block-time spread (interquartile range / median) beyond which a time is
-# unstable. On a quiet 2-core VM the spread stays below 0.15 for nearly every
-# implementation and size, and reaches 0.4 at worst (fastopt at 1e4, where
-# two threads share 5 us steps); machine noise that moves a median (another
-# process taking a core for whole scheduler slices) spreads the blocks by far
-# more than half their median.
-SPREAD_LIMIT = 0.5
 # fastopt's ns/element at neighbouring sizes of one rule and dtype differ by
 # at most 7x in a quiet run (1e3, where a call's fixed cost dominates, against
 # 1e5); 10x off every neighbour is a disturbed measurement, not a cache level.
@@ -356,42 +351,6 @@ def other_load(start, end):
             "wall_s": wall}
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def header(with_torch):
-    """The run's first line: fastopt, SIMD level, threads, numpy and torch versions, machine.
-
-    Parameters
-    ----------
-    with_torch : bool
-        Whether torch takes part (its version is printed, else "not used").
-
-    Returns
-    -------
-    str
-    """
-    config = _dispatch.config()
-    if with_torch:
-        import torch
-        torch_part = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    else:
-        torch_part = "torch: not used"
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
-    name = _cpu_name()
-    return (f"fastopt {fastopt.__version__} | SIMD {config['simd_level']} | threads "
-            f"{config['num_threads']} (OpenMP {'on' if config['openmp'] else 'off'}) | "
-            f"numpy {np.__version__} | {torch_part} | {machine}" + (f" ({name})" if name else ""))
-
-
 def _fmt_bytes(n):
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
@@ -615,14 +574,6 @@ def check(arrays, impls, p0):
 
 # -------------------------------------------------------------- instability
 
-def block_spread(times):
-    """Interquartile range of block times over their median (0 for fewer than 2 blocks)."""
-    if len(times) < 2:
-        return 0.0
-    q1, med, q3 = np.percentile(times, [25, 50, 75])
-    return float((q3 - q1) / med) if med > 0 else 0.0
-
-
 def _best_torch(medians):
     torch = {k: v for k, v in medians.items() if k.startswith("torch")}
     return min(torch, key=torch.get) if torch else None
@@ -757,19 +708,6 @@ def _fmt_time(seconds):
     if seconds < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
-
-
-def _fmt_ratio(x):
-    """A speedup with two significant digits at least: never '0.0x'."""
-    if x is None:
-        return "-"
-    if x >= 100:
-        return f"{x:.0f}x"
-    if x >= 10:
-        return f"{x:.1f}x"
-    if x >= 1:
-        return f"{x:.2f}x"
-    return f"{x:.2g}x"
 
 
 def _fmt_rate(x):
@@ -1063,8 +1001,7 @@ def run(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.torch:
-        from .bench_torch import run_cli
-        return run_cli(args)
+        return bench_torch.run_cli(args)
     llc, llc_source = last_level_cache()
     dram_bytes = CACHE_FACTOR * llc
     if args.cases:
