@@ -35,12 +35,14 @@ cdef struct StepScalars:
 
 cdef struct Slot:
     # One parameter's update: its data, its gradient, its state buffers (in the
-    # rule's order, NULL when unused), its element count and its dtype.
+    # rule's order, NULL when unused), its element count and its storage kind
+    # (STORAGE_<kind> in the generated _rule_ids.pxd: how p, g and the buffers
+    # are stored; src_c/storage.pxi).
     char* p
     char* g
     char* buf[MAX_BUFFERS]
     Py_ssize_t size
-    bint f64
+    int storage
 
 
 # The compute layer's entries. runner: run `rule` over `count` slots, splitting

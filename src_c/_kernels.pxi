@@ -112,6 +112,13 @@ cdef inline floating root(floating x) noexcept nogil:
         return sqrt(x)
 
 
+# ---------------------------------------------------------------- storage
+# How a kind of stored array reaches a rule's loop: in place (float32,
+# float64) or through float32 blocks, loaded and stored back rounded.
+
+include "storage.pxi"
+
+
 # ---------------------------------------------------------------- rules
 # Each rule lives in src_c/rules/<name>.pxi: a loop body with its option
 # switches as arguments, a kernel that calls it once per switch combination
@@ -119,7 +126,7 @@ cdef inline floating root(floating x) noexcept nogil:
 # a straight-line loop the compiler vectorizes; a single loop testing the
 # switches per element stays scalar ("control flow in loop"), about 4x slower
 # for Adam. The generated _rules.pxi includes them all and holds the one
-# dispatch: call_rule (rule x dtype) and rule_at_step.
+# dispatch: call_rule (rule x storage kind) and rule_at_step.
 
 include "_rules.pxi"
 
@@ -206,7 +213,9 @@ cdef inline void sumsq_piece(const floating* x, Py_ssize_t n, double* acc,
 cdef void stats_blocks(const Slot* slots, Py_ssize_t count, Py_ssize_t total,
                        Py_ssize_t k0, Py_ssize_t k1, double* sums, double* bads) noexcept nogil:
     """Blocks k0..k1-1: sums[k] = sum of squares, bads[k] = NaN if any non-finite."""
-    cdef Py_ssize_t i = 0, offset = 0, k, pos, stop, end, j
+    cdef Py_ssize_t i = 0, offset = 0, k, pos, stop, end, j, m
+    cdef int elem
+    cdef float block[STAGE]
     cdef double acc[LANES]
     cdef double bad[LANES]
     for k in range(k0, k1):
@@ -220,10 +229,19 @@ cdef void stats_blocks(const Slot* slots, Py_ssize_t count, Py_ssize_t total,
                 offset += slots[i].size
                 i += 1
             end = offset + slots[i].size if offset + slots[i].size < stop else stop
-            if slots[i].f64:
+            elem = P_ELEM[slots[i].storage]
+            if elem == ELEM_F64:
                 sumsq_piece(<double*>slots[i].g + (pos - offset), end - pos, acc, bad)
-            else:
+            elif elem == ELEM_F32:
                 sumsq_piece(<float*>slots[i].g + (pos - offset), end - pos, acc, bad)
+            else:
+                # Widened a block at a time; STAGE is a multiple of LANES, so
+                # every element keeps its lane.
+                while pos < end:
+                    m = end - pos if end - pos < STAGE else STAGE
+                    load_elems(elem, slots[i].g, pos - offset, block, m)
+                    sumsq_piece(block, m, acc, bad)
+                    pos += m
             pos = end
         sums[k] = 0.0
         bads[k] = 0.0
@@ -288,6 +306,19 @@ cdef void at_step_entry(int rule, StepScalars* s, Py_ssize_t step,
 def at_step():
     """This module's per-step scalars (rule_at_step), as a capsule for fastopt._fastpath."""
     return PyCapsule_New(<void*>at_step_entry, b"fastopt.at_step", NULL)
+
+
+_ELEM_NAMES = {"bfloat16": ELEM_BF16, "float16": ELEM_F16}
+
+
+def narrow(str dtype, const float[::1] src, unsigned short[::1] dst):
+    """Round float32 ``src`` into ``dst``, the bits of a 16-bit ``dtype`` (storage.pxi's store)."""
+    store_elems(_ELEM_NAMES[dtype], <char*>&dst[0], 0, &src[0], min(src.shape[0], dst.shape[0]))
+
+
+def widen(str dtype, const unsigned short[::1] src, float[::1] dst):
+    """Widen the bits of a 16-bit ``dtype`` in ``src`` into float32 ``dst`` (storage.pxi's load)."""
+    load_elems(_ELEM_NAMES[dtype], <const char*>&src[0], 0, &dst[0], min(src.shape[0], dst.shape[0]))
 
 
 def info():

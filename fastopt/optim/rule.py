@@ -97,11 +97,7 @@ def apply(rule, p, g, buffers, step_value, hyper, scalar_values=None):
 
     Returns the new scalar state (a dict) for a rule that keeps one, else None.
     """
-    hyper = V.check_hyper(rule.hyper, hyper)
-    scalar_values = {k: V.finite(k, v) for k, v in (scalar_values or {}).items()}
-    if rule.check is not None:
-        rule.check(hyper)
-    step_value = check_step_value(rule, rule.step_arg, step_value)
+    hyper, step_value, scalar_values = check_call(rule, step_value, hyper, scalar_values)
     V.check_float_array("p", p, writeable=True)
     V.check_float_array("g", g, writeable=False)
     V.check_like("g", g, "p", p)
@@ -117,6 +113,20 @@ def apply(rule, p, g, buffers, step_value, hyper, scalar_values=None):
             V.check_no_overlap(name, buf, {"p": p, **named})
             named[name] = buf
     V.check_no_overlap("g", g, {"p": p, **named})
+    return run_one(rule, p, g, buffers, step_value, hyper, scalar_values)
+
+
+def check_call(rule, step_value, hyper, scalar_values=None):
+    """The checked ``(hyper, step_value, scalar_values)`` of a low-level call."""
+    hyper = V.check_hyper(rule.hyper, hyper)
+    scalar_values = {k: V.finite(k, v) for k, v in (scalar_values or {}).items()}
+    if rule.check is not None:
+        rule.check(hyper)
+    return hyper, check_step_value(rule, rule.step_arg, step_value), scalar_values
+
+
+def run_one(rule, p, g, buffers, step_value, hyper, scalar_values):
+    """Run one parameter's checked update (:func:`apply` after its checks)."""
     new_values, extra = (rule.per_step(hyper, step_value, scalar_values) if rule.scalar_state
                          else (None, None))
     run_lists(rule, [p], [g], tuple(None if b is None else [b] for b in buffers),

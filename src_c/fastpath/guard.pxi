@@ -108,7 +108,7 @@ cdef bint guard_clear(Guard guard, list workspaces, Py_ssize_t ngroups) except -
             continue
         for k in range(ws.count):
             slot = &ws.slots[k]
-            if not guard.clear_of(slot.g, slot.g + slot.size * (8 if slot.f64 else 4)):
+            if not guard.clear_of(slot.g, slot.g + slot.size * P_ITEMSIZE[slot.storage]):
                 return False
         ws.grads_clear = True
     return True

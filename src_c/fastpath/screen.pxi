@@ -115,7 +115,7 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
         g = <cnp.ndarray>g_obj
         # The buffers and the protected spans were made for this param's memory.
         if (<char*>cnp.PyArray_DATA(p) != slot.p or elements(p) != slot.size
-                or (cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64) != slot.f64
+                or storage_of(cnp.PyArray_TYPE(p)) != slot.storage
                 or not same_layout(g, p)):
             return SLOW_PATH
         # A buffer can be made read-only or reshaped in place without an edit

@@ -82,7 +82,7 @@ cdef class Workspace:
         for j in range(MAX_BUFFERS):
             slot.buf[j] = bufs[j]
         slot.size = cnp.PyArray_SIZE(p)
-        slot.f64 = cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64
+        slot.storage = storage_of(cnp.PyArray_TYPE(p))
         self.total += slot.size
         self.count += 1
 
