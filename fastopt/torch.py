@@ -14,6 +14,8 @@ Switch with one line::
 What fastopt cannot update in place is refused with a clear error naming the
 parameter - there is no silent fallback: parameters must be dense, contiguous
 float32/float64 CPU tensors, and their gradients dense and contiguous too.
+A tensor ``lr`` (or tensor betas), as torch.optim takes and its schedulers
+update in place, is read at every step.
 torch's ``differentiable=True`` and ``capturable=True`` are refused; the
 ``foreach`` and ``fused`` flags are accepted and ignored (every fastopt step is
 a fused one). Only this module imports torch.
@@ -86,6 +88,32 @@ def _view(t):
     return t.detach().numpy()
 
 
+def _value(where, v):
+    """A hyperparameter as the kernels read it: a float for a one-element CPU tensor.
+
+    torch.optim takes a tensor ``lr`` (and tensor betas), which schedulers
+    update in place; fastopt reads its value at every step.
+    """
+    if not isinstance(v, torch.Tensor):
+        return v
+    if v.numel() != 1 or not v.is_cpu or v.is_complex() or v.layout is not torch.strided:
+        raise ValueError(f"{where} must be a number or a one-element real CPU tensor, got "
+                         f"a {v.layout} {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}")
+    return v.item()
+
+
+def _tensor_values(group):
+    """The values of a group's tensor hyperparameters, or None if it has none.
+
+    An in-place write (``lr.fill_(...)``, as torch's schedulers do) changes
+    them without changing the group's objects, so the fast path compares them.
+    """
+    values = [x.item() for k, v in group.items() if k != "params"
+              for x in (v if isinstance(v, (tuple, list)) else (v,))
+              if isinstance(x, torch.Tensor)]
+    return values or None
+
+
 class _FastoptStep:
     """The fastopt ``step`` shared by the five optimizers (a mixin before the torch class).
 
@@ -119,7 +147,9 @@ class _FastoptStep:
         hyper = {}
         for k, rule in self._rule.hyper.items():
             v = group[k] if k in group or rule is not V.flag else False
-            hyper[k] = tuple(float(b) for b in v) if k == "betas" else v
+            if k == "betas" and isinstance(v, (tuple, list)):
+                v = tuple(float(_value(f"betas[{i}]", b)) for i, b in enumerate(v))
+            hyper[k] = _value(k, v)
         hyper.update(self._fixed)
         return hyper
 
@@ -244,12 +274,14 @@ class _FastoptStep:
             snapshot = fast["snapshots"][gi]
             if not isinstance(group, dict) or group.get("params") is not snapshot["params"]:
                 return False
-            if group != snapshot:
+            values = fast["tensor_values"][gi]
+            if group != snapshot or (values is not None and _tensor_values(group) != values):
                 hyper = self._kernel_hyper(gi, group)
                 if self._rule.needs(hyper) != fast["needs"][gi]:
                     return False
                 fast["groups"][gi].set_scalars(self._rule.scalars(hyper))
                 fast["snapshots"][gi] = dict(group)
+                fast["tensor_values"][gi] = _tensor_values(group)
         return True
 
     def _gather(self):
@@ -295,6 +327,7 @@ class _FastoptStep:
             snapshots.append(dict(group))
             needs_list.append(needs)
         return {"groups": groups, "snapshots": snapshots, "needs": needs_list,
+                "tensor_values": [_tensor_values(s) for s in snapshots],
                 "state": self.state, "guard": _fastpath.Guard()}
 
     def load_state_dict(self, state_dict):

@@ -289,12 +289,64 @@ if __name__ == "__main__":  # python tests/test_torch.py
     print(parity_table())
 
 
-def test_a_tensor_lr_is_refused_with_the_reason():
+def tensor_lr_pair(name, make_scheduler, steps=12, **kwargs):
+    """fastopt.torch and torch.optim with a tensor lr a scheduler moves in place."""
+    params = {}
+    for which in ("mine", "theirs"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        cls = getattr(ft, name) if which == "mine" else torch_class(name)
+        opt = cls(model.parameters(), lr=torch.tensor(0.05), **kwargs)
+        schedule = make_scheduler(opt)
+        x = torch.linspace(-1, 1, 32).reshape(8, 4)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            schedule.step()
+        assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # still the caller's tensor
+        params[which] = [t.detach().clone() for t in model.parameters()]
+    return params["mine"], params["theirs"]
+
+
+@pytest.mark.parametrize("name", spec.class_names())
+def test_a_tensor_lr_moved_by_a_scheduler_in_place_is_read_every_step(name):
+    def schedule(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    mine, theirs = tensor_lr_pair(name, schedule)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_in_place_lr_write_reaches_the_fast_path():
+    a, b, mine, theirs = warm_pair("Adam")
+    for opt in (a, b):
+        opt.param_groups[0]["lr"] = torch.tensor(0.01)
+    step_both(a, b, mine, theirs, seed=30)
+    for opt in (a, b):
+        opt.param_groups[0]["lr"].fill_(0.2)  # same object, new value
+    for k in range(3):
+        step_both(a, b, mine, theirs, seed=31 + k)
+    assert a._fastopt_fast is not None
+    assert_same(mine, theirs)
+
+
+def test_tensor_betas_are_read_as_their_values():
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    betas = (torch.tensor(0.8), torch.tensor(0.99))
+    mine, theirs = tensor_lr_pair("Adam", schedule, betas=betas)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_lr_that_is_not_one_number_is_refused_before_anything_changes():
     model = torch.nn.Linear(2, 1)
     opt = ft.SGD(model.parameters(), lr=torch.tensor(0.1))
+    opt.param_groups[0]["lr"] = torch.tensor([0.1, 0.2])
     model(torch.ones(1, 2)).sum().backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(TypeError, match=r"lr must be a real number, got a torch Tensor .*"
-                                        r"pass a float, e.g. lr=float\(lr\)"):
+    with pytest.raises(ValueError, match=r"lr must be a number or a one-element real CPU tensor, "
+                                         r"got a torch.strided torch.float32 tensor of shape \(2,\)"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
