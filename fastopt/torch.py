@@ -16,7 +16,10 @@ parameter - there is no silent fallback: parameters must be dense, contiguous
 float32/float64 CPU tensors, and their gradients dense and contiguous too.
 A tensor ``lr`` (or tensor betas), as torch.optim takes and its schedulers
 update in place, is read at every step.
-torch's ``differentiable=True`` and ``capturable=True`` are refused; the
+An optimizer with ``differentiable=True`` in any group is stepped by
+torch.optim's own implementation (fastopt's kernels are not differentiable):
+meta-learning code keeps working, with torch's results and torch's speed.
+``capturable=True`` (CUDA graphs) is refused; the
 ``foreach`` and ``fused`` flags are accepted and ignored (every fastopt step is
 a fused one). Only this module imports torch.
 """
@@ -131,9 +134,8 @@ class _FastoptStep:
     _fixed = {}         # options the class sets itself (AdamW: decoupled_weight_decay)
 
     def _kernel_hyper(self, gi, group):
-        for flag in ("differentiable", "capturable"):
-            if group.get(flag):
-                raise ValueError(f"param_groups[{gi}]: {flag}=True is not supported by fastopt")
+        if group.get("capturable"):
+            raise ValueError(f"param_groups[{gi}]: capturable=True is not supported by fastopt")
         hyper = self._fastopt_hyper(group)
         hyper = V.check_hyper(self._rule.hyper, hyper, f"param_groups[{gi}]: ")
         if self._rule.check is not None:
@@ -174,6 +176,11 @@ class _FastoptStep:
         Everything is checked before anything changes: a step that raises has
         updated no parameter and no state.
         """
+        if any(group.get("differentiable") for group in self.param_groups):
+            # The kernels write in place outside autograd: a differentiable
+            # step is torch.optim's own (the class this one subclasses).
+            self._fastopt_fast = None
+            return super(_FastoptStep, self).step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():

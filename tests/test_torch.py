@@ -254,8 +254,24 @@ def test_fast_path_refuses_what_the_general_path_refuses():
 def test_unsupported_torch_options_are_refused():
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.ones(3)
-    with pytest.raises(ValueError, match="differentiable=True"):
-        ft.Adam([p], differentiable=True).step()
+    with pytest.raises(ValueError, match="capturable=True"):
+        ft.Adam([p], capturable=True).step()
+
+
+@pytest.mark.parametrize("name", spec.class_names())
+def test_a_differentiable_optimizer_is_torch_optims_own_step(name):
+    """Gradients flow through the updates back to the start, as with torch.optim."""
+    results = []
+    for cls in (getattr(ft, name), torch_class(name)):
+        w = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+        p = w * 1.0  # a non-leaf parameter, as in meta-learning
+        opt = cls([p], lr=0.1, differentiable=True)
+        for _ in range(3):
+            p.grad = 2 * p  # part of the graph: d(step)/dw includes it
+            opt.step()
+        (g,) = torch.autograd.grad(p.square().sum(), w)
+        results.append((p.detach().clone(), g))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
 def test_is_a_torch_optimizer():
