@@ -41,20 +41,33 @@ import numpy as np
 import fastopt
 
 from .. import _dispatch, _fastpath, _plotting
+from ..optim import OPTIMIZERS
 from . import bench_torch
 from .measure import SPREAD_LIMIT, block_spread, fmt_ratio as _fmt_ratio, header
 
-RULES = {  # name -> (optimizer class, options, memory streams per element, arrays)
-    # Streams: every array read once, every updated array written once (Adam:
-    # read p, g, m, v; write p, m, v). Arrays: the distinct arrays a step
-    # touches, which is what has to fit in a cache.
-    "adam": ("Adam", {}, 7, 4),
-    "adamw": ("AdamW", {}, 7, 4),
-    "sgd": ("SGD", {"lr": 0.01}, 3, 2),
-    "sgd-momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}, 5, 3),
-    "adagrad": ("Adagrad", {}, 5, 3),
-    "rmsprop": ("RMSprop", {}, 5, 3),
-}
+def _case_rule(cls_name, options):
+    """``(class name, options, memory streams per element, arrays)`` of a bench rule.
+
+    Streams: every array read once, every updated array written once (Adam:
+    read p, g, m, v; write p, m, v). Arrays: the distinct arrays a step
+    touches, which is what has to fit in a cache. Both follow from the
+    buffers the rule's options use.
+    """
+    opt = OPTIMIZERS[cls_name]([np.zeros(1, np.float32)], **options)
+    used = sum(opt.rule.needs(opt._check_group_hyper(opt.param_groups[0], "")))
+    return cls_name, options, 3 + 2 * used, 2 + used
+
+
+#: name -> (optimizer class, options, streams, arrays): every class of the
+#: registry at its defaults (SGD at lr=0.01), and SGD with momentum; Adam first.
+RULES = {}
+for _name in OPTIMIZERS:
+    RULES[_name.lower()] = _case_rule(_name, {"lr": 0.01} if _name == "SGD" else {})
+    if _name == "SGD":
+        RULES["sgd-momentum"] = _case_rule("SGD", {"lr": 0.01, "momentum": 0.9})
+RULES = {"adam": RULES.pop("adam"), **RULES}  # the headline rule first (tables, figure)
+#: the rules the default plan runs at three sizes beside Adam's sweep
+OTHER_RULES = [r for r in RULES if r not in ("adam", "adamw")]
 
 MANY_SMALL = "200 x 16..4096"
 MANY_LARGE = "200 x 64..262144"
@@ -188,7 +201,7 @@ def plan(quick, full, dram_bytes=None, available_bytes=None):
                 + [("adam", "float32", MANY_SMALL), ("sgd", "float32", "1e5")])
     cases = [("adam", "float32", n) for n in ("1e3", "1e4", "1e5", "1e6", "1e7")]
     cases += [("adam", "float32", m) for m in (MANY_SMALL, MANY_LARGE)]
-    for rule in ("sgd", "sgd-momentum", "adagrad", "rmsprop"):
+    for rule in OTHER_RULES:
         cases += [(rule, "float32", n) for n in ("1e3", "1e5", "1e7")]
     cases += [("adam", "float64", n) for n in ("1e3", "1e5", "1e7")]
     cases += [("sgd", "float64", "1e7")]
