@@ -48,7 +48,7 @@ import os
 import warnings
 
 import numpy as np
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 import fastopt
@@ -790,6 +790,22 @@ STATE_BUFFERS = {r.name: tuple(b.name for b in r.buffers) for r in spec.rules()}
 KERNEL_FIELDS = {rule: tuple(KERNELS[rule]["hyper"]) for rule in KERNELS}
 
 
+def nadam_divides_by_zero(hyper, steps=16):
+    """Whether torch's NAdam divides by zero within ``steps``: its float32
+    mu_product (or mu_product * mu_next) rounds to 1, which fastopt refuses at
+    that step (tests/test_nadam.py covers the refusal)."""
+    beta1 = normalize("betas", hyper["betas"])[0]
+    rate = normalize("nonneg", hyper["momentum_decay"])
+    product = np.float32(1.0)
+    for t in range(1, steps + 1):
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * rate))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * rate))
+        product = np.float32(product * np.float32(mu))
+        if float(product) == 1.0 or float(product) * mu_next == 1.0:
+            return True
+    return False
+
+
 def group_verdict(name, hyper):
     """Spec of a whole group's hyperparameters (each rule, plus SGD's nesterov rule)."""
     kinds = GROUP_KINDS[name]
@@ -1290,6 +1306,8 @@ def test_optimizer_steps_match_reference_or_refuse_cleanly(data):
             params_argument(setup, arrays, overrides, "list"), **kwargs))
         assert error is not None
         return
+    # A setup torch's NAdam cannot step (it refuses at that step, not here).
+    assume(not (name == "NAdam" and any(nadam_divides_by_zero(m) for m in merged)))
     # "fast" examples keep to what the cython fast path (one call per step,
     # cached screening) handles: list grads, every parameter with a gradient
     fast = data.draw(st.booleans(), label="fast-path style")
