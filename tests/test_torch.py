@@ -337,7 +337,7 @@ def test_a_tensor_lr_moved_by_a_scheduler_in_place_is_read_every_step(name):
 def test_an_in_place_lr_write_reaches_the_fast_path():
     a, b, mine, theirs = warm_pair("Adam")
     for opt in (a, b):
-        opt.param_groups[0]["lr"] = torch.tensor(0.01)
+        opt.param_groups[0]["lr"] = torch.tensor(0.01, dtype=torch.float64)  # as the params
     step_both(a, b, mine, theirs, seed=30)
     for opt in (a, b):
         opt.param_groups[0]["lr"].fill_(0.2)  # same object, new value
