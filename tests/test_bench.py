@@ -234,6 +234,38 @@ def test_unstable_case_is_marked_and_measured_again(monkeypatch, capsys, tmp_pat
     assert saved["remeasured"]["reasons"] and bool(saved["unstable"]["reasons"]) != stable_second
 
 
+@pytest.mark.parametrize("second_factor", [1.1, 3.0])
+def test_a_slow_size_that_repeats_on_remeasuring_is_reproduced_not_unstable(
+        monkeypatch, capsys, tmp_path, quiet_machine, second_factor):
+    """35x its neighbours' ns/elem twice, blocks steady: a real cost (e.g. per-step Python work).
+    A second reading 3x off the first is not a repeat: still unstable."""
+    calls = {}
+
+    def fake(rule, dtype, label, budget_s=0.4, with_torch=True):
+        r = _real_run_case(rule, dtype, label, budget_s=0.01, with_torch=with_torch)
+        calls[label] = calls.get(label, 0) + 1
+        per_elem = 0.5e-9 * (35 if label == "1000" else 1)
+        if label == "1000" and calls[label] == 2:
+            per_elem *= second_factor
+        return _with_blocks(r, fastopt=[per_elem * float(label)] * 5)
+    monkeypatch.setattr(bench, "run_case", fake)
+    assert main(["bench", "--cases", "adam:float32:100", "adam:float32:1000",
+                 "adam:float32:10000", "--no-torch", "--json", str(tmp_path / "b.json"),
+                 "--plot", str(tmp_path / "b.png")]) == 0
+    text = capsys.readouterr().out
+    assert calls == {"100": 1, "1000": 2, "10000": 1}
+    notes = " ".join(text.split())
+    cell = table_of(text)[1][1][3]
+    saved = json.loads((tmp_path / "b.json").read_text())["results"][1]
+    if second_factor < 1 + bench.REPRODUCED_WITHIN:
+        assert not cell.endswith("~") and "Still unstable: none." in notes
+        assert "Reproduced, so not marked: adam f32 1000 (ns/elem 35.0x above" in notes
+        assert saved["reproduced"]["second_s"] > saved["reproduced"]["first_s"]
+    else:
+        assert cell.endswith("~") and "Still unstable: adam f32 1000" in notes
+        assert "Reproduced" not in notes and "reproduced" not in saved
+
+
 # ------------------------------------------------------------- the command line
 
 def test_bench_cli_table_legend_json_and_absolute_paths(fast_cases, tmp_path, capsys, monkeypatch):
