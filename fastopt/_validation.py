@@ -53,6 +53,18 @@ def _real(name, value):
         raise ValueError(f"{name} must be within float64's range (about 1.8e308)") from None
 
 
+def real(name, value):
+    """Any real number, NaN and infinities included (a bool is not one)."""
+    return _real(name, value)
+
+
+def pair_of_reals(name, value):
+    """A pair of real numbers (betas whose range is the caller's business)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+    return (_real(f"{name}[0]", value[0]), _real(f"{name}[1]", value[1]))
+
+
 def nonnegative(name, value):
     """``value >= 0`` (NaN fails)."""
     x = _real(name, value)

@@ -1,6 +1,6 @@
 """fastopt for PyTorch CPU training loops: torch.optim's optimizers, fastopt's kernels.
 
-``fastopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adam`` and ``AdamW`` *are*
+``fastopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW`` and ``NAdam`` *are*
 torch.optim optimizers - subclasses with the very same constructor, param
 groups, ``zero_grad``, ``state_dict`` (it loads into the torch.optim
 counterpart and back), hooks and lr_scheduler support. Only ``step`` differs:
@@ -11,9 +11,16 @@ Switch with one line::
 
     opt = fastopt.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
 
-What fastopt cannot update in place is refused with a clear error naming the
-parameter - there is no silent fallback: parameters must be dense, contiguous
-float32/float64 CPU tensors, and their gradients dense and contiguous too.
+Parameters are float32, float64, complex64 or complex128 CPU tensors
+(complex ones are stepped as their real view, as torch.optim does) in any
+memory layout. Dense ones whose gradient and state share their layout
+(contiguous, channels_last, any permutation of dimensions) are stepped in
+place as their memory, at full speed; otherwise (a view with gaps, a
+gradient laid out differently) each non-contiguous tensor is stepped through
+a contiguous copy that is written back: correct, at the cost of a copy each
+way, and on the Python path every step. Anything else (another device, a
+sparse gradient, another dtype) is refused with an error naming the
+parameter; there is no silent fallback.
 A tensor ``lr`` (or tensor betas), as torch.optim takes and its schedulers
 update in place, is read at every step.
 An optimizer with ``differentiable=True`` in any group is stepped by
@@ -30,7 +37,11 @@ from . import _validation as V
 from .optim import MODULES
 from .optim.rule import Batches, run_lists
 
-_DTYPES = (torch.float32, torch.float64)
+_REAL = (torch.float32, torch.float64)
+# Complex parameters are stepped as torch.optim steps them: as their real view
+# (torch.view_as_real), two real numbers per element, which every rule here
+# treats independently.
+_DTYPES = _REAL + (torch.complex64, torch.complex128)
 
 
 def _name(gi, k, p):
@@ -41,24 +52,24 @@ def _dense_cpu(t):
     return t.is_cpu and t.layout is torch.strided
 
 
-def _check(gi, k, p, g):
-    """Why fastopt cannot update ``p`` in place with ``g``, or None."""
+def _check(gi, k, p, g, fused):
+    """Why fastopt cannot update ``p`` with ``g``, or None (any memory layout will do)."""
+    if fused and not (p.is_cpu and (p.is_floating_point() or p.is_complex())):
+        # torch's own words for a fused optimizer (its tests match them)
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
+                           f"of supported devices: ['cpu'] but {p.dtype} and {p.device.type}")
     if (_dense_cpu(p) and _dense_cpu(g) and g.dtype is p.dtype and p.dtype in _DTYPES
-            and g.shape == p.shape and p.is_contiguous() and g.is_contiguous()):
+            and g.shape == p.shape):
         return None
     if p.device.type != "cpu":
         return f"is on {p.device}; fastopt updates CPU tensors"
     if p.layout != torch.strided:
         return f"has layout {p.layout}; fastopt needs dense tensors"
     if p.dtype not in _DTYPES:
-        return "must be float32 or float64"
-    if not p.is_contiguous():
-        return "is not contiguous; fastopt updates in place, never through a copy"
+        return "must be float32, float64, complex64 or complex128"
     if g.layout != torch.strided:
         return "has a sparse gradient; fastopt needs dense gradients"
-    if g.device.type != "cpu" or g.dtype != p.dtype or g.shape != p.shape:
-        return f"has a gradient of {g.dtype} {tuple(g.shape)} on {g.device}, unlike the parameter"
-    return "has a non-contiguous gradient"
+    return f"has a gradient of {g.dtype} {tuple(g.shape)} on {g.device}, unlike the parameter"
 
 
 def _check_state(p, name, t, scalars=()):
@@ -72,9 +83,9 @@ def _check_state(p, name, t, scalars=()):
             return f"has state[{name!r}] = {t!r}; fastopt needs a float32/float64 CPU tensor"
         return None
     if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.dtype is p.dtype
-            and t.shape == p.shape and t.is_contiguous()):
-        return (f"has state[{name!r}] unlike the parameter (it must be a contiguous CPU "
-                "tensor of its dtype and shape)")
+            and t.shape == p.shape):
+        return (f"has state[{name!r}] unlike the parameter (it must be a CPU tensor of its "
+                "dtype and shape)")
     return None
 
 
@@ -89,6 +100,46 @@ def _span(t, name):
 
 def _view(t):
     return t.detach().numpy()
+
+
+def _layout(t):
+    """The strides of ``t``'s dimensions longer than 1 if its elements fill one
+    block of memory without gaps (contiguous, channels_last, any permutation
+    of dimensions), else None."""
+    dims = [(stride, n) for n, stride in zip(t.shape, t.stride()) if n != 1]
+    expected = 1
+    for stride, n in sorted(dims):
+        if stride != expected:
+            return None
+        expected *= n
+    return tuple(stride for stride, _ in dims)
+
+
+def _operands(p, g, buffers):
+    """The arrays a kernel steps for ``p``, ``g`` and ``buffers``; and the copies to write back.
+
+    Complex tensors become their real views. When all are dense and laid
+    out alike, element i of each is at the same place in memory: they are
+    stepped in place as their memory, whatever the layout. Otherwise each
+    one that is not contiguous is stepped through a contiguous copy, which
+    the caller copies back into it (the gradient is only read): an update
+    always lands in the caller's tensors, at the price of a copy each way.
+    """
+    tensors = [torch.view_as_real(t) if t.is_complex() else t
+               for t in (x.detach() for x in (p, g, *buffers))]
+    layout = _layout(tensors[0])
+    if layout is not None and all(_layout(t) == layout for t in tensors[1:]):
+        return [t.as_strided((t.numel(),), (1,)).numpy() for t in tensors], []
+    arrays, back = [], []
+    for i, t in enumerate(tensors):
+        if t.is_contiguous():
+            arrays.append(t.numpy())
+            continue
+        copy = t.contiguous()
+        arrays.append(copy.numpy())
+        if i != 1:
+            back.append((t, copy))
+    return arrays, back
 
 
 def _value(where, v):
@@ -131,16 +182,17 @@ class _FastoptStep:
     """
 
     _rule = None        # fastopt.optim.rule.Rule
+    _step_checks = {}   # hyperparameter -> what a step checks (_kind_check)
     _fixed = {}         # options the class sets itself (AdamW: decoupled_weight_decay)
 
     def _kernel_hyper(self, gi, group):
+        # torch.optim checks ranges in its constructor (this class's) and
+        # nowhere else: a value written later, by a scheduler or by hand, is
+        # the caller's business, as in torch. A step checks only the kind of
+        # each value, which is all the kernels need.
         if group.get("capturable"):
             raise ValueError(f"param_groups[{gi}]: capturable=True is not supported by fastopt")
-        hyper = self._fastopt_hyper(group)
-        hyper = V.check_hyper(self._rule.hyper, hyper, f"param_groups[{gi}]: ")
-        if self._rule.check is not None:
-            self._rule.check(hyper)
-        return hyper
+        return V.check_hyper(self._step_checks, self._fastopt_hyper(group), f"param_groups[{gi}]: ")
 
     def _fastopt_hyper(self, group):
         # torch's groups may lack newer flags (a state_dict from an older
@@ -210,7 +262,7 @@ class _FastoptStep:
                 if g is None:
                     continue
                 state = self.state.get(p, {})
-                problem = _check(gi, k, p, g) or next(
+                problem = _check(gi, k, p, g, group.get("fused")) or next(
                     (why for name, t in state.items()
                      if (why := _check_state(p, name, t, rule.scalar_state))), None)
                 if problem:
@@ -224,22 +276,26 @@ class _FastoptStep:
             plan.append((group, hyper, needs, members))
         self._check_aliasing()
         # Checked: allocate state, then run one kernel call per group and step count.
+        write_back = []  # (tensor, the contiguous copy stepped for it)
         for group, hyper, needs, members in plan:
             batches = Batches(rule, needs)
             for p, g in members:
-                state = self.state[p]
-                if not state:
-                    state.update(self._init_state(p, group))
+                state = self.state.get(p) or self._init_state(p, group)
                 created = [n for n, need in zip(rule.buffers, needs) if need and n not in state]
                 for n in created:
                     self._buffer(state, n, p, group)
+                if state:  # torch keeps no entry for a parameter without state (plain SGD)
+                    self.state[p] = state
                 count = None
                 if rule.counts_steps:
                     step_view = _view(state["step"])
                     step_view += 1  # torch's step tensor, through its view
                     count = int(step_view)
-                used = {n: _view(state[n]) for n, need in zip(rule.buffers, needs) if need}
-                batches.add(rule.step_value(count, created), _view(p), _view(g), used,
+                names = [n for n, need in zip(rule.buffers, needs) if need]
+                (p_arr, g_arr, *arrays), back = _operands(p, g, [state[n] for n in names])
+                write_back += back
+                batches.add(rule.step_value(count, created), p_arr, g_arr,
+                            dict(zip(names, arrays)),
                             [float(state[n]) for n in rule.scalar_state], state)
             for step_value, values, ps, gs, buffer_lists, owners in batches:
                 if not rule.scalar_state:
@@ -251,6 +307,8 @@ class _FastoptStep:
                 for state in owners:
                     for name, value in new_values.items():
                         state[name].fill_(value)
+        for tensor, stepped in write_back:
+            tensor.copy_(stepped)
 
     def _check_aliasing(self):
         """Params and state tensors are disjoint, and no gradient overlaps one.
@@ -304,7 +362,7 @@ class _FastoptStep:
             slot_of, dtypes, states, expected, counters, held = [], [], [], [], [], []
             ps, gs, buffer_lists = [], [], [[] if n else None for n in needs]
             for p in params:
-                if not (_dense_cpu(p) and p.dtype in _DTYPES and p.is_contiguous()):
+                if not (_dense_cpu(p) and p.dtype in _REAL and p.is_contiguous()):
                     return None  # only the general path knows such a group
                 state = self.state.get(p, {})
                 held += [_view(p)] + [_view(t) for t in state.values()
@@ -342,6 +400,11 @@ class _FastoptStep:
         self._fastopt_fast = None  # the state tensors were replaced
 
 
+def _kind_check(check):
+    """The step-time form of a rule's hyperparameter check: the kind, not the range."""
+    return check if check is V.flag else V.pair_of_reals if check is V.betas else V.real
+
+
 def _torch_twin(cls, twins):
     """fastopt.torch's ``cls``: torch.optim's class of that name, stepped by fastopt.
 
@@ -354,6 +417,7 @@ def _torch_twin(cls, twins):
         "__module__": __name__,
         "_rule": cls.rule,
         "_fixed": cls.fixed,
+        "_step_checks": {k: _kind_check(c) for k, c in cls.rule.hyper.items()},
     })
 
 
