@@ -26,9 +26,10 @@ update in place, is read at every step.
 An optimizer with ``differentiable=True`` in any group is stepped by
 torch.optim's own implementation (fastopt's kernels are not differentiable):
 meta-learning code keeps working, with torch's results and torch's speed.
-``capturable=True`` (CUDA graphs) is refused; the
-``foreach`` and ``fused`` flags are accepted and ignored (every fastopt step is
-a fused one). Only this module imports torch.
+``capturable=True`` (CUDA graphs) is refused; ``foreach`` is accepted and
+ignored (every fastopt step is a fused one), and ``fused=True`` honours
+torch.amp.GradScaler's contract, as torch's fused optimizers do. Only this
+module imports torch.
 """
 import torch
 
@@ -237,6 +238,8 @@ class _FastoptStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._amp_contract():
+            return loss  # GradScaler found inf/NaN gradients: skipped, as torch's fused step does
         fast = self.__dict__.get("_fastopt_fast")
         if (fast is not None and self._fast_ready(fast) and _fastpath.tensor_step(
                 fast["groups"], [group["params"] for group in self.param_groups], self.state,
@@ -247,6 +250,32 @@ class _FastoptStep:
             self._general_step()
         self._fastopt_fast = self._gather()
         return loss
+
+    def _amp_contract(self):
+        """Read what torch.amp.GradScaler hands a fused optimizer; False: skip this step.
+
+        torch's constructor tells GradScaler (``_step_supports_amp_scaling``)
+        that an optimizer made with ``fused=True`` unscales the gradients and
+        skips overflow steps itself. GradScaler then sets ``grad_scale`` (the
+        factor the gradients carry, None once unscaled) and ``found_inf``
+        before calling step. The factor goes into the kernels' scalars; a
+        found inf skips the step, changing no parameter and no state. Unlike
+        torch's fused kernel, fastopt leaves ``p.grad`` scaled (it only reads
+        gradients).
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return False
+        grad_scale = getattr(self, "grad_scale", None)
+        scale = 1.0 if grad_scale is None else V.positive("grad_scale", _value(
+            "grad_scale", grad_scale))
+        self._fastopt_scale = {} if scale == 1.0 else {"grad_scale": scale}
+        return True
+
+    def _scalars(self, hyper, extra=None):
+        """The group's kernel scalars, with this step's gradient scale."""
+        return self._rule.scalars(hyper, extra={**self.__dict__.get("_fastopt_scale", {}),
+                                                **(extra or {})})
 
     # ---------------------------------------------------------- general path
 
@@ -299,11 +328,11 @@ class _FastoptStep:
                             [float(state[n]) for n in rule.scalar_state], state)
             for step_value, values, ps, gs, buffer_lists, owners in batches:
                 if not rule.scalar_state:
-                    run_lists(rule, ps, gs, buffer_lists, step_value, hyper)
+                    run_lists(rule, ps, gs, buffer_lists, step_value, hyper, self._scalars(hyper))
                     continue
                 new_values, extra = rule.per_step(hyper, step_value, values)
                 run_lists(rule, ps, gs, buffer_lists, step_value, hyper,
-                          rule.scalars(hyper, extra=extra))
+                          self._scalars(hyper, extra))
                 for state in owners:
                     for name, value in new_values.items():
                         state[name].fill_(value)
@@ -332,6 +361,9 @@ class _FastoptStep:
         """Whether the gathered step still fits; new hyperparameter values are taken."""
         if self.state is not fast["state"] or len(self.param_groups) != len(fast["groups"]):
             return False
+        scale = self.__dict__.get("_fastopt_scale", {})
+        rescaled = scale != fast["scale"]  # GradScaler's factor moved: every group's scalars
+        fast["scale"] = scale
         for gi, group in enumerate(self.param_groups):
             # One C-level comparison with a copy taken when gathered, holding the
             # same params list (tensor_step checks its members; a new list, or
@@ -340,11 +372,12 @@ class _FastoptStep:
             if not isinstance(group, dict) or group.get("params") is not snapshot["params"]:
                 return False
             values = fast["tensor_values"][gi]
-            if group != snapshot or (values is not None and _tensor_values(group) != values):
+            if (rescaled or group != snapshot
+                    or (values is not None and _tensor_values(group) != values)):
                 hyper = self._kernel_hyper(gi, group)
                 if self._rule.needs(hyper) != fast["needs"][gi]:
                     return False
-                fast["groups"][gi].set_scalars(self._rule.scalars(hyper))
+                fast["groups"][gi].set_scalars(self._scalars(hyper))
                 fast["snapshots"][gi] = dict(group)
                 fast["tensor_values"][gi] = _tensor_values(group)
         return True
@@ -388,11 +421,12 @@ class _FastoptStep:
             ws.protect_arrays(held)
             groups.append(_fastpath.TensorGroup(
                 ws, params, slot_of, dtypes, states, expected, counters,
-                rule.scalars(hyper), rule.counts_steps))
+                self._scalars(hyper), rule.counts_steps))
             snapshots.append(dict(group))
             needs_list.append(needs)
         return {"groups": groups, "snapshots": snapshots, "needs": needs_list,
                 "tensor_values": [_tensor_values(s) for s in snapshots],
+                "scale": self.__dict__.get("_fastopt_scale", {}),
                 "state": self.state, "guard": _fastpath.Guard()}
 
     def load_state_dict(self, state_dict):

@@ -489,3 +489,62 @@ def test_plain_sgd_keeps_no_state_entry_as_torch():
     opt.param_groups[0]["momentum"] = 0.9  # a buffer comes into use: state from now on
     opt.step()
     assert set(opt.state[p]) == {"momentum_buffer"}
+
+
+# ----------------------------------------------------- torch.amp.GradScaler
+
+FUSED = [name for name in spec.class_names() if "fused" in
+         __import__("inspect").signature(torch_class(name).__init__).parameters]
+
+
+def _scaled_run(cls, steps=8, overflow_at=(3,), **kwargs):
+    """A float64 model trained through GradScaler; gradients overflow at ``overflow_at``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model.double()
+    opt = cls(model.parameters(), lr=0.05, fused=True, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+    x = torch.linspace(-1, 1, 32, dtype=torch.float64).reshape(8, 4)
+    for step in range(steps):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        if step in overflow_at:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()], opt, scaler
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_honours_the_grad_scaler_contract(name):
+    """GradScaler trusts a fused optimizer to unscale and to skip overflow steps (torch's
+    CUDA-only test, run on the CPU): fastopt must land where torch's fused optimizer does."""
+    mine, opt, scaler = _scaled_run(getattr(ft, name))
+    theirs, ref, _ = _scaled_run(torch_class(name))
+    assert opt._step_supports_amp_scaling
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for p, q in zip(opt.param_groups[0]["params"], ref.param_groups[0]["params"]):
+        for key in ref.state[q]:
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-12, atol=1e-14)
+    assert scaler.get_scale() < 2.0 ** 10 * 2 ** 4  # the overflow step backed the scale off
+
+
+def test_an_overflow_step_changes_nothing():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = ft.Adam([p], fused=True)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    param_before = p.detach().clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0)
+    p.grad = torch.full((3,), float("inf"), dtype=torch.float64)
+    opt.step()
+    assert torch.equal(p.detach(), param_before) and all(
+        torch.equal(before[k], v) for k, v in opt.state[p].items())
+    opt.found_inf = torch.tensor(0.0)
+    p.grad = torch.full((3,), 8.0, dtype=torch.float64)
+    opt.step()  # scale 8: the kernel sees gradients of 1
+    assert float(opt.state[p]["step"]) == 2
+    torch.testing.assert_close(opt.state[p]["exp_avg"], before["exp_avg"] * 0.9 + 0.1,
+                               rtol=1e-15, atol=0)

@@ -27,6 +27,10 @@ cdef class Scalars:
         The group's learning rate (``base_lr``, from which at_step derives ``lr``).
     maximize : bool
         Ascend: the gradient's sign flips.
+    grad_scale : float
+        The factor the gradients carry (torch's GradScaler): folded into the
+        sign the kernels multiply every gradient by, so unscaling costs no
+        pass. Exact for a power of two, which is what GradScaler uses.
     flush_denormals : bool
         Run the kernels with FTZ/DAZ on.
     **consts
@@ -35,7 +39,7 @@ cdef class Scalars:
     cdef readonly int rule
     cdef StepScalars s
 
-    def __init__(self, int rule, *, double lr=0.0, bint maximize=False,
+    def __init__(self, int rule, *, double lr=0.0, bint maximize=False, double grad_scale=1.0,
                  bint flush_denormals=False, **consts):
         if not 0 <= rule < RULE_COUNT:
             raise ValueError(f"unknown rule {rule}")
@@ -47,7 +51,7 @@ cdef class Scalars:
         self.s = fields
         self.rule = rule
         self.s.base_lr = lr
-        self.s.sign = -1.0 if maximize else 1.0
+        self.s.sign = (-1.0 if maximize else 1.0) / grad_scale
         self.s.flush_denormals = flush_denormals
 
     def values(self, Py_ssize_t step=1, bint first_step=False):
