@@ -17,6 +17,9 @@ except ImportError:  # NumPy < 2
 
 #: dtypes the compute layer has kernels for.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# An optimizer steps a complex array as its real view (two floats per element),
+# as torch.optim does: every rule treats real and imaginary parts alike.
+COMPLEX_DTYPES = (np.dtype(np.complex64), np.dtype(np.complex128))
 
 #: ndarray subclasses whose elements are not simply their memory: a masked
 #: array's mask would be ignored by the kernels, and np.matrix changes what the
@@ -220,11 +223,12 @@ def check_hyper(rules, hyper, where=""):
 
 # --------------------------------------------------------------------- arrays
 
-def check_float_array(name, a, writeable, torch_twin=None):
+def check_float_array(name, a, writeable, torch_twin=None, complex_ok=False):
     """An ndarray of float32/float64 in C order (writeable when updated in place).
 
     ``torch_twin`` names the fastopt.torch class to suggest when ``a`` is a
-    torch tensor (an optimizer given ``model.parameters()``).
+    torch tensor (an optimizer given ``model.parameters()``); ``complex_ok``
+    admits complex64/complex128 too (an optimizer steps their real view).
     """
     if not isinstance(a, np.ndarray):
         hint = ""
@@ -237,8 +241,9 @@ def check_float_array(name, a, writeable, torch_twin=None):
             "update every element, masked or not); pass numpy.asarray of it, a plain "
             "view of the same memory"
         )
-    if a.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    if a.dtype not in FLOAT_DTYPES and not (complex_ok and a.dtype in COMPLEX_DTYPES):
+        kinds = "float32, float64, complex64 or complex128" if complex_ok else "float32 or float64"
+        raise TypeError(f"{name} must have dtype {kinds}, got {a.dtype}")
     if not a.flags.c_contiguous:
         raise ValueError(
             f"{name} must be C-contiguous: fastopt updates arrays in place and never "
@@ -248,6 +253,11 @@ def check_float_array(name, a, writeable, torch_twin=None):
         raise ValueError(f"{name} is not aligned to its dtype's size (a view of a byte buffer?)")
     if writeable and not a.flags.writeable:
         raise ValueError(f"{name} is read-only; the update must be written into it")
+
+
+def real_view(a):
+    """A complex array as the real array of its parts (the same memory), else ``a``."""
+    return a.view(a.real.dtype) if a.dtype in COMPLEX_DTYPES else a
 
 
 def float_ndarray(name, a):

@@ -42,7 +42,8 @@ def packed_like(arrays, fill=0.0):
     """New arrays shaped like ``arrays``, laid out back to back in aligned blocks.
 
     One block per dtype, each array starting on an ALIGNMENT-byte boundary,
-    all set to ``fill``. Optimizer state for a group of many small parameters
+    every real number set to ``fill`` (a complex element to ``fill + fill*1j``,
+    as torch.optim starts complex state). Optimizer state for a group of many small parameters
     is allocated this way: one pass over it then streams through memory
     instead of hopping between scattered allocations.
     """
@@ -52,7 +53,7 @@ def packed_like(arrays, fill=0.0):
         by_dtype.setdefault(a.dtype, []).append(i)
     for dtype, members in by_dtype.items():
         block = _aligned_empty(sum(_padded(arrays[i].size, dtype) for i in members), dtype)
-        block[...] = fill
+        block[...] = complex(fill, fill) if dtype.kind == "c" else fill
         offset = 0
         for i in members:
             size = arrays[i].size

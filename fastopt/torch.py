@@ -220,6 +220,8 @@ class _FastoptStep:
     def _buffer(self, state, name, p, group):
         if name not in state:  # torch fills some in __init__ (Adagrad's sum); added groups too
             start = group[self._rule.initial[name]] if name in self._rule.initial else 0.0
+            if p.is_complex():  # as torch: every real number of the view starts there
+                start = complex(start, start)
             state[name] = torch.full_like(p, start, memory_format=torch.preserve_format)
         return state[name]
 

@@ -59,7 +59,7 @@ def test_params_as_list_dict_and_groups():
     (5, TypeError, "params must be"),
     ([np.zeros(3), {"params": [np.zeros(2)]}], TypeError, "mixes arrays and param-group"),
     ([{"lr": 0.1}], TypeError, "'params' entry"),
-    ([np.zeros(3, np.int32)], TypeError, r"params\[0\] must have dtype float32 or float64"),
+    ([np.zeros(3, np.int32)], TypeError, r"params\[0\] must have dtype float32, float64, complex64 or complex128, got int32"),
     ([np.zeros(3), np.zeros((4, 4))[:, 0]], ValueError, r"params\[1\] must be C-contiguous"),
     ([np.broadcast_to(np.zeros(3), (3,))], ValueError, "read-only"),
     ({"w": np.zeros(3), 1: np.zeros(2)}, TypeError, "names must be strings"),
@@ -157,6 +157,49 @@ def test_cython_and_numpy_backends_agree_bit_for_bit(case):
     for a, b in zip(params_fast, params_slow):
         np.testing.assert_array_equal(a, b)
     assert_same_state(fast.state, slow.state)
+
+
+def complex_params(seed=0):
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal((2,) + s) for s in ((5,), (3, 4), (17,))]
+    return [(a + 1j * b).astype(d)
+            for (a, b), d in zip(parts, (np.complex64, np.complex128, np.complex64))]
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
+def test_complex_params_are_stepped_as_their_real_view(case, backend):
+    """torch.optim's rule for complex parameters (view_as_real), bit for bit, in place."""
+    _, cls, kwargs = case
+    params = complex_params()
+    reals = [p.view(p.real.dtype).copy() for p in params]
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], **kwargs,
+              backend=backend)
+    ref = cls([{"params": reals[:2]}, {"params": reals[2:], "lr": 0.05}], **kwargs)
+    rng = np.random.default_rng(1)
+    for step in range(5):
+        grads = [g.astype(p.dtype) for g, p in zip(complex_params(10 + step), params)]
+        if step == 2:
+            grads[1] = None
+        opt.step(grads)
+        ref.step([None if g is None else g.view(g.real.dtype).copy() for g in grads])
+    for p, r in zip(params, reals):
+        assert np.iscomplexobj(p)
+        np.testing.assert_array_equal(p.view(p.real.dtype), r)
+    for i, state in opt.state.items():
+        for name, value in state.items():
+            if isinstance(value, np.ndarray) and value.ndim:
+                assert value.dtype == params[i].dtype  # torch's layout: state like the param
+                np.testing.assert_array_equal(value.view(value.real.dtype), ref.state[i][name])
+
+
+def test_complex_adagrad_starts_every_real_number_of_its_sum_at_the_initial_value():
+    """As torch.optim.Adagrad: complex(init, init), so the real view starts at init."""
+    p = np.array([1 + 2j, -1j], np.complex128)
+    g = np.array([3 + 4j, 1 - 2j], np.complex128)
+    opt = fastopt.Adagrad([p], initial_accumulator_value=0.5)
+    opt.step([g])
+    np.testing.assert_array_equal(opt.state[0]["sum"], [9.5 + 16.5j, 1.5 + 4.5j])  # torch's
 
 
 @pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)

@@ -365,6 +365,8 @@ BAD_DTYPES = [np.dtype(t) for t in (np.int8, np.int32, np.int64, np.bool_, np.fl
                                     np.complex64, np.complex128, object, np.longdouble,
                                     np.uint16)]
 SWAPPED = [np.dtype(">f4"), np.dtype(">f8")]
+# An optimizer steps complex parameters (as their real view); the kernels do not.
+PARAM_BAD_DTYPES = [d for d in BAD_DTYPES if d.kind != "c"]
 
 
 class Sub(np.ndarray):
@@ -1659,7 +1661,8 @@ def _draw_param_arrays(data, n, mode, mem, existing):
                       + ("" if array_verdict(a, True) == BAD else " (still valid)"))
             elif kind == "dtype":
                 with quiet():
-                    a = values.astype(data.draw(st.sampled_from(BAD_DTYPES), label="bad dtype"))
+                    a = values.astype(data.draw(st.sampled_from(PARAM_BAD_DTYPES),
+                                                label="bad dtype"))
                 event(f"construction: param dtype {a.dtype}")
             else:
                 a = data.draw(st.sampled_from([values.tolist(), 1.0, None, "w"]), label="junk")
@@ -1836,8 +1839,11 @@ def test_optimizer_construction_accepts_valid_and_refuses_invalid(data):
                 used.append(nm)
                 names.append(nm)
         ov = _draw_override(data, name, mode)
-        gv = group_verdict(name, {**DEFAULTS[name], **kwargs,
-                                  **{k: v for k, v in ov.items() if k in GROUP_KINDS[name]}})
+        merged = {**DEFAULTS[name], **kwargs,
+                  **{k: v for k, v in ov.items() if k in GROUP_KINDS[name]}}
+        gv = group_verdict(name, merged)
+        # a valid setup torch's NAdam cannot step (refused at the step: test_nadam)
+        assume(not (gv == OK and name == "NAdam" and nadam_divides_by_zero(merged)))
         verdicts.append(gv)
         groups_spec.append((arrays, names, ov))
         ps = dict(zip(names, arrays)) if named else arrays

@@ -32,7 +32,8 @@ _STEPPER_INPUTS = frozenset({"_lock", "param_groups", "state", "_workspaces", "_
 #: The constructor parameters every optimizer shares, for their docstrings.
 PARAMS_DOC = """params : list of ndarray, dict or list of dict
         The arrays to optimize (updated in place), a dict name -> array, or
-        param-group dicts ``{"params": ..., "lr": ..., ...}``.
+        param-group dicts ``{"params": ..., "lr": ..., ...}``. Complex arrays
+        are stepped as their real view, as torch.optim steps complex tensors.
     backend : {"cython", "numpy"}
         ``"numpy"`` runs the pure-NumPy reference twins instead of the fused
         kernels (for comparison; much slower).
@@ -175,7 +176,7 @@ class Optimizer:
         labelled = []
         for k, p in enumerate(arrays):
             label = self._labels(start + k, names[k] if named else None)[0]
-            V.check_float_array(label, p, writeable=True,
+            V.check_float_array(label, p, writeable=True, complex_ok=True,
                                 torch_twin=f"fastopt.torch.{type(self).__name__}")
             labelled.append((label, p))
         if named:
@@ -280,8 +281,8 @@ class Optimizer:
                 continue
             p_label, g_label = self._labels(index, None if names is None else names[index])
             state = self.state.get(index)
-            V.check_float_array(p_label, p, writeable=True)
-            V.check_float_array(g_label, g, writeable=False)
+            V.check_float_array(p_label, p, writeable=True, complex_ok=True)
+            V.check_float_array(g_label, g, writeable=False, complex_ok=True)
             V.check_like(g_label, g, p_label, p)
             V.check_no_overlap(g_label, g, {p_label: p})
             if state is None:
@@ -295,7 +296,7 @@ class Optimizer:
                 if state.get(name) is None:
                     continue
                 label = f"state[{index}][{name!r}]"
-                V.check_float_array(label, state[name], writeable=True)
+                V.check_float_array(label, state[name], writeable=True, complex_ok=True)
                 V.check_like(label, state[name], p_label, p)
                 V.check_no_overlap(label, state[name], checked)
                 V.check_no_overlap(g_label, g, {label: state[name]})
@@ -490,8 +491,9 @@ class Optimizer:
             return
         twin = self.rule.twin
         for i, (p, g) in enumerate(zip(params, grads)):
-            buffers = [None if lst is None else lst[i] for lst in buffer_lists]
-            twin(p, g, *buffers, **{self.rule.step_arg: step_value}, **values, **kernel_hyper)
+            buffers = [None if lst is None else V.real_view(lst[i]) for lst in buffer_lists]
+            twin(V.real_view(p), V.real_view(g), *buffers, **{self.rule.step_arg: step_value},
+                 **values, **kernel_hyper)
 
     # -------------------------------------------------------- state_dict
 

@@ -4,14 +4,14 @@
 # --------------------------------------------------------------------- screen
 
 cdef inline bint usable(object obj, bint writeable):
-    """A native-order, aligned, C-contiguous float32/float64 ndarray."""
+    """A native-order, aligned, C-contiguous float32/float64 (or complex) ndarray."""
     if not cnp.PyArray_Check(obj):
         return False
     if not cnp.PyArray_CheckExact(obj) and isinstance(obj, REFUSED_SUBCLASSES):
         return False
     cdef cnp.ndarray a = <cnp.ndarray>obj
     cdef int kind = cnp.PyArray_TYPE(a)
-    if kind != cnp.NPY_FLOAT32 and kind != cnp.NPY_FLOAT64:
+    if storage_of(kind) < 0:
         return False
     if not (cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a)
             and cnp.PyArray_IS_C_CONTIGUOUS(a)):
@@ -35,9 +35,9 @@ cdef inline bint same_layout(cnp.ndarray a, cnp.ndarray b):
 
 
 cdef inline Py_ssize_t elements(cnp.ndarray a):
-    # PyArray_SIZE, inlined.
+    # The real numbers a slot steps: PyArray_SIZE, inlined, twice for complex.
     cdef int d
-    cdef Py_ssize_t n = 1
+    cdef Py_ssize_t n = 2 if cnp.PyArray_ISCOMPLEX(a) else 1
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(a)
     for d in range(cnp.PyArray_NDIM(a)):
         n *= dims[d]

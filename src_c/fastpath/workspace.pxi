@@ -81,7 +81,7 @@ cdef class Workspace:
         slot.g = <char*>cnp.PyArray_DATA(g)
         for j in range(MAX_BUFFERS):
             slot.buf[j] = bufs[j]
-        slot.size = cnp.PyArray_SIZE(p)
+        slot.size = elements(p)  # real numbers: a complex array is stepped as its real view
         slot.storage = storage_of(cnp.PyArray_TYPE(p))
         self.total += slot.size
         self.count += 1

@@ -66,6 +66,8 @@ _ELEMS = {
     "float64": ("ELEM_F64", "NPY_FLOAT64", 8),
     "float16": ("ELEM_F16", "NPY_FLOAT16", 2),
 }
+# The complex type whose real view is a float type (an optimizer steps it so).
+_COMPLEX_OF = {"float32": "NPY_COMPLEX64", "float64": "NPY_COMPLEX128"}
 # The C type a native kind's loop runs in.
 _NATIVE = {"float32": "float", "float64": "double"}
 
@@ -135,6 +137,9 @@ def _names():
     for kind, p_dtype, s_dtype, _ in STORAGE:
         if p_dtype == s_dtype:  # the mixed kinds are chosen by a dtype policy, not by p alone
             out += [f"    if typenum == cnp.{_ELEMS[p_dtype][1]}:", f"        return STORAGE_{kind.upper()}"]
+            if p_dtype in _COMPLEX_OF:  # stepped as its real view, two per element
+                out += [f"    if typenum == cnp.{_COMPLEX_OF[p_dtype]}:",
+                        f"        return STORAGE_{kind.upper()}"]
     out.append("    return -1")
     return "\n".join(out) + "\n"
 
