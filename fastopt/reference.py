@@ -11,7 +11,7 @@ promotion rules), which is how torch.optim computes a float32 step.
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax"]
 
 
 def _lerp(a, b, w):
@@ -94,6 +94,16 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
         second = exp_avg_sq
     denom = np.sqrt(second) / bias_correction2 ** 0.5 + eps
     p[...] = p + (-(lr / bias_correction1)) * exp_avg / denom
+
+
+def adamax(p, g, exp_avg, exp_inf, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
+           weight_decay=0.0, maximize=False):
+    """Reference for :func:`fastopt.kernels.adamax`."""
+    beta1, beta2 = betas
+    g = _effective_grad(p, g, weight_decay, maximize)
+    exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
+    np.maximum(exp_inf * beta2, np.abs(g) + eps, out=exp_inf)
+    p[...] = p + (-(lr / (1 - beta1 ** step))) * exp_avg / exp_inf
 
 
 def nadam(p, g, exp_avg, exp_avg_sq, *, step, mu_product, lr=2e-3, betas=(0.9, 0.999),

@@ -18,7 +18,7 @@
 
 from cpython.pycapsule cimport PyCapsule_New
 from cython.parallel cimport parallel, threadid
-from libc.math cimport sqrt, sqrtf
+from libc.math cimport fabs, fabsf, sqrt, sqrtf
 from libc.stdlib cimport malloc, free
 
 from _common cimport Slot, StepScalars, runner_t, stats_t, at_step_t, MAX_BUFFERS
@@ -103,6 +103,13 @@ cdef inline floating nan_max(floating a, floating b) noexcept nogil:
     if b != b:
         return b
     return a if a > b else b
+
+
+cdef inline floating absolute(floating x) noexcept nogil:
+    if floating is float:
+        return fabsf(x)
+    else:
+        return fabs(x)
 
 
 cdef inline floating root(floating x) noexcept nogil:

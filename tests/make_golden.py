@@ -116,6 +116,12 @@ CASES = (
      {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
     ("nadam-momentum_decay-maximize", "NAdam",
      {"lr": 0.01, "momentum_decay": 0.01, "betas": [0.8, 0.95], "eps": 1e-6, "maximize": True}),
+
+    ("adamax-defaults", "Adamax", {}),
+    ("adamax-plain", "Adamax", {"lr": 0.01}),
+    ("adamax-weight_decay", "Adamax", {"lr": 0.01, "weight_decay": 0.1}),
+    ("adamax-betas-eps-maximize", "Adamax",
+     {"lr": 0.01, "betas": [0.8, 0.95], "eps": 1e-3, "maximize": True}),
 )
 
 

@@ -50,6 +50,9 @@ class Buffer(NamedTuple):
     values: str = "signed"
     #: the option the optimizers' buffer starts at; None: it starts at 0
     start: str = None
+    #: a "squares" buffer that a zero gradient still moves (Adamax's exp_inf
+    #: becomes max(beta2 * u, |0| + eps) = eps), unlike a sum of squares
+    moves_at_zero: bool = False
 
     @property
     def param(self):
@@ -315,6 +318,40 @@ RULES = (
             {"decoupled_weight_decay": True, "weight_decay": 0.1},
             {"maximize": True, "momentum_decay": 0.01, "betas": (0.8, 0.9), "eps": 1e-3},
             {"betas": (0.3, 0.6)},  # 1 - beta1 >= 0.5: the other form of lerp
+        ),
+    ),
+    Rule(
+        name="adamax",
+        kernel="adamax",
+        step_arg="step",
+        options={"lr": "nonneg", "betas": "betas", "eps": "nonneg", "weight_decay": "nonneg",
+                 "maximize": "flag"},
+        buffers=(Buffer("exp_avg"), Buffer("exp_inf", values="squares", moves_at_zero=True)),
+        classes=(
+            Class("Adamax", torch="Adamax",
+                  defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                maximize=False),
+                  keyword_only=("maximize",),
+                  # (weight decay: the kernel sweeps and the scenario's second group;
+                  # with it, no state stays in the subnormal range test_denormals needs)
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "maximize": True},
+                         {"lr": 0.02, "betas": (0.8, 0.9), "eps": 1e-3}),
+                  scenario=(
+                      {"lr": 0.01},
+                      {"lr": 0.003, "betas": (0.8, 0.99), "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.005),
+                       (21, 1, "betas", (0.85, 0.95)),
+                       (31, 0, "eps", 1e-6),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.01},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1},
+            {"maximize": True, "betas": (0.8, 0.9), "eps": 1e-3},
+            {"betas": (0.3, 0.6)},  # 1 - beta1 >= 0.5: the other form of lerp
+            {"eps": 0.0},           # torch allows it: |g| alone bounds the norm
         ),
     ),
 )

@@ -1,6 +1,6 @@
 """The update rules and the optimizer machinery: one module per rule, one registry.
 
-Each rule module (``sgd``, ``adagrad``, ``rmsprop``, ``adam``) holds the
+Each rule module (``sgd``, ``adagrad``, ``rmsprop``, ``adam``, ...) holds the
 whole story of its rule: its :class:`~fastopt.optim.rule.Rule` (the data the
 machinery reads), its low-level function and its optimizer classes. Its
 fused loop and per-step scalars live in ``src_c/rules/<rule>.pxi``.
@@ -11,14 +11,14 @@ and the tests. Adding a rule is a new module here plus its row in
 ``MODULES`` (docs/adding_a_rule.rst).
 """
 from .. import checkpoint
-from . import adagrad, adam, nadam, rmsprop, sgd
+from . import adagrad, adam, adamax, nadam, rmsprop, sgd
 from .optimizer import Optimizer
 from .rule import Rule
 
 __all__ = ["RULES", "FUNCTIONS", "OPTIMIZERS", "Optimizer", "Rule", "load_optimizer"]
 
 #: The rule modules, in the order the public API lists them.
-MODULES = (sgd, adagrad, rmsprop, adam, nadam)
+MODULES = (sgd, adagrad, rmsprop, adam, nadam, adamax)
 
 #: rule name -> Rule
 RULES = {m.RULE.name: m.RULE for m in MODULES}

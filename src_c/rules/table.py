@@ -44,6 +44,7 @@ RULES = (
     ("rmsprop", "rmsprop", 5),
     ("adam", "adam", 5),
     ("nadam", "nadam", 6),
+    ("adamax", "adamax", 5),
     ("stream", "passes", 2),
     ("axpy", "passes", 1),
     ("scale", "passes", 1),
