@@ -133,8 +133,9 @@ COLUMNS = [
                 "cache (see the notes)"),
     ("numpy", "median time of the same step with fastopt's NumPy reference "
               "(backend='numpy'), which every implementation is checked against"),
-    ("torch best", "the faster of torch.optim's fused kernel (RMSprop: its for-loop) at 1 "
-                   "and 2 threads, on tensors sharing the arrays' memory"),
+    ("torch best", "the faster of torch.optim's fused kernel (a rule without one: RMSprop, "
+                   "NAdam, Adamax: its for-loop) at 1 and 2 threads, on tensors sharing the "
+                   "arrays' memory"),
     ("x numpy", "numpy / fastopt: how many times faster fastopt's step is (below 1: slower)"),
     ("x torch", "torch best / fastopt"),
 ]
@@ -465,7 +466,7 @@ def _torch_impl(cls_name, options, arrays, threads):
     try:
         opt = cls(tensors, fused=True, **options)
     except (TypeError, RuntimeError, ValueError):
-        opt = cls(tensors, foreach=False, **options)  # no fused kernel (RMSprop)
+        opt = cls(tensors, foreach=False, **options)  # no fused kernel (RMSprop, NAdam, ...)
 
     grads_cache = {}
 
