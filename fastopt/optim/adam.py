@@ -14,7 +14,7 @@ The fused loop and its per-step scalars: src_c/rules/adam.pxi.
 from .. import _validation as V
 from .. import reference
 from .._fastpath import RULE_IDS
-from .optimizer import PARAMS_DOC, Optimizer
+from .optimizer import MOMENT_DOC, PARAMS_DOC, Optimizer
 from .rule import Rule, apply, moment_consts
 
 __all__ = ["RULE", "adam", "Adam", "AdamW"]
@@ -93,10 +93,7 @@ class AdamW(Adam):
                          flush_denormals=flush_denormals)
 
 
-_ADAM_DOC = """lr : float, default 1e-3
-    betas : (float, float), default (0.9, 0.999)
-    eps : float, default 1e-8
-    weight_decay : float, default {weight_decay}
+_ADAM_DOC = MOMENT_DOC.format(lr="1e-3", weight_decay="{weight_decay}") + """
     amsgrad : bool, default False
     maximize : bool, default False"""
 

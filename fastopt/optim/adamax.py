@@ -12,7 +12,7 @@ The fused loop and its per-step scalars: src_c/rules/adamax.pxi.
 from .. import _validation as V
 from .. import reference
 from .._fastpath import RULE_IDS
-from .optimizer import PARAMS_DOC, Optimizer
+from .optimizer import MOMENT_DOC, PARAMS_DOC, Optimizer
 from .rule import Rule, apply
 
 __all__ = ["RULE", "adamax", "Adamax"]
@@ -80,10 +80,7 @@ Adamax.__doc__ = f"""Adamax: Adam with the infinity norm of past gradients in pl
     Parameters
     ----------
     {PARAMS_DOC}
-    lr : float, default 2e-3
-    betas : (float, float), default (0.9, 0.999)
-    eps : float, default 1e-8
-    weight_decay : float, default 0
+    {MOMENT_DOC.format(lr="2e-3", weight_decay=0)}
     maximize : bool, default False
 
     Examples

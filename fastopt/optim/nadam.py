@@ -20,7 +20,7 @@ import numpy as np
 from .. import _validation as V
 from .. import reference
 from .._fastpath import RULE_IDS
-from .optimizer import PARAMS_DOC, Optimizer
+from .optimizer import MOMENT_DOC, PARAMS_DOC, Optimizer
 from .rule import Rule, apply, moment_consts
 
 __all__ = ["RULE", "nadam", "NAdam"]
@@ -115,10 +115,7 @@ NAdam.__doc__ = f"""NAdam: Adam with Nesterov momentum and momentum decay.
     Parameters
     ----------
     {PARAMS_DOC}
-    lr : float, default 2e-3
-    betas : (float, float), default (0.9, 0.999)
-    eps : float, default 1e-8
-    weight_decay : float, default 0
+    {MOMENT_DOC.format(lr="2e-3", weight_decay=0)}
     momentum_decay : float, default 4e-3
     decoupled_weight_decay : bool, default False
         True decays the parameter directly, as AdamW does (NAdamW).

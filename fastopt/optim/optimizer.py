@@ -30,6 +30,12 @@ _STEPPER_INPUTS = frozenset({"_lock", "param_groups", "state", "_workspaces", "_
 
 
 #: The constructor parameters every optimizer shares, for their docstrings.
+#: The Adam family's common constructor options, for its classes' docstrings.
+MOMENT_DOC = """lr : float, default {lr}
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default {weight_decay}"""
+
 PARAMS_DOC = """params : list of ndarray, dict or list of dict
         The arrays to optimize (updated in place), a dict name -> array, or
         param-group dicts ``{"params": ..., "lr": ..., ...}``. Complex arrays
