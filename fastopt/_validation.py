@@ -114,6 +114,27 @@ def betas(name, value):
     return (unit_interval(f"{name}[0]", value[0]), unit_interval(f"{name}[1]", value[1]))
 
 
+def etas(name, value):
+    """Rprop's ``(etaminus, etaplus)``: ``0 < etaminus < 1 < etaplus``, finite."""
+    low, high = pair_of_reals(name, value)
+    if not (0.0 < low < 1.0 < high and math.isfinite(high)):
+        raise ValueError(f"{name} must be (etaminus, etaplus) with 0 < etaminus < 1 < etaplus, "
+                         f"got {value!r}")
+    return (low, high)
+
+
+def bounds(name, value):
+    """A pair ``(low, high)`` with ``0 <= low <= high`` (Rprop's step_sizes; high may be inf)."""
+    low, high = pair_of_reals(name, value)
+    if not 0.0 <= low <= high:
+        raise ValueError(f"{name} must be (min, max) with 0 <= min <= max, got {value!r}")
+    return (low, high)
+
+
+#: the validators of a pair of reals (a step checks only their kind)
+PAIRS = (pair_of_reals, betas, etas, bounds)
+
+
 def _integral(name, value, kind="an int"):
     """Raise TypeError unless ``value`` is an integer that is not a bool (NumPy's pass)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):

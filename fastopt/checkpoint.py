@@ -105,6 +105,14 @@ def save_optimizer(optimizer, path):
     atomic_write(path, write)
 
 
+def _hyper_value(key, value):
+    """A saved group value as the optimizer held it: JSON keeps its pairs
+    (betas, Rprop's etas and step_sizes) as lists."""
+    if isinstance(value, list) and key not in ("params", "param_names"):
+        return tuple(value)
+    return value
+
+
 def _read_npz(path):
     """The arrays and metadata of an optimizer checkpoint; ValueError if unreadable."""
     if not os.path.exists(os.fspath(path)):
@@ -151,7 +159,7 @@ def _state_dict_from(meta, arrays, path):
             state[int(index)] = entry
         groups = []
         for group in meta["param_groups"]:
-            groups.append({k: (tuple(v) if k == "betas" else v) for k, v in group.items()})
+            groups.append({k: _hyper_value(k, v) for k, v in group.items()})
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
     return {"state": state, "param_groups": groups}
@@ -194,7 +202,7 @@ def read_layout(path):
     meta, _ = _read_npz(path)
     try:
         groups = [(list(group.get("params", [])),
-                   {k: (tuple(v) if k == "betas" else v) for k, v in group.items()
+                   {k: _hyper_value(k, v) for k, v in group.items()
                     if k not in ("params", "param_names")})
                   for group in meta["param_groups"]]
     except (KeyError, TypeError, AttributeError) as e:

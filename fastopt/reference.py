@@ -11,7 +11,7 @@ promotion rules), which is how torch.optim computes a float32 step.
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax", "radam", "adadelta", "rprop"]
 
 
 def _lerp(a, b, w):
@@ -27,6 +27,12 @@ def _decayed_grad(p, g, lr, weight_decay, decoupled, maximize):
         p[...] = p * (1 - lr * weight_decay)
         return _effective_grad(p, g, 0.0, maximize)
     return _effective_grad(p, g, weight_decay, maximize)
+
+
+def _moments(g, exp_avg, exp_avg_sq, beta1, beta2):
+    """Adam's two moment estimates, updated in place (Adam, NAdam, RAdam)."""
+    exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
+    exp_avg_sq[...] = exp_avg_sq * beta2 + (1 - beta2) * g * g
 
 
 def _effective_grad(p, g, weight_decay, maximize):
@@ -83,8 +89,7 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
     """Reference for :func:`fastopt.kernels.adam`."""
     beta1, beta2 = betas
     g = _decayed_grad(p, g, lr, weight_decay, decoupled_weight_decay, maximize)
-    exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
-    exp_avg_sq[...] = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    _moments(g, exp_avg, exp_avg_sq, beta1, beta2)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     if amsgrad:
@@ -116,9 +121,56 @@ def nadam(p, g, exp_avg, exp_avg_sq, *, step, mu_product, lr=2e-3, betas=(0.9, 0
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
     # torch keeps mu_product as a float32 tensor: the product is rounded to float32.
     mu_product = float(np.float32(mu_product) * np.float32(mu))
-    exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
-    exp_avg_sq[...] = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    _moments(g, exp_avg, exp_avg_sq, beta1, beta2)
     denom = np.sqrt(exp_avg_sq / (1 - beta2 ** step)) + eps
     p[...] = p + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
     p[...] = p + ((-lr * mu_next) / (1.0 - mu_product * mu_next)) * (exp_avg / denom)
     return mu_product
+
+
+def radam(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+          weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    """Reference for :func:`fastopt.kernels.radam`."""
+    beta1, beta2 = betas
+    g = _decayed_grad(p, g, lr, weight_decay, decoupled_weight_decay, maximize)
+    _moments(g, exp_avg, exp_avg_sq, beta1, beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2 ** step / bias_correction2
+    corrected = exp_avg / bias_correction1
+    if rho_t > 5:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        adaptive = (1 / (np.sqrt(exp_avg_sq) + eps)) * bias_correction2 ** 0.5
+        p[...] = p - corrected * lr * adaptive * rect
+    else:
+        p[...] = p - corrected * lr
+
+
+def adadelta(p, g, square_avg, acc_delta, *, step, lr=1.0, rho=0.9, eps=1e-6,
+             weight_decay=0.0, maximize=False):
+    """Reference for :func:`fastopt.kernels.adadelta`."""
+    g = _effective_grad(p, g, weight_decay, maximize)
+    square_avg[...] = square_avg * rho + (1 - rho) * g * g
+    delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * g
+    acc_delta[...] = acc_delta * rho + (1 - rho) * delta * delta
+    p[...] = p + (-lr) * delta
+
+
+def _torch_sign(x):
+    # torch.sign on the CPU: 0 for NaN (numpy.sign gives NaN)
+    return np.where(np.isnan(x), x.dtype.type(0), np.sign(x))
+
+
+def rprop(p, g, prev, step_size, *, step=1, etas=(0.5, 1.2), step_sizes=(1e-6, 50),
+          maximize=False):
+    """Reference for :func:`fastopt.kernels.rprop`."""
+    etaminus, etaplus = etas
+    g = -g if maximize else g
+    s = g * prev
+    factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, 1.0)).astype(p.dtype)
+    step_size[...] = np.minimum(np.maximum(step_size * factor, step_sizes[0]), step_sizes[1])
+    g = np.where(s < 0, p.dtype.type(0), g)
+    p[...] = p - _torch_sign(g) * step_size
+    prev[...] = g

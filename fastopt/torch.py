@@ -1,6 +1,7 @@
 """fastopt for PyTorch CPU training loops: torch.optim's optimizers, fastopt's kernels.
 
-``fastopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW`` and ``NAdam`` *are*
+``fastopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``, ``NAdam``,
+``Adamax``, ``RAdam``, ``Adadelta`` and ``Rprop`` *are*
 torch.optim optimizers - subclasses with the very same constructor, param
 groups, ``zero_grad``, ``state_dict`` (it loads into the torch.optim
 counterpart and back), hooks and lr_scheduler support. Only ``step`` differs:
@@ -202,8 +203,8 @@ class _FastoptStep:
         hyper = {}
         for k, rule in self._rule.hyper.items():
             v = group[k] if k in group or rule is not V.flag else False
-            if k == "betas" and isinstance(v, (tuple, list)):
-                v = tuple(float(_value(f"betas[{i}]", b)) for i, b in enumerate(v))
+            if rule in V.PAIRS and isinstance(v, (tuple, list)):
+                v = tuple(float(_value(f"{k}[{i}]", b)) for i, b in enumerate(v))
             hyper[k] = _value(k, v)
         hyper.update(self._fixed)
         return hyper
@@ -438,7 +439,7 @@ class _FastoptStep:
 
 def _kind_check(check):
     """The step-time form of a rule's hyperparameter check: the kind, not the range."""
-    return check if check is V.flag else V.pair_of_reals if check is V.betas else V.real
+    return check if check is V.flag else V.pair_of_reals if check in V.PAIRS else V.real
 
 
 def _torch_twin(cls, twins):

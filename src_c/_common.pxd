@@ -30,6 +30,14 @@ cdef struct StepScalars:
     double avg_coef      # NAdam: -lr * mu_{t+1} / (1 - mu_product * mu_{t+1})
     double decay         # AdamW: p *= decay, decay = 1 - lr * wd (1.0 when off: exact)
     bint amsgrad
+    double bc1           # RAdam: 1 - beta1 ** t
+    double rect          # RAdam: the variance rectification term of this step
+    bint rectified       # RAdam: rho_t > 5, the adaptive form of the update
+    double rho           # Adadelta smoothing constant
+    double etaminus      # Rprop: step size factors after a sign flip / a kept sign
+    double etaplus
+    double step_size_min # Rprop: bounds of the step sizes
+    double step_size_max
     bint flush_denormals  # run with the FPU's flush-to-zero / denormals-are-zero modes on
 
 

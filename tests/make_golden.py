@@ -26,7 +26,11 @@ Each entry of :data:`CASES` is one optimizer with one option set. Its inputs
 are a parameter of :data:`SIZE` elements (odd on purpose: vectorized loops
 leave a tail) and one gradient per step for :data:`STEPS` steps, drawn from
 ``numpy.random.default_rng(seed)`` with a seed derived from the case id (so a
-case's inputs do not depend on its place in the table). Inputs are rounded to
+case's inputs do not depend on its place in the table). The gradient of
+step t is that input plus a pull towards zero, ``grads[t] + FEEDBACK * p``
+(:func:`gradient`, from the parameter the run has reached): gradients depend
+on the trajectory, so a step that goes wrong also changes every later
+gradient and the runs drift apart, as in training. Inputs are rounded to
 float32 and stored once: the float32 and float64 runs of a case start from
 the same numbers, so the float64 run can serve as the exact answer for the
 float32 run. Each case is run through torch's default single-tensor path
@@ -38,7 +42,7 @@ after the steps in :data:`CHECKPOINTS`.
 * ``meta``: a 0-d bytes array holding UTF-8 JSON: format version, torch/numpy versions, SIZE, STEPS,
   CHECKPOINTS, and the case list (id, optimizer, kwargs, seed).
 * ``p0``: (C, SIZE) float32, the initial parameters.
-* ``grads``: (C, STEPS, SIZE) float32, the gradient fed at each step.
+* ``grads``: (C, STEPS, SIZE) float32, the input each step's gradient is formed from.
 * ``traj_float32``: (C, K, SIZE) float32 and ``traj_float64``: (C, K, SIZE)
   float64, torch's parameter after each checkpoint step.
 
@@ -54,8 +58,10 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2
 SIZE = 37
+#: The gradient's dependence on the parameter: g = input + FEEDBACK * p.
+FEEDBACK = 0.5
 STEPS = 30
 #: Steps after which torch's parameter is recorded (every step would not fit in
 #: the size budget; these still show where a divergence starts).
@@ -122,6 +128,23 @@ CASES = (
     ("adamax-weight_decay", "Adamax", {"lr": 0.01, "weight_decay": 0.1}),
     ("adamax-betas-eps-maximize", "Adamax",
      {"lr": 0.01, "betas": [0.8, 0.95], "eps": 1e-3, "maximize": True}),
+
+    ("radam-defaults", "RAdam", {}),
+    ("radam-plain", "RAdam", {"lr": 0.01}),
+    ("radam-weight_decay", "RAdam", {"lr": 0.01, "weight_decay": 0.1}),
+    ("radam-decoupled-maximize", "RAdam",
+     {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
+    ("radam-betas-eps", "RAdam", {"lr": 0.02, "betas": [0.8, 0.9], "eps": 1e-4}),
+
+    ("adadelta-defaults", "Adadelta", {}),
+    ("adadelta-rho-eps", "Adadelta", {"lr": 0.5, "rho": 0.8, "eps": 1e-4}),
+    ("adadelta-weight_decay-maximize", "Adadelta",
+     {"lr": 2.0, "weight_decay": 0.1, "maximize": True}),
+
+    ("rprop-defaults", "Rprop", {}),
+    ("rprop-etas", "Rprop", {"lr": 0.05, "etas": [0.3, 1.5]}),
+    ("rprop-step_sizes-maximize", "Rprop",
+     {"lr": 0.02, "step_sizes": [1e-3, 0.1], "maximize": True}),
 )
 
 
@@ -138,7 +161,7 @@ def case_table():
 
 def meta_header():
     """The parts of ``meta`` that describe the recording layout (no versions)."""
-    return {"format": FORMAT, "size": SIZE, "steps": STEPS,
+    return {"format": FORMAT, "size": SIZE, "steps": STEPS, "feedback": FEEDBACK,
             "checkpoints": list(CHECKPOINTS), "cases": case_table()}
 
 
@@ -167,6 +190,15 @@ def make_inputs(seed, steps=STEPS, size=SIZE):
     return p0.astype(np.float32), grads.astype(np.float32)
 
 
+def gradient(noise, p):
+    """Step t's gradient from its input and the parameter ``p`` reached (NumPy, p's dtype).
+
+    Both the recording and fastopt's replays form it with this one line, so
+    equal parameters give bit-equal gradients.
+    """
+    return np.asarray(noise, dtype=p.dtype) + FEEDBACK * p
+
+
 def run_torch(optimizer, kwargs, p0, grads, dtype, record_steps):
     """Run ``torch.optim.<optimizer>`` (single-tensor path) on one parameter.
 
@@ -183,7 +215,7 @@ def run_torch(optimizer, kwargs, p0, grads, dtype, record_steps):
     record = set(record_steps)
     out = []
     for t, g in enumerate(grads, start=1):
-        p.grad = torch.tensor(np.asarray(g, dtype=dtype), dtype=tdtype)
+        p.grad = torch.from_numpy(gradient(g, p.detach().numpy()))
         opt.step()
         if t in record:
             out.append(p.detach().numpy().copy())

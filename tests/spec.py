@@ -99,7 +99,8 @@ class Rule(NamedTuple):
     step_arg: str
     #: the kernel's options, in its signature order -> how they are validated:
     #: "nonneg" (>= 0), "positive" (> 0 and finite), "finite", "unit" ([0, 1)),
-    #: "betas" (a pair in [0, 1)), "flag" (a bool)
+    #: "closed_unit" ([0, 1]), "betas" (a pair in [0, 1)), "etas" (a pair
+    #: 0 < etaminus < 1 < etaplus), "bounds" (a pair 0 <= min <= max), "flag" (a bool)
     options: dict
     #: the state buffers, in kernel argument order
     buffers: tuple
@@ -352,6 +353,100 @@ RULES = (
             {"maximize": True, "betas": (0.8, 0.9), "eps": 1e-3},
             {"betas": (0.3, 0.6)},  # 1 - beta1 >= 0.5: the other form of lerp
             {"eps": 0.0},           # torch allows it: |g| alone bounds the norm
+        ),
+    ),
+    Rule(
+        name="radam",
+        kernel="radam",
+        step_arg="step",
+        options={"lr": "nonneg", "betas": "betas", "eps": "nonneg", "weight_decay": "nonneg",
+                 "decoupled_weight_decay": "flag", "maximize": "flag"},
+        buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq", values="squares")),
+        classes=(
+            Class("RAdam", torch="RAdam",
+                  defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                decoupled_weight_decay=False, maximize=False),
+                  keyword_only=("maximize",),
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "weight_decay": 0.1, "maximize": True},
+                         {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1,
+                          "betas": (0.8, 0.9)}),
+                  scenario=(
+                      {"lr": 0.01},
+                      {"lr": 0.003, "betas": (0.8, 0.99), "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.005),
+                       (21, 1, "decoupled_weight_decay", True),
+                       (21, 0, "betas", (0.85, 0.95)),
+                       (31, 0, "eps", 1e-6),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.01},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1},
+            {"decoupled_weight_decay": True, "weight_decay": 0.1},
+            {"maximize": True, "betas": (0.8, 0.9), "eps": 1e-3},
+            {"betas": (0.3, 0.6)},  # 1 - beta1 >= 0.5: the other form of lerp
+            {"betas": (0.9, 0.5)},  # rho_inf = 3: never rectified
+        ),
+    ),
+    Rule(
+        name="adadelta",
+        kernel="adadelta",
+        step_arg="step",
+        options={"lr": "nonneg", "rho": "closed_unit", "eps": "nonneg",
+                 "weight_decay": "nonneg", "maximize": "flag"},
+        buffers=(Buffer("square_avg", values="squares"), Buffer("acc_delta", values="squares")),
+        classes=(
+            Class("Adadelta", torch="Adadelta",
+                  defaults=dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
+                  keyword_only=("maximize",),
+                  cases=({},
+                         {"lr": 0.5, "maximize": True},
+                         {"lr": 2.0, "rho": 0.5, "eps": 1e-4}),
+                  scenario=(
+                      {"lr": 1.0},
+                      {"lr": 0.5, "rho": 0.8, "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.5),
+                       (21, 1, "rho", 0.95),
+                       (31, 0, "eps", 1e-4),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 1.0},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1},
+            {"maximize": True, "rho": 0.5, "eps": 1e-3},
+            {"rho": 1.0},           # torch allows it: the averages never move
+            {"rho": 0.0, "eps": 1e-8},
+        ),
+    ),
+    Rule(
+        name="rprop",
+        kernel="rprop",
+        step_arg="step",
+        options={"etas": "etas", "step_sizes": "bounds", "maximize": "flag"},
+        buffers=(Buffer("prev"), Buffer("step_size", values="squares", start="lr")),
+        class_options={"lr": "nonneg"},
+        classes=(
+            Class("Rprop", torch="Rprop",
+                  defaults=dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), maximize=False),
+                  keyword_only=("maximize",),
+                  cases=({},
+                         {"lr": 0.05, "maximize": True},
+                         {"lr": 0.02, "etas": (0.3, 1.5), "step_sizes": (1e-3, 0.1)}),
+                  scenario=(
+                      {"lr": 0.01},
+                      {"lr": 0.003, "etas": (0.4, 1.3)},
+                      [(11, 0, "etas", (0.6, 1.1)),
+                       (21, 1, "step_sizes", (1e-4, 0.05)),
+                       (31, 0, "maximize", True)])),
+        ),
+        option_sets=(
+            {},
+            {"maximize": True, "etas": (0.3, 1.5)},
+            {"step_sizes": (1e-3, 0.02)},
+            {"step_sizes": (0.0, float("inf"))},
         ),
     ),
 )

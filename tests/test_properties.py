@@ -121,11 +121,15 @@ def _real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
+#: the kinds that are a pair of reals: beta-like, Rprop's etas, (min, max) bounds
+PAIRS = ("betas", "etas", "bounds")
+
+
 def normalize(kind, v):
     """The value fastopt computes with: a Python float, bool, pair or int."""
     if kind == "flag":
         return bool(v)
-    if kind == "betas":
+    if kind in PAIRS:
         return (float(v[0]), float(v[1]))
     if kind == "step":
         return int(v)
@@ -142,6 +146,7 @@ _OK_VALUES = {
              np.float32(0.99999994), np.float32(0.9), np.float64(0.999)],
     "finite": [0, 0.0, -0.0, 0.5, 1, -1.0, 2.0, -1e300, 1e300, 5e-324, -MAXF,
                np.float32(0.1)],
+    "closed_unit": [0, 0.0, -0.0, 5e-324, 0.5, 0.9, 1 - 2 ** -53, 1, 1.0, np.float32(1.0)],
     "flag": [True, False, np.True_, np.False_],
     "step": [1, 2, 3, 10, 1000, 2 ** 31, 2 ** 53, 2 ** 53 + 1, 2 ** 53 + 3, 2 ** 62,
              2 ** 63 - 1, np.int64(5), np.int32(1), np.uint64(7)],
@@ -159,6 +164,15 @@ def ok_value(kind):
         return st.one_of(pool, st.floats(0, 1, exclude_max=True))
     if kind == "finite":
         return st.one_of(pool, st.floats(allow_nan=False, allow_infinity=False))
+    if kind == "closed_unit":
+        return st.one_of(pool, st.floats(0, 1))
+    if kind == "etas":
+        pair = st.tuples(st.floats(0, 1, exclude_min=True, exclude_max=True),
+                         st.floats(1, MAXF, exclude_min=True))
+        return st.one_of(pair, pair.map(list))
+    if kind == "bounds":
+        pair = st.tuples(st.floats(0, MAXF), st.floats(0, INF)).map(lambda t: tuple(sorted(t)))
+        return st.one_of(pair, pair.map(list), st.sampled_from([(0, 0), (1e-6, 50), (0.0, INF)]))
     if kind == "flag":
         return pool
     if kind == "betas":
@@ -177,6 +191,9 @@ _EITHER_VALUES = {
     "finite": [fractions.Fraction(-1, 2), decimal.Decimal("0.1"), np.array(0.0)],
     "flag": [np.array(True)],
     "betas": [np.array([0.9, 0.999]), (fractions.Fraction(9, 10), 0.999)],
+    "closed_unit": [fractions.Fraction(9, 10), decimal.Decimal("0.9"), np.array(1.0)],
+    "etas": [np.array([0.5, 1.2]), (fractions.Fraction(1, 2), 1.2)],
+    "bounds": [np.array([1e-6, 50.0]), (fractions.Fraction(1, 10 ** 6), 50)],
     "step": [np.array(3)],
 }
 
@@ -195,6 +212,13 @@ _BAD_VALUES = {
     "betas": [(0.9,), (0.9, 0.999, 0.5), [], "ab", None, 0.9, (1.0, 0.9), (0.9, 1.0),
               (0.9, NAN), (-0.1, 0.9), (True, 0.9), ("0.9", 0.999), (None, None),
               {0.9: 1, 0.99: 2}, (10 ** 400, 0.9)],
+    "closed_unit": _WRONG_TYPES + [True, False, NAN, 1.5, 1 + 2 ** -52, -1e-300, INF, -0.5,
+                                   10 ** 400],
+    "etas": [(0.5,), (0.5, 1.2, 2.0), [], None, 0.5, (0.0, 1.2), (1.0, 1.2), (0.5, 1.0),
+             (0.5, 0.9), (-0.5, 1.2), (0.5, INF), (NAN, 1.2), (0.5, NAN), (True, 1.2),
+             ("0.5", 1.2), (10 ** 400, 1.2)],
+    "bounds": [(1e-6,), (1e-6, 50, 60), [], None, 50, (-1e-6, 50), (50, 1e-6), (NAN, 50),
+               (1e-6, NAN), (-INF, 50), (True, 50), ("0", 50), (0, 10 ** 400)],
     "step": [0, -1, -2 ** 63, 1.0, 1.5, True, False, np.True_, "1", None, [1],
              np.float64(2.0), NAN, 2 ** 63, 10 ** 30, 10 ** 400],
 }
@@ -206,10 +230,10 @@ def bad_kind_of(kind, v):
         return "bool where a number is expected" if kind != "flag" else "?"
     if kind == "flag":
         return "number/str/None where a bool is expected"
-    if kind == "betas":
+    if kind in PAIRS:
         if isinstance(v, (tuple, list)) and len(v) == 2:
-            return "betas element out of range or wrong type"
-        return "betas not a pair"
+            return f"{kind} element out of range or wrong type"
+        return f"{kind} not a pair"
     if isinstance(v, (str, bytes, type(None), list, tuple, dict, complex, np.complexfloating)):
         return "wrong type (str/None/container/complex)"
     if isinstance(v, numbers.Real):
@@ -250,6 +274,8 @@ def hyper_verdict(kind, v):
         if not isinstance(v, (tuple, list)) or len(v) != 2:
             return BAD
         return combine(hyper_verdict("unit", v[0]), hyper_verdict("unit", v[1]))
+    if kind in ("etas", "bounds"):
+        return _pair_verdict(kind, v)
     if kind == "step":
         if isinstance(v, np.ndarray):
             return EITHER
@@ -275,7 +301,26 @@ def hyper_verdict(kind, v):
         return OK if 0 <= x < 1 else BAD
     if kind == "finite":
         return OK if math.isfinite(x) else BAD
+    if kind == "closed_unit":
+        return OK if 0 <= x <= 1 else BAD
     raise AssertionError(kind)
+
+
+def _pair_verdict(kind, v):
+    """Rprop's etas (0 < etaminus < 1 < etaplus, finite) and (min, max) bounds (0 <= min <= max)."""
+    if isinstance(v, np.ndarray):
+        return EITHER
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        return BAD
+    if not all(_real(x) for x in v):
+        return BAD
+    try:
+        low, high = float(v[0]), float(v[1])
+    except OverflowError:
+        return BAD
+    if kind == "etas":
+        return OK if 0 < low < 1 < high < INF else BAD
+    return OK if 0 <= low <= high else BAD
 
 
 def fix_verdict(verdict, computed):

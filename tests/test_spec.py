@@ -226,7 +226,7 @@ def test_kernels_need_exactly_the_specs_buffers(case):
     kw = {**spec.kernel_kwargs(r, options), **spec.step_kwargs(r, 1), **spec.carried(r)}
     kernel = getattr(kernels, r.kernel)
     needs = spec.needs(r, kw)
-    g = np.full(4, 0.5)
+    g = np.array([0.5, -0.5, 0.5, -0.5])  # both signs: Rprop holds still where g * prev < 0
 
     def call(present):
         p = np.ones(4)
