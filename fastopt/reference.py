@@ -11,7 +11,8 @@ promotion rules), which is how torch.optim computes a float32 step.
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax", "radam", "adadelta", "rprop"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax", "radam", "adadelta", "rprop",
+           "lion"]
 
 
 def _lerp(a, b, w):
@@ -170,7 +171,27 @@ def rprop(p, g, prev, step_size, *, step=1, etas=(0.5, 1.2), step_sizes=(1e-6, 5
     g = -g if maximize else g
     s = g * prev
     factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, 1.0)).astype(p.dtype)
-    step_size[...] = np.minimum(np.maximum(step_size * factor, step_sizes[0]), step_sizes[1])
+    # torch.clamp: a bound replaces only a value beyond it (a -0.0 or a NaN stays)
+    size = step_size * factor
+    size = np.where(size < step_sizes[0], p.dtype.type(step_sizes[0]), size)
+    step_size[...] = np.where(size > step_sizes[1], p.dtype.type(step_sizes[1]), size)
     g = np.where(s < 0, p.dtype.type(0), g)
     p[...] = p - _torch_sign(g) * step_size
     prev[...] = g
+
+
+def _jnp_sign(x):
+    # jnp.sign: numpy.sign, except that a zero keeps its sign (numpy's -0.0 gives +0.0)
+    return np.where(x == 0, x, np.sign(x))
+
+
+def lion(p, g, exp_avg, *, step=1, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+         maximize=False):
+    """Reference for :func:`fastopt.kernels.lion`."""
+    beta1, beta2 = betas
+    g = -g if maximize else g
+    u = _jnp_sign((1 - beta1) * g + beta1 * exp_avg)
+    if weight_decay != 0:
+        u = u + weight_decay * p
+    p[...] = p + u * (-lr)
+    exp_avg[...] = (1 - beta2) * g + beta2 * exp_avg

@@ -32,11 +32,13 @@ ignored (every fastopt step is a fused one), and ``fused=True`` honours
 torch.amp.GradScaler's contract, as torch's fused optimizers do. Only this
 module imports torch.
 """
+import inspect
+
 import torch
 
 from . import _fastpath
 from . import _validation as V
-from .optim import MODULES
+from .optim import MODULES, Optimizer
 from .optim.rule import Batches, run_lists
 
 _REAL = (torch.float32, torch.float64)
@@ -194,6 +196,9 @@ class _FastoptStep:
         # each value, which is all the kernels need.
         if group.get("capturable"):
             raise ValueError(f"param_groups[{gi}]: capturable=True is not supported by fastopt")
+        for k in self._rule.state_hyper:  # a buffer's start (Rprop's lr) is read when made
+            if k in group:
+                V.real(f"param_groups[{gi}]: {k}", _value(k, group[k]))
         return V.check_hyper(self._step_checks, self._fastopt_hyper(group), f"param_groups[{gi}]: ")
 
     def _fastopt_hyper(self, group):
@@ -220,7 +225,8 @@ class _FastoptStep:
 
     def _buffer(self, state, name, p, group):
         if name not in state:  # torch fills some in __init__ (Adagrad's sum); added groups too
-            start = group[self._rule.initial[name]] if name in self._rule.initial else 0.0
+            key = self._rule.initial.get(name)
+            start = _value(key, group[key]) if key else 0.0
             if p.is_complex():  # as torch: every real number of the view starts there
                 start = complex(start, start)
             state[name] = torch.full_like(p, start, memory_format=torch.preserve_format)
@@ -458,11 +464,55 @@ def _torch_twin(cls, twins):
     })
 
 
-# One class per optimizer class of the registry that torch.optim also has.
+#: fastopt's own options, which a torch optimizer does not take
+_NUMPY_ONLY = ("backend", "skip_nonfinite", "flush_denormals")
+
+
+def _torch_style(cls):
+    """fastopt.torch's ``cls`` where torch.optim has no such class (Lion, Lamb).
+
+    A torch.optim.Optimizer subclass in torch.optim's style: the NumPy
+    class's constructor options (fastopt's own aside), checked in the
+    constructor with the rule's validators, and torch's param groups,
+    ``state_dict``, hooks and scheduler support. There is no torch
+    implementation to defer to, so ``differentiable`` is not an option.
+    """
+    numpy_sig = inspect.signature(cls.__init__)
+    sig = numpy_sig.replace(parameters=[
+        p for name, p in numpy_sig.parameters.items() if name not in ("self",) + _NUMPY_ONLY])
+    rule = cls.rule
+
+    def __init__(self, params, *args, **kwargs):
+        bound = sig.bind(params, *args, **kwargs)
+        bound.apply_defaults()
+        defaults = {k: v for k, v in bound.arguments.items() if k != "params"}
+        checked = V.check_hyper(rule.hyper, {k: _value(k, v) for k, v in defaults.items()})
+        if rule.check is not None:
+            rule.check(checked)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    __init__.__signature__ = sig.replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *sig.parameters.values()])
+    return type(cls.__name__, (_FastoptStep, torch.optim.Optimizer), {
+        "__doc__": (f"{cls.__name__} for torch tensors: fastopt.{cls.__name__}'s rule in a "
+                    "torch.optim.Optimizer.\n\n    torch.optim has no such class; this one "
+                    "keeps torch.optim's conventions.\n"),
+        "__module__": __name__,
+        "__init__": __init__,
+        "_rule": rule,
+        "_fixed": cls.fixed,
+        "_step_checks": {k: _kind_check(c) for k, c in rule.hyper.items()},
+    })
+
+
+# One class per optimizer class of the registry: torch.optim's own class
+# stepped by fastopt where torch has one, a torch-style one where not.
 _twins = {}
 for _module in MODULES:
     for _cls in (getattr(_module, n) for n in _module.__all__):
-        if isinstance(_cls, type) and hasattr(torch.optim, _cls.__name__):
-            _twins[_cls.__name__] = _torch_twin(_cls, _twins)
+        if isinstance(_cls, type) and issubclass(_cls, Optimizer):
+            _twins[_cls.__name__] = (_torch_twin(_cls, _twins) if hasattr(torch.optim, _cls.__name__)
+                                     else _torch_style(_cls))
 globals().update(_twins)
 __all__ = list(_twins)

@@ -153,16 +153,16 @@ def case_seed(case_id):
     return zlib.crc32(case_id.encode("utf-8"))
 
 
-def case_table():
+def case_table(cases=CASES):
     """The case list as stored in ``meta["cases"]``."""
     return [{"id": cid, "optimizer": opt, "kwargs": kwargs, "seed": case_seed(cid)}
-            for cid, opt, kwargs in CASES]
+            for cid, opt, kwargs in cases]
 
 
-def meta_header():
+def meta_header(cases=CASES):
     """The parts of ``meta`` that describe the recording layout (no versions)."""
     return {"format": FORMAT, "size": SIZE, "steps": STEPS, "feedback": FEEDBACK,
-            "checkpoints": list(CHECKPOINTS), "cases": case_table()}
+            "checkpoints": list(CHECKPOINTS), "cases": case_table(cases)}
 
 
 def call_kwargs(kwargs):
@@ -226,17 +226,26 @@ def record():
     """Run every case through torch; return the arrays of ``golden.npz``."""
     import torch
 
+    return record_cases(meta_header(), run_torch, {"torch_version": torch.__version__})
+
+
+def record_cases(header, run, versions):
+    """The arrays of a golden file: every case of ``header["cases"]`` through ``run``.
+
+    ``run(optimizer, kwargs, p0, grads, dtype, record_steps)`` is
+    :func:`run_torch` or a twin of it for another reference library;
+    ``versions`` go into ``meta`` beside the header.
+    """
     p0s, gradss = [], []
     trajs = {dtype: [] for dtype in DTYPES}
-    for case in case_table():
+    for case in header["cases"]:
         p0, grads = make_inputs(case["seed"])
         p0s.append(p0)
         gradss.append(grads)
         for dtype in DTYPES:
-            trajs[dtype].append(
-                run_torch(case["optimizer"], case["kwargs"], p0, grads, dtype, CHECKPOINTS))
-    meta = {**meta_header(), "torch_version": torch.__version__,
-            "numpy_version": np.__version__}
+            trajs[dtype].append(run(case["optimizer"], case["kwargs"], p0, grads, dtype,
+                                    CHECKPOINTS))
+    meta = {**header, **versions, "numpy_version": np.__version__}
     arrays = {"meta": np.array(json.dumps(meta, sort_keys=True).encode("utf-8")),
               "p0": np.stack(p0s), "grads": np.stack(gradss)}
     for dtype in DTYPES:

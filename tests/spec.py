@@ -64,7 +64,8 @@ class Class(NamedTuple):
     """One optimizer class of a rule: fastopt.<name> and fastopt.torch.<name>."""
 
     name: str
-    #: its torch.optim counterpart, torch.optim.<torch>
+    #: its torch.optim counterpart, torch.optim.<torch>; None: torch has none
+    #: (fastopt.torch.<name> is then a torch-style optimizer of fastopt's own)
     torch: str
     #: the constructor's options, in signature order, with their defaults
     #: (torch.optim's); fastopt's own keyword-only ones (COMMON_KEYWORDS) aside
@@ -85,6 +86,9 @@ class Class(NamedTuple):
     #: change mid-run: options that add state (centered, amsgrad, RMSprop's
     #: momentum from 0) fail in torch when switched on later.
     scenario: tuple = None
+    #: the optax function whose rule it follows (optax.<optax>), for the rules
+    #: torch.optim lacks; their parity is against optax (tests/test_optax_parity.py)
+    optax: str = None
 
 
 class Rule(NamedTuple):
@@ -449,6 +453,35 @@ RULES = (
             {"step_sizes": (0.0, float("inf"))},
         ),
     ),
+    Rule(
+        name="lion",
+        kernel="lion",
+        step_arg="step",
+        options={"lr": "nonneg", "betas": "betas", "weight_decay": "nonneg", "maximize": "flag"},
+        buffers=(Buffer("exp_avg"),),
+        classes=(
+            Class("Lion", torch=None, optax="lion",
+                  defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
+                  keyword_only=("maximize",),
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "weight_decay": 0.1, "maximize": True},
+                         {"lr": 0.003, "betas": (0.8, 0.95)}),
+                  scenario=(
+                      {"lr": 0.01},
+                      {"lr": 0.003, "betas": (0.8, 0.95), "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.005),
+                       (21, 1, "betas", (0.85, 0.9)),
+                       (31, 0, "weight_decay", 0.1),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.01},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1},
+            {"maximize": True, "betas": (0.5, 0.6)},
+            {"betas": (0.0, 0.0)},
+        ),
+    ),
 )
 
 #: the keyword-only constructor options every class takes (fastopt's own)
@@ -473,6 +506,16 @@ def classes():
 
 def class_names():
     return [c.name for c in classes()]
+
+
+def torch_class_names():
+    """The classes with a torch.optim counterpart (the others follow optax)."""
+    return [c.name for c in classes() if c.torch]
+
+
+def optax_class_names():
+    """The classes whose rule is optax's (no torch.optim counterpart)."""
+    return [c.name for c in classes() if c.optax]
 
 
 def rule(name):
@@ -623,6 +666,11 @@ def kernel_kwargs(name, options=NOTHING):
 def class_cases():
     """Every class's cases: ``(id, Class entry, kwargs)``."""
     return [(_option_id(c.name, kw), c, dict(kw)) for c in classes() for kw in c.cases]
+
+
+def torch_class_cases():
+    """:func:`class_cases` of the classes torch.optim has too."""
+    return [case for case in class_cases() if case[1].torch]
 
 
 def _resolve(cases, module):

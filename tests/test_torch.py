@@ -9,7 +9,7 @@ import fastopt.torch as ft  # noqa: E402
 import spec  # noqa: E402  (tests/spec.py: tests/ is on sys.path under pytest)
 
 #: (id, class name, kwargs): every class's cases; each runs against torch.optim.<its torch name>
-CASES = [(cid, c.name, kwargs) for cid, c, kwargs in spec.class_cases()]
+CASES = [(cid, c.name, kwargs) for cid, c, kwargs in spec.torch_class_cases()]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # of the total change (docs/numerics.rst)
 
 
@@ -255,7 +255,7 @@ def test_unsupported_torch_options_are_refused():
         ft.Adam([p], capturable=True).step()
 
 
-@pytest.mark.parametrize("name", spec.class_names())
+@pytest.mark.parametrize("name", spec.torch_class_names())
 def test_a_differentiable_optimizer_is_torch_optims_own_step(name):
     """Gradients flow through the updates back to the start, as with torch.optim
     (and where torch's own differentiable step cannot do it, fastopt fails alike)."""
@@ -279,7 +279,7 @@ def test_a_differentiable_optimizer_is_torch_optims_own_step(name):
 
 def test_is_a_torch_optimizer():
     p = torch.zeros(3, requires_grad=True)
-    for name in spec.class_names():
+    for name in spec.torch_class_names():
         opt = getattr(ft, name)([p])
         assert isinstance(opt, torch_class(name))
 
@@ -328,7 +328,7 @@ def tensor_lr_pair(name, make_scheduler, steps=12, **kwargs):
     return params["mine"], params["theirs"]
 
 
-@pytest.mark.parametrize("name", spec.class_names())
+@pytest.mark.parametrize("name", spec.torch_class_names())
 def test_a_tensor_lr_moved_by_a_scheduler_in_place_is_read_every_step(name):
     def schedule(opt):
         return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
@@ -418,7 +418,7 @@ def _assert_close_to_torch(start, mine, theirs):
 
 @pytest.mark.parametrize("layout", range(len(_layouts(torch.float32))),
                          ids=[label for label, _, _ in _layouts(torch.float32)])
-@pytest.mark.parametrize("name", spec.class_names())
+@pytest.mark.parametrize("name", spec.torch_class_names())
 def test_every_memory_layout_is_stepped_like_torch(name, layout):
     _, make_p, make_g = _layouts(torch.float64)[layout]
     _assert_close_to_torch(*_step_layout_pair(name, make_p, make_g, torch.float64))
@@ -499,7 +499,7 @@ def test_plain_sgd_keeps_no_state_entry_as_torch():
 
 # ----------------------------------------------------- torch.amp.GradScaler
 
-FUSED = [name for name in spec.class_names() if "fused" in
+FUSED = [name for name in spec.torch_class_names() if "fused" in
          __import__("inspect").signature(torch_class(name).__init__).parameters]
 
 

@@ -68,7 +68,9 @@ def _assert_matches(mine, theirs):
 
 def test_the_suites_configurations_are_found():
     names = {name for _, name, _ in CONFIGS}
-    assert names == set(ft.__all__) and len(CONFIGS) >= 5 * len(names)
+    # every fastopt.torch class with a torch.optim namesake (Lion and Lamb have none)
+    assert names == {n for n in ft.__all__ if hasattr(torch.optim, n)}
+    assert len(CONFIGS) >= 5 * len(names)
 
 
 @pytest.mark.parametrize("case", CONFIGS, ids=[c[0] for c in CONFIGS])

@@ -87,9 +87,9 @@ def run_fastopt(optimizer, kwargs, p0, grads, dtype, backend, record_steps):
     return np.stack(out)
 
 
-def load_golden():
+def load_golden(path=mg.GOLDEN_PATH):
     """The recording, as {"meta": dict, case id: (case, p0, grads, {dtype: traj})}."""
-    with np.load(mg.GOLDEN_PATH, allow_pickle=False) as data:
+    with np.load(path, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
     meta = json.loads(arrays["meta"][()])
     out = {"meta": meta}
@@ -151,13 +151,13 @@ def test_case_table_covers_every_option():
     # names both classes at once (fastopt.<name>, torch.optim.<name>).
     import inspect
 
-    recorded, classes = {opt for _, opt, _ in mg.CASES}, set(spec.class_names())
+    recorded, classes = {opt for _, opt, _ in mg.CASES}, set(spec.torch_class_names())
     assert recorded <= classes, f"not in tests/spec.py: {sorted(recorded - classes)}"
     assert recorded >= classes, (
         f"{mg.GOLDEN_PATH.name} records no case of {sorted(classes - recorded)}: add its cases "
         "to tests/make_golden.py's CASES and record them (python tests/make_golden.py)")
     assert all(spec.find_class(opt).torch == opt for _, opt, _ in mg.CASES)
-    for name in spec.class_names():
+    for name in spec.torch_class_names():
         sig = inspect.signature(getattr(fastopt, name))
         options = {k for k, v in sig.parameters.items()
                    if k not in ("params", "backend", "skip_nonfinite", "flush_denormals")}
@@ -332,7 +332,7 @@ def run_scenario_torch(torch, optimizer):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("optimizer", sorted(spec.class_names()))
+@pytest.mark.parametrize("optimizer", sorted(spec.torch_class_names()))
 def test_live_param_groups_missing_grads_and_changed_hyper(torch, optimizer, backend):
     p0s, got, got_state = run_scenario_fastopt(optimizer, backend)
     want, want_state = run_scenario_torch(torch, optimizer)

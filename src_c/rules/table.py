@@ -48,6 +48,7 @@ RULES = (
     ("radam", "radam", 6),
     ("adadelta", "adadelta", 6),
     ("rprop", "rprop", 4),
+    ("lion", "lion", 3),
     ("stream", "passes", 2),
     ("axpy", "passes", 1),
     ("scale", "passes", 1),
