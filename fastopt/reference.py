@@ -12,7 +12,7 @@ promotion rules), which is how torch.optim computes a float32 step.
 import numpy as np
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax", "radam", "adadelta", "rprop",
-           "lion"]
+           "lion", "asgd"]
 
 
 def _lerp(a, b, w):
@@ -195,3 +195,19 @@ def lion(p, g, exp_avg, *, step=1, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
         u = u + weight_decay * p
     p[...] = p + u * (-lr)
     exp_avg[...] = (1 - beta2) * g + beta2 * exp_avg
+
+
+def asgd(p, g, ax, *, step, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
+         weight_decay=0.0, maximize=False):
+    """Reference for :func:`fastopt.kernels.asgd`; returns the new ``(eta, mu)``."""
+    g = _effective_grad(p, g, weight_decay, maximize)
+    p[...] = p * (1 - lambd * eta)
+    p[...] = p + (-eta) * g
+    if mu != 1:
+        ax[...] = ax + (p - ax) * mu
+    else:
+        ax[...] = p
+    # torch keeps eta and mu as float32 tensors: the new values are rounded to float32
+    with np.errstate(over="ignore"):
+        new_eta = float(np.float32(lr / np.float64(1 + lambd * lr * step) ** alpha))
+    return new_eta, float(np.float32(1 / max(1, step - t0)))

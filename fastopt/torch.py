@@ -1,7 +1,7 @@
 """fastopt for PyTorch CPU training loops: torch.optim's optimizers, fastopt's kernels.
 
 ``fastopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``, ``NAdam``,
-``Adamax``, ``RAdam``, ``Adadelta`` and ``Rprop`` *are*
+``Adamax``, ``RAdam``, ``Adadelta``, ``Rprop`` and ``ASGD`` *are*
 torch.optim optimizers - subclasses with the very same constructor, param
 groups, ``zero_grad``, ``state_dict`` (it loads into the torch.optim
 counterpart and back), hooks and lr_scheduler support. Only ``step`` differs:
@@ -219,7 +219,8 @@ class _FastoptStep:
         state = {}
         if self._rule.counts_steps:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        for name, initial in self._rule.scalar_state.items():  # NAdam's mu_product
+        for name, initial in self._rule.initial_scalars(  # NAdam's mu_product, ASGD's eta
+                self._kernel_hyper(None, group)).items():
             state[name] = torch.tensor(initial, dtype=torch.float32)
         return state
 
@@ -339,9 +340,9 @@ class _FastoptStep:
                 if not rule.scalar_state:
                     run_lists(rule, ps, gs, buffer_lists, step_value, hyper, self._scalars(hyper))
                     continue
-                new_values, extra = rule.per_step(hyper, step_value, values)
-                run_lists(rule, ps, gs, buffer_lists, step_value, hyper,
-                          self._scalars(hyper, extra))
+                scalars = self._scalars(hyper)
+                new_values = rule.advance_scalars(scalars, hyper, step_value, values)
+                run_lists(rule, ps, gs, buffer_lists, step_value, hyper, scalars)
                 for state in owners:
                     for name, value in new_values.items():
                         state[name].fill_(value)

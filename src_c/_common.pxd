@@ -6,6 +6,7 @@
 
 cdef enum:
     MAX_BUFFERS = 3
+    MAX_SCALARS = 2   # per-parameter scalar state of a rule (ASGD: eta, mu)
 
 
 cdef struct StepScalars:
@@ -38,6 +39,18 @@ cdef struct StepScalars:
     double etaplus
     double step_size_min # Rprop: bounds of the step sizes
     double step_size_max
+    double momentum_decay  # NAdam
+    double lambd         # ASGD: decay term
+    double asgd_alpha    # ASGD: power of the eta schedule
+    double t0            # ASGD: the step averaging starts at
+    double mu            # ASGD: this step's averaging weight (1.0: ax becomes a copy of p)
+    # A rule with per-parameter scalar state (NAdam's mu_product, ASGD's eta and
+    # mu): the values before this step go in, at_step forms this step's
+    # scalars from them and the values after it (state_out), or flags that
+    # they cannot be formed (state_invalid: the Python layer explains).
+    double state_in[MAX_SCALARS]
+    double state_out[MAX_SCALARS]
+    bint state_invalid
     bint flush_denormals  # run with the FPU's flush-to-zero / denormals-are-zero modes on
 
 

@@ -67,7 +67,7 @@ from libc.stdint cimport uintptr_t
 from libc.stdlib cimport realloc, free, qsort
 from libc.string cimport memset
 
-from _common cimport Slot, StepScalars, runner_t, stats_t, at_step_t, MAX_BUFFERS
+from _common cimport Slot, StepScalars, runner_t, stats_t, at_step_t, MAX_BUFFERS, MAX_SCALARS
 from _rule_ids cimport *
 
 cnp.import_array()

@@ -145,6 +145,11 @@ CASES = (
     ("rprop-etas", "Rprop", {"lr": 0.05, "etas": [0.3, 1.5]}),
     ("rprop-step_sizes-maximize", "Rprop",
      {"lr": 0.02, "step_sizes": [1e-3, 0.1], "maximize": True}),
+
+    ("asgd-defaults", "ASGD", {}),
+    ("asgd-averaging", "ASGD", {"lr": 0.05, "lambd": 0.01, "alpha": 0.5, "t0": 5}),
+    ("asgd-weight_decay-maximize", "ASGD",
+     {"lr": 0.02, "weight_decay": 0.1, "maximize": True, "t0": 0}),
 )
 
 

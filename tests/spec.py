@@ -22,6 +22,7 @@ A sweep case is an ``(id, what, options)`` tuple - ``what`` a rule name for
 that ``@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)``
 names each test after its case.
 """
+import struct
 from types import MappingProxyType
 from typing import Callable, NamedTuple
 
@@ -116,7 +117,8 @@ class Rule(NamedTuple):
     #: per-parameter scalars the optimizers keep in the state besides the
     #: buffers -> their value before the first step. "step" is the count the
     #: kernel gets as ``step``; the kernel takes each other one (NAdam's
-    #: mu_product) as a keyword argument and returns its new value
+    #: mu_product) as a keyword argument and returns its new value; a start
+    #: written as an option's name is that option's value in float32 (ASGD's eta)
     scalars: dict = MappingProxyType({"step": 0})
     #: full options -> whether they go together (beyond each option's own check)
     valid: Callable = always
@@ -454,6 +456,38 @@ RULES = (
         ),
     ),
     Rule(
+        name="asgd",
+        kernel="asgd",
+        step_arg="step",
+        options={"lr": "nonneg", "lambd": "nonneg", "alpha": "finite", "t0": "finite",
+                 "weight_decay": "nonneg", "maximize": "flag"},
+        buffers=(Buffer("ax"),),
+        scalars={"step": 0, "eta": "lr", "mu": 1.0},
+        classes=(
+            Class("ASGD", torch="ASGD",
+                  defaults=dict(lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
+                                maximize=False),
+                  cases=({},
+                         {"lr": 0.05, "weight_decay": 0.1, "maximize": True},
+                         {"lr": 0.05, "lambd": 0.01, "alpha": 0.5, "t0": 3}),
+                  scenario=(
+                      {"lr": 0.01, "t0": 5},
+                      {"lr": 0.003, "lambd": 0.01, "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.005),
+                       (21, 1, "alpha", 0.6),
+                       (21, 1, "t0", 10),
+                       (31, 0, "lambd", 0.001),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.05},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1, "t0": 0.0},
+            {"maximize": True, "lambd": 0.05, "alpha": 1.0},
+            {"t0": -5.0, "lambd": 0.0},   # averaging from the first step
+        ),
+    ),
+    Rule(
         name="lion",
         kernel="lion",
         step_arg="step",
@@ -599,9 +633,22 @@ def state_keys(name, options=NOTHING):
     return set(rule(name).scalars) | set(buffers_for(name, options))
 
 
-def carried(name):
-    """The scalars a kernel call takes and returns anew (NAdam's mu_product) -> start value."""
-    return {k: v for k, v in rule(name).scalars.items() if k != "step"}
+def carried(name, options=NOTHING):
+    """The scalars a kernel call takes and returns anew (NAdam's mu_product) -> start value.
+
+    A start written as an option's name (ASGD's eta starts at lr) is that
+    option's value under ``options`` (over the defaults), rounded to float32
+    as torch stores it.
+    """
+    out = {}
+    for k, v in rule(name).scalars.items():
+        if k != "step":
+            out[k] = _float32(full_options(name, options)[v]) if isinstance(v, str) else v
+    return out
+
+
+def _float32(x):
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def carry(name, returned):

@@ -917,7 +917,7 @@ class ModelOptimizer:
             twin(p, g, *bufs, first_step=bool(created), **kh)
             return
         st_["step"] = st_.get("step", 0) + 1
-        carried = {k: st_.get(k, start) for k, start in spec.carried(rule).items()}
+        carried = {k: st_.get(k, start) for k, start in spec.carried(rule, kh).items()}
         st_.update(spec.carry(rule, twin(p, g, *bufs, step=st_["step"], **carried, **kh)))
 
 

@@ -76,7 +76,7 @@ def test_the_registry_is_the_specs():
         assert rule.twin is getattr(reference, r.kernel)
         assert dict(rule.initial) == {b.name: b.start for b in r.buffers if b.start}
         assert list(rule.state_hyper) == list(r.class_options)
-        assert dict(rule.scalar_state) == spec.carried(r)
+        assert rule.initial_scalars(spec.kernel_defaults(r)) == spec.carried(r)
         assert rule.counts_steps == ("step" in r.scalars)
 
 

@@ -11,12 +11,9 @@ and the parameter's running product ``mu_product *= mu_t``, once per step::
 
 ``mu_product`` is per-parameter scalar state (``state[i]["mu_product"]``), kept
 rounded to float32 as torch keeps it (a float32 tensor), so trajectories match
-torch.optim.NAdam. It makes NAdam step on the general path (one kernel call
-per distinct step and mu_product in a group). The fused loop:
-src_c/rules/nadam.pxi.
+torch.optim.NAdam. The fused loop and the per-step scalars, mu_product's
+next value included: src_c/rules/nadam.pxi.
 """
-import numpy as np
-
 from .. import _validation as V
 from .. import reference
 from .._fastpath import RULE_IDS
@@ -26,22 +23,16 @@ from .rule import Rule, apply, moment_consts
 __all__ = ["RULE", "nadam", "NAdam"]
 
 
-def _per_step(h, step, scalar):
-    """The new mu_product and this step's two step sizes, as torch forms them."""
-    beta1, lr, rate = h["betas"][0], h["lr"], h["momentum_decay"]
-    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * rate))
-    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * rate))
-    mu_product = float(np.float32(scalar["mu_product"]) * np.float32(mu))
-    if mu_product == 1.0 or mu_product * mu_next == 1.0:
-        # torch divides by zero here (ZeroDivisionError); refuse it cleanly
-        raise ValueError(
-            f"NAdam: mu_product rounds to 1 at step {step} (betas[0]={beta1!r}, "
+def _scalar_error(h, step):
+    beta1, rate = h["betas"][0], h["momentum_decay"]
+    # torch divides by zero here (ZeroDivisionError); the step is refused cleanly
+    return (f"NAdam: mu_product rounds to 1 at step {step} (betas[0]={beta1!r}, "
             f"momentum_decay={rate!r}), so the step sizes divide by zero; use a smaller "
             "betas[0] or momentum_decay")
-    return {"mu_product": mu_product}, {
-        "grad_coef": -lr * (1.0 - mu) / (1.0 - mu_product),
-        "avg_coef": (-lr * mu_next) / (1.0 - mu_product * mu_next),
-    }
+
+
+def _consts(h):
+    return dict(moment_consts(h), momentum_decay=h["momentum_decay"])
 
 
 RULE = Rule(
@@ -53,9 +44,9 @@ RULE = Rule(
     buffers=("exp_avg", "exp_avg_sq"),
     needs=lambda h: (True, True),
     twin=reference.nadam,
-    consts=moment_consts,
+    consts=_consts,
     scalar_state={"mu_product": 1.0},
-    per_step=_per_step,
+    scalar_error=_scalar_error,
 )
 
 

@@ -415,8 +415,8 @@ class Optimizer:
         bindings = lock.bindings  # read first: a rebind from here on makes it decline
         return _fastpath.Stepper(lock, bindings, self.param_groups, self.state, self._workspaces,
                                  self._guard, self.rule.buffers, self.rule.counts_steps,
-                                 enabled=(self.backend == "cython" and not self.skip_nonfinite
-                                          and not self.rule.scalar_state))
+                                 enabled=(self.backend == "cython" and not self.skip_nonfinite),
+                                 scalar_names=tuple(self.rule.scalar_state))
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
@@ -478,14 +478,13 @@ class Optimizer:
             if g is None:
                 continue
             state = self.state.setdefault(index, {})
-            for name, initial in rule.scalar_state.items():
+            for name, initial in rule.initial_scalars(hyper).items():
                 state.setdefault(name, initial)
             batches.add(self._advance(state, created.get(index, ())), params[index - start], g,
                         state, [state[name] for name in rule.scalar_state], state)
         for step_value, values, ps, gs, buffer_lists, owners in batches:
             if rule.scalar_state:
-                new_values, extra = rule.per_step(kernel_hyper, step_value, values)
-                scalars = rule.scalars(kernel_hyper, self.flush_denormals, extra)
+                new_values = rule.advance_scalars(scalars, kernel_hyper, step_value, values)
             self._run(ps, gs, buffer_lists, step_value, kernel_hyper, scalars, values)
             if rule.scalar_state:
                 for state in owners:
@@ -579,7 +578,7 @@ class Optimizer:
                     value = np.asarray(value)
                     if value.size != 1 or value.dtype.kind != "f":
                         raise TypeError(f"{where} must be a real number, got {value!r}")
-                    restored[key] = V.finite(where, float(value.reshape(())))
+                    restored[key] = self.rule.scalar_kind(where, float(value.reshape(())))
                     continue
                 value = np.asarray(value)
                 if value.shape != p.shape:

@@ -38,12 +38,16 @@ class Rule(NamedTuple):
     initial: dict = {}
     #: hyperparameters that only shape the state (not kernel arguments) -> validator
     state_hyper: dict = {}
-    #: per-parameter scalar state (NAdam's mu_product) -> its initial value. A rule
-    #: with scalar state steps on the general path, one kernel call per distinct
-    #: (step, scalar values), and needs ``per_step``
+    #: per-parameter scalar state (NAdam's mu_product, ASGD's eta and mu) -> its
+    #: initial value, a number or a function of the hyperparameters. The rule's
+    #: at_step (src_c/rules/) forms each step from these values and the values
+    #: after it; one kernel call per distinct (step, scalar values)
     scalar_state: dict = {}
-    #: (hyper, step, scalar values) -> (new scalar values, extra StepScalars fields)
-    per_step: Callable = None
+    #: (hyper, step) -> why at_step cannot form that step from the scalar state
+    #: (NAdam: mu_product rounds to 1)
+    scalar_error: Callable = None
+    #: the validator of a stored scalar state value (finite unless the rule says)
+    scalar_kind: Callable = V.finite
     #: cross-field constraints, hyper -> None or raise
     check: Callable = None
 
@@ -56,16 +60,36 @@ class Rule(NamedTuple):
         """This step's per-step value, from the new step count and the buffers just made."""
         return new_count if self.counts_steps else self.first_step_buffer in created
 
+    def initial_scalars(self, hyper):
+        """The scalar state of a parameter before its first step, under ``hyper``."""
+        return {name: float(initial(hyper)) if callable(initial) else float(initial)
+                for name, initial in self.scalar_state.items()}
+
     def check_scalar_state(self, hyper, step, state, where):
         """Validate a parameter's scalar state and the step it would take, changing nothing.
 
         ``state``: its state dict (or {} before its first step); ``step``: the
         count this step would give it. Raises TypeError/ValueError.
         """
-        values = {}
-        for name, initial in self.scalar_state.items():
-            values[name] = V.finite(f"{where}[{name!r}]", state.get(name, initial))
-        self.per_step(hyper, step, values)
+        initial = self.initial_scalars(hyper)
+        values = {name: self.scalar_kind(f"{where}[{name!r}]", state.get(name, initial[name]))
+                  for name in self.scalar_state}
+        self.advance_scalars(self.scalars(hyper), hyper, step, values, load=False)
+
+    def advance_scalars(self, scalars, hyper, step, values, load=True):
+        """The scalar state after a step at ``step`` from ``values`` (name -> float).
+
+        ``load``: also load ``values`` into ``scalars`` (a Scalars), for the
+        kernel call that takes the step. Raises ValueError where the rule
+        cannot form the step (``scalar_error`` says why).
+        """
+        ordered = [values[name] for name in self.scalar_state]
+        after = scalars.next_state(step, ordered)
+        if after is None:
+            raise ValueError(self.scalar_error(hyper, step))
+        if load:
+            scalars.set_state(ordered)
+        return dict(zip(self.scalar_state, after))
 
     def scalars(self, hyper, flush_denormals=False, extra=None):
         """The compiled scalars for validated ``hyper`` (and ``extra`` fields); the step adds the rest."""
@@ -119,7 +143,7 @@ def apply(rule, p, g, buffers, step_value, hyper, scalar_values=None):
 def check_call(rule, step_value, hyper, scalar_values=None):
     """The checked ``(hyper, step_value, scalar_values)`` of a low-level call."""
     hyper = V.check_hyper(rule.hyper, hyper)
-    scalar_values = {k: V.finite(k, v) for k, v in (scalar_values or {}).items()}
+    scalar_values = {k: rule.scalar_kind(k, v) for k, v in (scalar_values or {}).items()}
     if rule.check is not None:
         rule.check(hyper)
     return hyper, check_step_value(rule, rule.step_arg, step_value), scalar_values
@@ -127,10 +151,11 @@ def check_call(rule, step_value, hyper, scalar_values=None):
 
 def run_one(rule, p, g, buffers, step_value, hyper, scalar_values):
     """Run one parameter's checked update (:func:`apply` after its checks)."""
-    new_values, extra = (rule.per_step(hyper, step_value, scalar_values) if rule.scalar_state
-                         else (None, None))
+    scalars = rule.scalars(hyper)
+    new_values = (rule.advance_scalars(scalars, hyper, step_value, scalar_values)
+                  if rule.scalar_state else None)
     run_lists(rule, [p], [g], tuple(None if b is None else [b] for b in buffers),
-              step_value, hyper, rule.scalars(hyper, extra=extra))
+              step_value, hyper, scalars)
     return new_values
 
 

@@ -8,7 +8,8 @@
 cdef StepScalars _ZERO
 memset(&_ZERO, 0, sizeof(_ZERO))
 _ZERO.decay = 1.0  # AdamW's p *= decay: 1.0 is "off" (and exact)
-_FIELDS = frozenset(<dict>_ZERO) - {"base_lr", "sign", "first_step", "flush_denormals"}
+_FIELDS = frozenset(<dict>_ZERO) - {"base_lr", "sign", "first_step", "flush_denormals",
+                                    "state_in", "state_out", "state_invalid"}
 
 
 cdef class Scalars:
@@ -59,6 +60,30 @@ cdef class Scalars:
         cdef StepScalars s = self.s
         at_step(self.rule, &s, step, first_step)
         return s
+
+    def set_state(self, values):
+        """Load a parameter's scalar state (the rule's order) for the steps that follow."""
+        cdef Py_ssize_t k
+        if len(values) > MAX_SCALARS:
+            raise ValueError(f"at most {MAX_SCALARS} scalar state values")
+        for k in range(len(values)):
+            self.s.state_in[k] = values[k]
+
+    def next_state(self, Py_ssize_t step, values):
+        """The scalar state after a step at ``step`` from ``values``, or None if it cannot be formed.
+
+        Changes nothing: the rule's at_step runs on a copy.
+        """
+        cdef StepScalars s = self.s
+        cdef Py_ssize_t k, n = len(values)
+        if n > MAX_SCALARS:
+            raise ValueError(f"at most {MAX_SCALARS} scalar state values")
+        for k in range(n):
+            s.state_in[k] = values[k]
+        at_step(self.rule, &s, step, False)
+        if s.state_invalid:
+            return None
+        return tuple([s.state_out[k] for k in range(n)])
 
 
 cdef class CheckedGroup:

@@ -10,7 +10,7 @@ NEEDS_PYTHON = 1
 
 
 cdef int fast_step(list groups, list grads, object state, list workspaces, Guard guard,
-                   tuple names, bint counts_steps) except -1:
+                   tuple names, bint counts_steps, tuple scalar_names=()) except -1:
     """DONE after a whole step, or NEEDS_PYTHON with nothing modified.
 
     ``groups`` are the optimizer's ParamGroups, each with a ``checked`` cache
@@ -22,6 +22,11 @@ cdef int fast_step(list groups, list grads, object state, list workspaces, Guard
     Python path validates and reports. Allocates no arrays or containers:
     what the second pass needs (scalars, step) waits in each group's
     Workspace; only the new step count is a new int.
+
+    ``scalar_names``: the rule's per-parameter scalar state (NAdam's
+    mu_product). Every parameter of a group must hold the same Python floats
+    there (else NEEDS_PYTHON); the rule's at_step forms the step from them
+    and the values after it, which are written back to every parameter.
     """
     cdef Py_ssize_t gi, start = 0, stop, total = 0, step
     cdef Py_ssize_t ngroups = len(groups)
@@ -53,6 +58,8 @@ cdef int fast_step(list groups, list grads, object state, list workspaces, Guard
             return NEEDS_PYTHON
         ws.step_scalars = plan.scalars
         ws.step_count = step
+        if scalar_names and not load_scalar_state(ws, scalar_names, step + 1):
+            return NEEDS_PYTHON
         start = stop
     if not guard_clear(guard, workspaces, ngroups):
         return NEEDS_PYTHON
@@ -63,11 +70,60 @@ cdef int fast_step(list groups, list grads, object state, list workspaces, Guard
         if counts_steps:
             run(ws, ws.step_scalars, ws.step_count + 1, False)
             commit_group(ws, ws.step_count + 1)
+            if scalar_names:
+                commit_scalar_state(ws, scalar_names)
         else:
             run(ws, ws.step_scalars, 0, False)
         ws.step_scalars = None
         start = stop
     return DONE
+
+
+cdef bint load_scalar_state(Workspace ws, tuple scalar_names, Py_ssize_t step) except -1:
+    """Load a gathered group's common scalar state into its scalars; False: Python's turn.
+
+    Every slot's state dict (the first item of its ws.keep record) must hold
+    an exact float under each name, the same one for every slot, from which
+    the rule can form this step (state_invalid unset). The values after the
+    step wait in ws.step_values.
+    """
+    cdef Py_ssize_t k, j, n = len(scalar_names)
+    cdef double first[MAX_SCALARS]
+    cdef object v
+    cdef StepScalars s
+    if n > MAX_SCALARS or ws.count == 0:
+        return False
+    for k in range(ws.count):
+        entry = <dict>(<tuple>ws.keep[k])[0]
+        for j in range(n):
+            v = entry.get(scalar_names[j])
+            if type(v) is not float:
+                return False
+            if k == 0:
+                first[j] = <double>v
+            elif <double>v != first[j]:
+                return False  # parameters at different values: one call each, in Python
+    s = ws.step_scalars.s
+    for j in range(n):
+        s.state_in[j] = first[j]
+    at_step(ws.step_scalars.rule, &s, step, False)
+    if s.state_invalid:
+        return False
+    for j in range(n):
+        ws.step_scalars.s.state_in[j] = first[j]
+    ws.step_values = tuple([s.state_out[j] for j in range(n)])
+    return True
+
+
+cdef int commit_scalar_state(Workspace ws, tuple scalar_names) except -1:
+    # Written like the step count (commit_group): not an edit a State counts.
+    cdef Py_ssize_t k, j
+    for k in range(ws.count):
+        entry = <dict>(<tuple>ws.keep[k])[0]
+        for j in range(len(scalar_names)):
+            entry[scalar_names[j]] = (<tuple>ws.step_values)[j]
+    ws.step_values = None
+    return 0
 
 
 cdef class StepLock:
@@ -149,16 +205,17 @@ cdef class Stepper:
     cdef object groups, state
     cdef list workspaces
     cdef Guard guard
-    cdef tuple names
+    cdef tuple names, scalar_names
     cdef bint counts_steps, enabled
 
     def __init__(self, StepLock lock, Py_ssize_t bindings, object groups, object state,
                  list workspaces, Guard guard, tuple names, bint counts_steps,
-                 bint enabled=True):
+                 bint enabled=True, tuple scalar_names=()):
         # bindings: lock.bindings read before the other objects were
         self.lock, self.bindings, self.groups, self.state = lock, bindings, groups, state
         self.workspaces, self.guard = workspaces, guard
         self.names, self.counts_steps, self.enabled = names, counts_steps, enabled
+        self.scalar_names = scalar_names
 
     def __call__(self, grads):
         """True after a whole step; False, with nothing modified, if Python must take it."""
@@ -171,7 +228,7 @@ cdef class Stepper:
             if self.lock.bindings != self.bindings:
                 return False  # made before a rebind: the Python path makes a new one
             code = fast_step(<list>self.groups, <list>grads, self.state, self.workspaces,
-                             self.guard, self.names, self.counts_steps)
+                             self.guard, self.names, self.counts_steps, self.scalar_names)
         finally:
             self.lock.release_held()
         return code == DONE

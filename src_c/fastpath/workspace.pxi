@@ -37,6 +37,7 @@ cdef class Workspace:
     # Between fast_step's screening pass and its running pass: the group's
     # scalars, common step count and parameter count.
     cdef Scalars step_scalars
+    cdef object step_values  # the scalar state after the step a fast step is taking
     cdef Py_ssize_t step_count, params_in_group
 
     def __dealloc__(self):

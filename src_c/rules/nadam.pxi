@@ -3,8 +3,7 @@
 # see src_c/rules/table.py for the contract every rule file fulfils.
 #
 # The two step sizes depend on the parameter's mu_product, a scalar state the
-# API layer keeps and advances (fastopt/optim/nadam.py): it hands them over
-# as s.grad_coef and s.avg_coef. Only the bias correction is formed here.
+# API layer keeps (state_in[0] before the step, state_out[0] after it).
 
 cdef inline void nadam_loop(floating* p, const floating* g, floating* exp_avg,
                             floating* exp_avg_sq, Py_ssize_t n, const StepScalars* s,
@@ -45,5 +44,19 @@ cdef void nadam_kernel(floating* p, const floating* g, floating** bufs,
 
 
 cdef inline void nadam_at_step(StepScalars* s, Py_ssize_t step, bint first_step) noexcept nogil:
-    # torch: bias_correction2 = 1 - beta2 ** step
-    s.bc2 = 1.0 - pow(s.beta2, <double>step)
+    # torch, in Python floats, except mu_product: a float32 tensor there, so
+    # the product is formed in float32 and rounded
+    cdef double t = <double>step
+    cdef double mu = s.beta1 * (1.0 - 0.5 * pow(0.96, t * s.momentum_decay))
+    cdef double mu_next = s.beta1 * (1.0 - 0.5 * pow(0.96, (t + 1.0) * s.momentum_decay))
+    cdef double mu_product = <double>(<float>s.state_in[0] * <float>mu)
+    s.bc2 = 1.0 - pow(s.beta2, t)
+    s.state_out[0] = mu_product
+    # torch divides by zero here; the Python layer refuses the step instead
+    s.state_invalid = mu_product == 1.0 or mu_product * mu_next == 1.0
+    if s.state_invalid:
+        s.grad_coef = 0.0
+        s.avg_coef = 0.0
+        return
+    s.grad_coef = -s.base_lr * (1.0 - mu) / (1.0 - mu_product)
+    s.avg_coef = (-s.base_lr * mu_next) / (1.0 - mu_product * mu_next)

@@ -49,6 +49,7 @@ RULES = (
     ("adadelta", "adadelta", 6),
     ("rprop", "rprop", 4),
     ("lion", "lion", 3),
+    ("asgd", "asgd", 3),
     ("stream", "passes", 2),
     ("axpy", "passes", 1),
     ("scale", "passes", 1),
