@@ -12,7 +12,7 @@ promotion rules), which is how torch.optim computes a float32 step.
 import numpy as np
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax", "radam", "adadelta", "rprop",
-           "lion", "asgd"]
+           "lion", "asgd", "lamb"]
 
 
 def _lerp(a, b, w):
@@ -211,3 +211,41 @@ def asgd(p, g, ax, *, step, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
     with np.errstate(over="ignore"):
         new_eta = float(np.float32(lr / np.float64(1 + lambd * lr * step) ** alpha))
     return new_eta, float(np.float32(1 / max(1, step - t0)))
+
+
+#: the compute layer's fixed summation order (src_c/_kernels.pxi: STATS_BLOCK, LANES)
+_BLOCK, _LANES = 8192, 8
+
+
+def _fixed_order_sumsq(x):
+    """The sum of squares in double, in the kernels' order: blocks of _BLOCK,
+    each summed in _LANES interleaved running sums (element i into lane
+    i % _LANES), the lanes and then the blocks added in order. Any order
+    gives nearly the same number; this one gives the same bits."""
+    sq = np.square(np.asarray(x, dtype=np.float64).ravel())
+    total = 0.0
+    for start in range(0, sq.size, _BLOCK):
+        block = sq[start:start + _BLOCK]
+        block_sum = 0.0
+        for lane in range(_LANES):
+            values = block[lane::_LANES]
+            # cumsum adds one element at a time, as the kernel's running sum does
+            block_sum += float(np.cumsum(values)[-1]) if values.size else 0.0
+        total += block_sum
+    return total
+
+
+def lamb(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
+         weight_decay=0.0, maximize=False):
+    """Reference for :func:`fastopt.kernels.lamb`."""
+    beta1, beta2 = betas
+    g = -g if maximize else g
+    exp_avg[...] = (1 - beta1) * g + beta1 * exp_avg
+    exp_avg_sq[...] = (1 - beta2) * (g * g) + beta2 * exp_avg_sq
+    u = (exp_avg / (1 - beta1 ** step)) / (np.sqrt(exp_avg_sq / (1 - beta2 ** step)) + eps)
+    if weight_decay != 0:
+        u = u + weight_decay * p
+    param_norm = np.sqrt(_fixed_order_sumsq(p))
+    update_norm = np.sqrt(_fixed_order_sumsq(u))
+    trust = 1.0 if param_norm == 0 or update_norm == 0 else param_norm / update_norm
+    p[...] = p + (u * p.dtype.type(trust)) * (-lr)

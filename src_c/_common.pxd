@@ -48,6 +48,13 @@ cdef struct StepScalars:
     # mu): the values before this step go in, at_step forms this step's
     # scalars from them and the values after it (state_out), or flags that
     # they cannot be formed (state_invalid: the Python layer explains).
+    # A reducing rule (Lamb): which pass runs (0: the moments and the sums, 1:
+    # the update), where pass 0 adds its sums, and the parameter's factor
+    # that pass 1 applies (Lamb's trust ratio), formed from the sums.
+    # (acc is a double*, held as an address: the struct converts to a dict.)
+    int phase
+    size_t acc
+    double trust
     double state_in[MAX_SCALARS]
     double state_out[MAX_SCALARS]
     bint state_invalid

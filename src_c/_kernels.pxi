@@ -84,6 +84,14 @@ cdef Py_ssize_t parallel_min_work = 32768
 cdef enum:
     SPLIT_ALIGN = 16
 
+# Fixed-order sums (the gradient statistics, the reducing rules' pass 0): the
+# elements are cut into blocks of STATS_BLOCK, each summed in double with
+# LANES interleaved accumulators, and the block sums added in block order.
+cdef enum:
+    STATS_BLOCK = 8192
+    LANES = 8
+    MAX_SUMS = 2     # sums per parameter of a reducing rule (RULE_SUMS)
+
 
 cdef inline floating lerp(floating a, floating b, floating w) noexcept nogil:
     # torch's lerp: two forms, so that w = 0 gives a and w = 1 gives b exactly.
@@ -162,6 +170,9 @@ cdef void run_slots(int rule, const Slot* slots, Py_ssize_t count, const StepSca
     cdef StepScalars scalars = consts[0]
     rule_at_step(rule, &scalars, step, first_step)  # once per step, in double
     cdef const StepScalars* s = &scalars
+    if RULE_SUMS[rule] > 0:
+        run_reduced(rule, slots, count, &scalars, max_threads)
+        return
     # Initialised although each thread sets them: Cython makes variables
     # assigned in a parallel block firstprivate, which copies them in.
     cdef Py_ssize_t total = 0, lo = 0, hi = 0, i
@@ -187,16 +198,144 @@ cdef void run_slots(int rule, const Slot* slots, Py_ssize_t count, const StepSca
         fastopt_fp_leave(saved)
 
 
+# ------------------------------------------------------------ reducing rules
+# A reducing rule (Lamb) needs a sum over each parameter before it can update
+# it: pass 0 (the moments, and the sums into s.acc) over fixed blocks of each
+# parameter, the block sums added in block order per parameter, the rule's
+# finish turning them into that parameter's scalars, and pass 1 (the update).
+# The blocks are the same for any thread count, so are the bits.
+
+cdef inline Py_ssize_t blocks_of(Py_ssize_t size) noexcept nogil:
+    return (size + STATS_BLOCK - 1) // STATS_BLOCK
+
+
+cdef inline void reduce_block(int rule, const Slot* slot, Py_ssize_t b, const StepScalars* s,
+                              double* sums) noexcept nogil:
+    """Pass 0 over block b of one slot; sums[r] = the block's r-th sum."""
+    cdef double acc[MAX_SUMS * LANES]
+    cdef StepScalars local = s[0]
+    cdef Py_ssize_t start = b * STATS_BLOCK, n, r, j
+    n = slot.size - start if slot.size - start < STATS_BLOCK else STATS_BLOCK
+    for j in range(MAX_SUMS * LANES):
+        acc[j] = 0.0
+    local.phase = 0
+    local.acc = <size_t>acc
+    call_rule(rule, slot, start, n, &local)
+    for r in range(RULE_SUMS[rule]):
+        sums[r] = 0.0
+        for j in range(LANES):
+            sums[r] += acc[r * LANES + j]
+
+
+cdef inline void finish_slot(int rule, const double* sums, const StepScalars* s,
+                             StepScalars* out) noexcept nogil:
+    """A slot's pass-1 scalars from its sums."""
+    out[0] = s[0]
+    out.phase = 1
+    out.acc = 0
+    rule_finish(rule, out, sums)
+
+
+cdef void reduce_blocks(int rule, const Slot* slots, const Py_ssize_t* first_block,
+                        Py_ssize_t k0, Py_ssize_t k1, const StepScalars* s,
+                        double* block_sums) noexcept nogil:
+    """Pass 0 over blocks k0..k1-1 of all slots (numbered slot by slot)."""
+    cdef Py_ssize_t i = 0, k
+    for k in range(k0, k1):
+        while first_block[i + 1] <= k:
+            i += 1
+        reduce_block(rule, &slots[i], k - first_block[i], s, block_sums + k * RULE_SUMS[rule])
+
+
+cdef void run_reduced(int rule, const Slot* slots, Py_ssize_t count, const StepScalars* s,
+                      int max_threads) noexcept nogil:
+    cdef Py_ssize_t total = 0, nblocks = 0, i, b, r, k0 = 0, k1 = 0, lo = 0, hi = 0
+    cdef Py_ssize_t nsums = RULE_SUMS[rule]
+    cdef int tid = 0, nthreads = 1
+    cdef int threads = omp_get_max_threads()
+    cdef unsigned int saved = 0
+    cdef double sums[MAX_SUMS]
+    cdef double block[MAX_SUMS]
+    cdef double* block_sums = NULL
+    cdef Py_ssize_t* first_block
+    cdef StepScalars* per_slot
+    cdef StepScalars after
+    for i in range(count):
+        total += slots[i].size
+        nblocks += blocks_of(slots[i].size)
+    if max_threads < threads:
+        threads = max_threads
+    if threads > 1 and total * RULE_COST[rule] >= parallel_min_work:
+        block_sums = <double*>malloc(nblocks * nsums * sizeof(double) + count * sizeof(StepScalars)
+                                     + (count + 1) * sizeof(Py_ssize_t))
+    if block_sums == NULL:
+        # One thread (or no memory for the parallel plan): slot by slot, the
+        # same blocks added in the same order, so the same bits.
+        saved = fastopt_fp_enter(s.flush_denormals)
+        for i in range(count):
+            for r in range(nsums):
+                sums[r] = 0.0
+            for b in range(blocks_of(slots[i].size)):
+                reduce_block(rule, &slots[i], b, s, block)
+                for r in range(nsums):
+                    sums[r] += block[r]
+            finish_slot(rule, sums, s, &after)
+            call_rule(rule, &slots[i], 0, slots[i].size, &after)
+        fastopt_fp_leave(saved)
+        return
+    per_slot = <StepScalars*>(block_sums + nblocks * nsums)
+    first_block = <Py_ssize_t*>(per_slot + count)
+    first_block[0] = 0
+    for i in range(count):
+        first_block[i + 1] = first_block[i] + blocks_of(slots[i].size)
+    with parallel(num_threads=threads):
+        saved = fastopt_fp_enter(s.flush_denormals)
+        tid = threadid()
+        nthreads = omp_get_num_threads()
+        k0 = nblocks * tid // nthreads
+        k1 = nblocks * (tid + 1) // nthreads
+        reduce_blocks(rule, slots, first_block, k0, k1, s, block_sums)
+        fastopt_fp_leave(saved)
+    for i in range(count):
+        for r in range(nsums):
+            sums[r] = 0.0
+        for b in range(first_block[i], first_block[i + 1]):
+            for r in range(nsums):
+                sums[r] += block_sums[b * nsums + r]
+        finish_slot(rule, sums, s, &per_slot[i])
+    with parallel(num_threads=threads):
+        saved = fastopt_fp_enter(s.flush_denormals)
+        tid = threadid()
+        nthreads = omp_get_num_threads()
+        lo = (total * tid // nthreads) // SPLIT_ALIGN * SPLIT_ALIGN
+        hi = total if tid == nthreads - 1 else (total * (tid + 1) // nthreads) // SPLIT_ALIGN * SPLIT_ALIGN
+        run_range_each(rule, slots, count, lo, hi, per_slot)
+        fastopt_fp_leave(saved)
+    free(block_sums)
+
+
+cdef void run_range_each(int rule, const Slot* slots, Py_ssize_t count, Py_ssize_t lo,
+                         Py_ssize_t hi, const StepScalars* per_slot) noexcept nogil:
+    """run_range with each slot's own scalars."""
+    cdef Py_ssize_t i, size, a, b
+    cdef Py_ssize_t offset = 0
+    for i in range(count):
+        size = slots[i].size
+        if offset >= hi:
+            break
+        if offset + size > lo:
+            a = lo - offset if lo > offset else 0
+            b = hi - offset if hi - offset < size else size
+            call_rule(rule, &slots[i], a, b - a, &per_slot[i])
+        offset += size
+
+
 # ---------------------------------------------------------- gradient stats
 # The global gradient norm must not depend on the thread count or the ISA
 # level: the elements, laid end to end, are cut into fixed blocks; each block
 # is summed in double with eight interleaved accumulators (a fixed order the
 # compiler may vectorize as it is, without reassociating), and the block sums
 # are added in block order on one thread.
-
-cdef enum:
-    STATS_BLOCK = 8192
-    LANES = 8
 
 
 cdef inline void sumsq_piece(const floating* x, Py_ssize_t n, double* acc,

@@ -32,6 +32,12 @@ CASES = (
     ("lion-plain", "Lion", {"lr": 0.01}),
     ("lion-weight_decay", "Lion", {"lr": 0.01, "weight_decay": 0.1}),
     ("lion-betas-maximize", "Lion", {"lr": 0.003, "betas": [0.8, 0.95], "maximize": True}),
+
+    ("lamb-defaults", "Lamb", {}),
+    ("lamb-plain", "Lamb", {"lr": 0.01}),
+    ("lamb-weight_decay", "Lamb", {"lr": 0.01, "weight_decay": 0.1}),
+    ("lamb-betas-eps-maximize", "Lamb",
+     {"lr": 0.02, "betas": [0.8, 0.95], "eps": 1e-3, "maximize": True}),
 )
 
 #: fastopt class -> (optax function, constructor kwargs -> its arguments)
@@ -39,6 +45,11 @@ OPTAX = {
     "Lion": ("lion", lambda kw: dict(learning_rate=kw.get("lr", 1e-4),
                                      b1=kw.get("betas", (0.9, 0.99))[0],
                                      b2=kw.get("betas", (0.9, 0.99))[1],
+                                     weight_decay=kw.get("weight_decay", 0.0))),
+    "Lamb": ("lamb", lambda kw: dict(learning_rate=kw.get("lr", 1e-3),
+                                     b1=kw.get("betas", (0.9, 0.999))[0],
+                                     b2=kw.get("betas", (0.9, 0.999))[1],
+                                     eps=kw.get("eps", 1e-6),
                                      weight_decay=kw.get("weight_decay", 0.0))),
 }
 

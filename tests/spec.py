@@ -127,6 +127,9 @@ class Rule(NamedTuple):
     sweep: dict = NOTHING
     #: kernel options worth sweeping (over ``sweep``): kernel_cases()
     option_sets: tuple = ()
+    #: True: a step reads each parameter array as a whole (Lamb's norms), so
+    #: one array holding several parameters is not the same as those parameters
+    whole_arrays: bool = False
 
 
 RULES = (
@@ -514,6 +517,38 @@ RULES = (
             {"weight_decay": 0.1},
             {"maximize": True, "betas": (0.5, 0.6)},
             {"betas": (0.0, 0.0)},
+        ),
+    ),
+    Rule(
+        name="lamb",
+        kernel="lamb",
+        step_arg="step",
+        whole_arrays=True,
+        options={"lr": "nonneg", "betas": "betas", "eps": "nonneg", "weight_decay": "nonneg",
+                 "maximize": "flag"},
+        buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq", values="squares")),
+        classes=(
+            Class("Lamb", torch=None, optax="lamb",
+                  defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                                maximize=False),
+                  keyword_only=("maximize",),
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "weight_decay": 0.1, "maximize": True},
+                         {"lr": 0.02, "betas": (0.8, 0.9), "eps": 1e-3}),
+                  scenario=(
+                      {"lr": 0.01},
+                      {"lr": 0.003, "betas": (0.8, 0.99), "weight_decay": 0.01},
+                      [(5, 0, "lr", 0.005),
+                       (7, 1, "betas", (0.85, 0.95)),
+                       (9, 0, "eps", 1e-3),
+                       (9, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.01},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1},
+            {"maximize": True, "betas": (0.8, 0.9), "eps": 1e-3},
+            {"eps": 0.0},
         ),
     ),
 )

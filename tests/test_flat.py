@@ -37,13 +37,16 @@ def test_flat_optimizer_equals_per_array_optimizer(case):
     arrays = model(rng)
     separate = {k: v.copy() for k, v in arrays.items()}
     flat = FlatParams(arrays)
-    opt_flat = cls([flat.data], **kwargs)
+    # A rule that reads each parameter whole (Lamb's trust ratio) steps the
+    # flat buffer's views, one parameter each; any other steps the buffer.
+    whole = spec.rule(cls).whole_arrays
+    opt_flat = cls(dict(flat.params) if whole else [flat.data], **kwargs)
     opt_sep = cls(separate, **kwargs)
     for _ in range(5):
         grads = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in arrays.items()}
         for k, g in grads.items():
             flat.grads[k][...] = g
-        opt_flat.step([flat.grad])
+        opt_flat.step(dict(flat.grads) if whole else [flat.grad])
         opt_sep.step(grads)
     for k in arrays:
         np.testing.assert_array_equal(flat.params[k], separate[k])

@@ -192,7 +192,10 @@ def test_100k_fast_path_steps_do_not_grow_memory(case):
     check_flat(growth(step, STEPS, traced=True), name, "tracemalloc's total", FAST_TRACED_TOTAL)
     if rss_available():
         check_flat(growth(step, STEPS, traced=False), name, "RSS", FAST_RSS_TOTAL)
-    assert all(np.isfinite(p).all() for p in params)
+    if not spec.rule(cls).whole_arrays:
+        # (Lamb's steps scale with ||p||: under one constant gradient p grows
+        # geometrically and overflows within 10k steps, in optax too.)
+        assert all(np.isfinite(p).all() for p in params)
 
 
 def _dict_grads():

@@ -333,6 +333,6 @@ def test_helpers_resolve_names():
     assert not spec.is_valid("SGD", {"nesterov": True})
     assert spec.streams("adam") == 7 and spec.streams("SGD") == 3
     with pytest.raises(KeyError):
-        spec.rule("lamb")
+        spec.rule("no_such_rule")
     with pytest.raises(KeyError):
         spec.find_class("adam")

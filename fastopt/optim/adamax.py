@@ -13,15 +13,9 @@ from .. import _validation as V
 from .. import reference
 from .._fastpath import RULE_IDS
 from .optimizer import MOMENT_DOC, PARAMS_DOC, Optimizer
-from .rule import Rule, apply
+from .rule import Rule, apply, beta_consts
 
 __all__ = ["RULE", "adamax", "Adamax"]
-
-
-def _consts(h):
-    beta1, beta2 = h["betas"]
-    return dict(lr=h["lr"], beta1=beta1, beta2=beta2, eps=h["eps"],
-                weight_decay=h["weight_decay"], maximize=h["maximize"])
 
 
 RULE = Rule(
@@ -32,7 +26,7 @@ RULE = Rule(
     buffers=("exp_avg", "exp_inf"),
     needs=lambda h: (True, True),
     twin=reference.adamax,
-    consts=_consts,
+    consts=beta_consts,
 )
 
 

@@ -97,6 +97,13 @@ class Rule(NamedTuple):
                                  flush_denormals=flush_denormals)
 
 
+def beta_consts(h):
+    """The StepScalars of lr, betas, eps, coupled weight_decay and maximize (Adamax, Lamb)."""
+    beta1, beta2 = h["betas"]
+    return dict(lr=h["lr"], beta1=beta1, beta2=beta2, eps=h["eps"],
+                weight_decay=h["weight_decay"], maximize=h["maximize"])
+
+
 def moment_consts(h):
     """The StepScalars of the Adam family (Adam, AdamW, NAdam) from validated ``h``."""
     beta1, beta2 = h["betas"]

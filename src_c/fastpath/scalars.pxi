@@ -9,7 +9,8 @@ cdef StepScalars _ZERO
 memset(&_ZERO, 0, sizeof(_ZERO))
 _ZERO.decay = 1.0  # AdamW's p *= decay: 1.0 is "off" (and exact)
 _FIELDS = frozenset(<dict>_ZERO) - {"base_lr", "sign", "first_step", "flush_denormals",
-                                    "state_in", "state_out", "state_invalid"}
+                                    "state_in", "state_out", "state_invalid", "phase", "acc",
+                                    "trust"}
 
 
 cdef class Scalars:

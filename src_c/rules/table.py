@@ -50,10 +50,18 @@ RULES = (
     ("rprop", "rprop", 4),
     ("lion", "lion", 3),
     ("asgd", "asgd", 3),
+    ("lamb", "lamb", 6),
     ("stream", "passes", 2),
     ("axpy", "passes", 1),
     ("scale", "passes", 1),
 )
+
+# The reducing rules -> how many sums per parameter their pass 0 adds up
+# (s.acc: LANES doubles each). The runner runs them in two passes: pass 0
+# (s.phase = 0) over fixed blocks of each parameter, whose sums it adds in
+# block order (the same bits for every thread count), then <name>_finish per
+# parameter, then pass 1 (s.phase = 1) with each parameter's own scalars.
+REDUCES = {"lamb": 2}
 
 # Storage kinds: (name, dtype of params and grads, dtype of the state, mode).
 # A kind's id is its row number. float16 is staged: the fast path can hand it
@@ -92,7 +100,7 @@ def _ids():
 
 def _dispatch():
     files = dict.fromkeys(f for _, f, _ in RULES)  # each file once, in table order
-    out = [_HEADER, "from _rule_ids cimport *", "from libc.math cimport pow", ""]
+    out = [_HEADER, "from _rule_ids cimport *", "from libc.math cimport pow, sqrt", ""]
     out += [f'include "rules/{f}.pxi"' for f in files]
     out += ["", "", "cdef Py_ssize_t RULE_COST[RULE_COUNT]",
             "RULE_COST[:] = [" + ", ".join(str(c) for _, _, c in RULES) + "]", "", ""]
@@ -101,6 +109,18 @@ def _dispatch():
     for i, (name, _, _) in enumerate(RULES):
         out += [f"    {'if' if i == 0 else 'elif'} rule == RULE_{name.upper()}:",
                 f"        {name}_at_step(s, step, first_step)"]
+    out += ["", "", "# The reducing rules' sums per parameter (0: a one-pass rule).",
+            "cdef int RULE_SUMS[RULE_COUNT]",
+            "RULE_SUMS[:] = [" + ", ".join(str(REDUCES.get(name, 0)) for name, _, _ in RULES) + "]",
+            "", "",
+            "cdef inline void rule_finish(int rule, StepScalars* s, const double* sums) noexcept nogil:",
+            '    """A reducing rule\'s per-parameter scalars from its sums (pass 0 -> pass 1)."""']
+    reducing = [name for name, _, _ in RULES if name in REDUCES]
+    for i, name in enumerate(reducing):
+        out += [f"    {'if' if i == 0 else 'elif'} rule == RULE_{name.upper()}:",
+                f"        {name}_finish(s, sums)"]
+    if not reducing:
+        out.append("    pass")
     out += ["", "", "# Each rule's float32 kernel, which the staged kinds run on their blocks.",
             "cdef kernel_f32_t KERNEL_F32[RULE_COUNT]"]
     out += [f"KERNEL_F32[RULE_{name.upper()}] = {name}_kernel[float]" for name, _, _ in RULES]
