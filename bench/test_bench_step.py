@@ -34,6 +34,8 @@ def _fastopt(cls, kwargs, arrays, backend="cython"):
 def _flat(cls, kwargs, arrays):
     if len(arrays) == 1:
         pytest.skip("one array is already flat")
+    if spec.rule(cls).whole_arrays:
+        pytest.skip(f"{cls.__name__} reads each array whole: a flat buffer is another problem")
     flat = fastopt.FlatParams({str(i): a for i, a in enumerate(arrays)})
     opt = cls([flat.data], **kwargs)
 
@@ -50,6 +52,9 @@ def _flat(cls, kwargs, arrays):
 
 def _torch(cls, kwargs, arrays, flavour):
     torch = pytest.importorskip("torch")
+    if not spec.find_class(cls).torch:
+        pytest.skip(f"torch.optim has no {cls.__name__} (bench/optax_compare.py times it "
+                    "against optax)")
     tensors = [torch.from_numpy(a) for a in arrays]
     try:
         opt = getattr(torch.optim, spec.find_class(cls).torch)(tensors, **{flavour: True}, **kwargs)

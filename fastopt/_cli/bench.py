@@ -461,8 +461,10 @@ def _torch_impl(cls_name, options, arrays, threads):
         import torch
     except ImportError:
         return None
+    cls = getattr(torch.optim, cls_name, None)
+    if cls is None:
+        return None  # Lion, Lamb: optax's rules (bench/optax_compare.py times them against optax)
     tensors = [torch.from_numpy(a) for a in arrays]  # share memory with the arrays
-    cls = getattr(torch.optim, cls_name)
     try:
         opt = cls(tensors, fused=True, **options)
     except (TypeError, RuntimeError, ValueError):
@@ -508,7 +510,8 @@ def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
 
     add("fastopt", lambda a: _fastopt_impl(cls, options, a))
     add("numpy", lambda a: _fastopt_impl(cls, options, a, backend="numpy"))
-    if len(sizes) > 1:
+    if len(sizes) > 1 and not cls.rule.whole_arrays:
+        # (Lamb's trust ratio is per array: one flat buffer is another problem)
         add("fastopt flat", lambda a: _flat_impl(cls, options, a))
     if with_torch:
         for threads in (1, 2):

@@ -30,6 +30,7 @@ RULE = Rule(
     needs=lambda h: (True, True),
     twin=reference.lamb,
     consts=beta_consts,
+    whole_arrays=True,
 )
 
 

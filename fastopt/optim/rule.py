@@ -50,6 +50,10 @@ class Rule(NamedTuple):
     scalar_kind: Callable = V.finite
     #: cross-field constraints, hyper -> None or raise
     check: Callable = None
+    #: True: a step reads each parameter array as a whole (Lamb's norms;
+    #: src_c/rules/table.py's REDUCES), so arrays packed into one buffer
+    #: (fastopt.FlatParams) are one parameter to it
+    whole_arrays: bool = False
 
     @property
     def step_arg(self):

@@ -7,8 +7,9 @@
 # s.acc[0..LANES) and s.acc[LANES..2*LANES); lamb_finish turns a parameter's
 # two sums into its trust ratio; pass 1 forms u again from the stored moments
 # (the same bits) and moves p. Element i of a call goes to lane i % LANES: the
-# runner starts every call of pass 0 at a multiple of LANES of its parameter,
-# so the sums do not depend on how the work was split.
+# runner starts every call of pass 0 at a multiple of LANES of its parameter
+# (a block of STATS_BLOCK; staged storage cuts it in STAGE pieces), so the
+# sums do not depend on how the work was split.
 
 cdef inline floating lamb_update(floating p, floating m, floating v, floating bc1,
                                  floating bc2, floating eps, floating wd,
@@ -18,6 +19,21 @@ cdef inline floating lamb_update(floating p, floating m, floating v, floating bc
     if decay:
         u = u + wd * p
     return u
+
+
+cdef inline void lane_sumsq(const floating* x, Py_ssize_t n, double* acc) noexcept nogil:
+    """Add x's squares into acc[0..LANES) in double, element i into lane i % LANES."""
+    cdef Py_ssize_t i, j, base
+    cdef Py_ssize_t whole = n - n % LANES
+    cdef double v
+    for i in range(whole // LANES):
+        base = i * LANES
+        for j in range(LANES):
+            v = <double>x[base + j]
+            acc[j] = acc[j] + v * v
+    for i in range(whole, n):
+        v = <double>x[i]
+        acc[i - whole] = acc[i - whole] + v * v
 
 
 cdef inline void lamb_moments(floating* p, const floating* g, floating* mu, floating* nu,
@@ -31,34 +47,35 @@ cdef inline void lamb_moments(floating* p, const floating* g, floating* mu, floa
     cdef floating bc1 = <floating>s.bc1
     cdef floating bc2 = <floating>s.bc2
     cdef floating eps = <floating>s.eps
-    cdef floating gi, m, v, u, q
+    cdef floating gi, m, v
+    # u a chunk at a time on the stack, then both sums over the chunk: two
+    # simple loops the compiler vectorizes. Local sums: the compiler cannot
+    # tell s.acc from p. STAGE is a multiple of LANES, so every element keeps
+    # its lane (i % LANES) whatever the chunking.
+    cdef floating u[STAGE]
+    cdef double pp[LANES]
+    cdef double uu[LANES]
     cdef double* acc = <double*>s.acc
-    cdef Py_ssize_t i, j, k, base
-    cdef Py_ssize_t whole = n - n % LANES
-    for k in range(whole // LANES):
-        base = k * LANES
-        for j in range(LANES):
-            i = base + j
-            gi = sign * g[i]
-            m = one_minus_beta1 * gi + beta1 * mu[i]
-            v = one_minus_beta2 * (gi * gi) + beta2 * nu[i]
-            mu[i] = m
-            nu[i] = v
-            q = p[i]
-            u = lamb_update(q, m, v, bc1, bc2, eps, wd, decay)
-            acc[j] = acc[j] + <double>q * <double>q
-            acc[LANES + j] = acc[LANES + j] + <double>u * <double>u
-    for i in range(whole, n):
-        j = i - whole
-        gi = sign * g[i]
-        m = one_minus_beta1 * gi + beta1 * mu[i]
-        v = one_minus_beta2 * (gi * gi) + beta2 * nu[i]
-        mu[i] = m
-        nu[i] = v
-        q = p[i]
-        u = lamb_update(q, m, v, bc1, bc2, eps, wd, decay)
-        acc[j] = acc[j] + <double>q * <double>q
-        acc[LANES + j] = acc[LANES + j] + <double>u * <double>u
+    cdef Py_ssize_t i, j, start, size
+    for j in range(LANES):
+        pp[j] = acc[j]
+        uu[j] = acc[LANES + j]
+    start = 0
+    while start < n:
+        size = n - start if n - start < STAGE else STAGE
+        for i in range(size):
+            gi = sign * g[start + i]
+            m = one_minus_beta1 * gi + beta1 * mu[start + i]
+            v = one_minus_beta2 * (gi * gi) + beta2 * nu[start + i]
+            mu[start + i] = m
+            nu[start + i] = v
+            u[i] = lamb_update(p[start + i], m, v, bc1, bc2, eps, wd, decay)
+        lane_sumsq(p + start, size, pp)
+        lane_sumsq(u, size, uu)
+        start += size
+    for j in range(LANES):
+        acc[j] = pp[j]
+        acc[LANES + j] = uu[j]
 
 
 cdef inline void lamb_apply(floating* p, floating* mu, floating* nu, Py_ssize_t n,
