@@ -395,14 +395,13 @@ class _FastoptStep:
     def _gather(self):
         """The fast path's view of the step just taken, or None if it cannot serve it."""
         rule = self._rule
-        if rule.scalar_state:
-            return None  # per-parameter scalars (NAdam): the general path every step
         groups, snapshots, needs_list = [], [], []
         for gi, group in enumerate(self.param_groups):
             hyper = self._kernel_hyper(gi, group)
             needs = rule.needs(hyper)
             params = list(group["params"])
             slot_of, dtypes, states, expected, counters, held = [], [], [], [], [], []
+            scalar_views = []  # per slot: views of its scalar state (NAdam's mu_product)
             ps, gs, buffer_lists = [], [], [[] if n else None for n in needs]
             for p in params:
                 if not (_dense_cpu(p) and p.dtype in _REAL and p.is_contiguous()):
@@ -422,6 +421,12 @@ class _FastoptStep:
                 # what the slot's pointers came from: tensor_step checks they are still there
                 watched = [n for n, need in zip(rule.buffers, needs) if need]
                 watched += ["step"] if "step" in state else []
+                if rule.scalar_state:
+                    if any(n not in state or state[n].dtype not in _REAL
+                           for n in rule.scalar_state):
+                        return None
+                    watched += list(rule.scalar_state)
+                    scalar_views.append(tuple(_view(state[n]) for n in rule.scalar_state))
                 expected.append(tuple((n, state[n]) for n in watched))
                 counters.append(_view(state["step"]) if "step" in state else None)
                 dtypes.append(p.dtype)
@@ -431,7 +436,7 @@ class _FastoptStep:
             ws.protect_arrays(held)
             groups.append(_fastpath.TensorGroup(
                 ws, params, slot_of, dtypes, states, expected, counters,
-                self._scalars(hyper), rule.counts_steps))
+                self._scalars(hyper), rule.counts_steps, scalar_views))
             snapshots.append(dict(group))
             needs_list.append(needs)
         return {"groups": groups, "snapshots": snapshots, "needs": needs_list,

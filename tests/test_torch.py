@@ -554,3 +554,40 @@ def test_an_overflow_step_changes_nothing():
     assert float(opt.state[p]["step"]) == 2
     torch.testing.assert_close(opt.state[p]["exp_avg"], before["exp_avg"] * 0.9 + 0.1,
                                rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in spec.torch_class_names() if spec.carried(n)])
+def test_scalar_state_rules_take_the_warm_path_with_the_general_paths_bits(name, monkeypatch):
+    """NAdam's mu_product, ASGD's eta and mu: read and written in C after the first step."""
+    from fastopt import _fastpath
+
+    def make():
+        gen = torch.Generator().manual_seed(3)
+        return [torch.randn(37, generator=gen).requires_grad_(),
+                torch.randn(3, 4, dtype=torch.float64, generator=gen).requires_grad_()]
+
+    warm_params, cold_params = make(), make()
+    kwargs = spec.find_class(name).cases[-1]
+    warm, cold = getattr(ft, name)(warm_params, **kwargs), getattr(ft, name)(cold_params, **kwargs)
+    done = []
+    real = _fastpath.tensor_step
+
+    def spy(*args):
+        code = real(*args)
+        done.append(code == _fastpath.DONE)
+        return code
+    monkeypatch.setattr(_fastpath, "tensor_step", spy)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(6):
+        grads = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in warm_params]
+        for params in (warm_params, cold_params):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        warm.step()
+        cold._fastopt_fast = None  # the general path, every step
+        cold.step()
+    assert done and all(done), "the warm path declined a step"
+    for a, b in zip(warm_params, cold_params):
+        assert torch.equal(a, b)
+        for key in spec.state_keys(name, kwargs):
+            assert torch.equal(warm.state[a][key], cold.state[b][key]), key

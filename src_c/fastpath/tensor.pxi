@@ -13,8 +13,10 @@ cdef class TensorGroup:
     order, which of them step (``slot_of[i]`` >= 0: those that had a
     gradient), per stepping param its dtype, state dict and the tensors
     expected in it, the address of its step counter, and a Workspace loaded
-    with the pointers of params and state buffers. tensor_step re-checks
-    each step what can change without the optimizer seeing it.
+    with the pointers of params and state buffers, and for a rule with
+    scalar state (NAdam's mu_product) the addresses of each param's scalar
+    tensors. tensor_step re-checks each step what can change without the
+    optimizer seeing it.
     """
     cdef Workspace ws
     cdef list params, dtypes, states, expected
@@ -23,15 +25,23 @@ cdef class TensorGroup:
     cdef bint* counter_f64
     cdef Scalars scalars
     cdef bint counts_steps
+    cdef Py_ssize_t nscalars           # scalar state values per param (0: none)
+    cdef char** scalar_ptrs            # [slot * nscalars + j]: one-element tensor data
+    cdef bint* scalar_f64
+    cdef double next_values[MAX_SCALARS]
 
     def __cinit__(self):
         self.slot_of = NULL
         self.counters = NULL
         self.counter_f64 = NULL
+        self.scalar_ptrs = NULL
+        self.scalar_f64 = NULL
 
     def __init__(self, Workspace ws, list params, list slot_of, list dtypes, list states,
-                 list expected, list counters, Scalars scalars, bint counts_steps):
-        cdef Py_ssize_t i, n = len(counters)
+                 list expected, list counters, Scalars scalars, bint counts_steps,
+                 list scalar_views=None):
+        cdef Py_ssize_t i, j, n = len(counters)
+        cdef cnp.ndarray view
         if len(slot_of) != len(params) or not (len(dtypes) == len(states) == len(expected) == n
                                                  == ws.count):
             raise ValueError("internal: TensorGroup lists do not match")
@@ -50,11 +60,27 @@ cdef class TensorGroup:
             if counters[i] is not None:
                 self.counters[i] = <char*>cnp.PyArray_DATA(<cnp.ndarray>counters[i])
                 self.counter_f64[i] = cnp.PyArray_TYPE(<cnp.ndarray>counters[i]) == cnp.NPY_FLOAT64
+        # per slot, a tuple of one-element float32/float64 views of its scalar state
+        self.nscalars = len(scalar_views[0]) if scalar_views else 0
+        if self.nscalars:
+            if len(scalar_views) != n or self.nscalars > MAX_SCALARS:
+                raise ValueError("internal: TensorGroup scalar views do not match")
+            self.scalar_ptrs = <char**>realloc(NULL, n * self.nscalars * sizeof(char*))
+            self.scalar_f64 = <bint*>realloc(NULL, n * self.nscalars * sizeof(bint))
+            if self.scalar_ptrs == NULL or self.scalar_f64 == NULL:
+                raise MemoryError()
+            for i in range(n):
+                for j in range(self.nscalars):
+                    view = <cnp.ndarray>(<tuple>scalar_views[i])[j]
+                    self.scalar_ptrs[i * self.nscalars + j] = <char*>cnp.PyArray_DATA(view)
+                    self.scalar_f64[i * self.nscalars + j] = cnp.PyArray_TYPE(view) == cnp.NPY_FLOAT64
 
     def __dealloc__(self):
         free(self.slot_of)
         free(self.counters)
         free(self.counter_f64)
+        free(self.scalar_ptrs)
+        free(self.scalar_f64)
 
     def __reduce__(self):
         raise TypeError("a TensorGroup holds raw pointers and does not pickle")
@@ -131,6 +157,45 @@ cdef class TensorGroup:
         step[0] = first + 1.0 if self.counter_f64[0] else <double>(<float>first + <float>1.0)
         return True
 
+    cdef double scalar(self, Py_ssize_t k) noexcept:
+        if self.scalar_f64[k]:
+            return (<double*>self.scalar_ptrs[k])[0]
+        return (<float*>self.scalar_ptrs[k])[0]
+
+    cdef bint load_scalars(self, Py_ssize_t step) noexcept:
+        """Every param's scalar state equal: load it for this step (False: Python's turn)."""
+        cdef Py_ssize_t i, j, m = self.nscalars
+        cdef StepScalars s
+        if m == 0:
+            return True
+        if self.ws.count == 0:
+            return False
+        for i in range(self.ws.count):
+            for j in range(m):
+                if self.scalar(i * m + j) != self.scalar(j):
+                    return False  # params at different values: one call each, in Python
+        s = self.scalars.s
+        for j in range(m):
+            s.state_in[j] = self.scalar(j)
+        at_step(self.scalars.rule, &s, step, False)
+        if s.state_invalid:
+            return False
+        for j in range(m):
+            self.scalars.s.state_in[j] = s.state_in[j]
+            self.next_values[j] = s.state_out[j]
+        return True
+
+    cdef void commit_scalars(self) noexcept:
+        """Each param's scalar tensors take the values after the step, in their dtype."""
+        cdef Py_ssize_t i, j, k, m = self.nscalars
+        for i in range(self.ws.count):
+            for j in range(m):
+                k = i * m + j
+                if self.scalar_f64[k]:
+                    (<double*>self.scalar_ptrs[k])[0] = self.next_values[j]
+                else:
+                    (<float*>self.scalar_ptrs[k])[0] = <float>self.next_values[j]
+
     cdef void advance(self) noexcept:
         """``step += 1`` in each counter's own dtype, as torch does."""
         cdef Py_ssize_t i
@@ -164,6 +229,10 @@ def tensor_step(list groups, list live_groups, object state, Guard guard, object
         if tg.counts_steps:
             if not tg.next_step(&step) or not 1.0 <= step < 9.2e18:  # a valid int64 count
                 return NEEDS_PYTHON
+            if not tg.load_scalars(<Py_ssize_t>step):
+                return NEEDS_PYTHON
+        elif tg.nscalars:
+            return NEEDS_PYTHON
         steps.append(step)
         workspaces.append(tg.ws)
     if not check_step(guard, workspaces, n):
@@ -173,6 +242,7 @@ def tensor_step(list groups, list live_groups, object state, Guard guard, object
         if tg.counts_steps:
             tg.advance()
             run(tg.ws, tg.scalars, <Py_ssize_t><double>steps[gi], False)
+            tg.commit_scalars()
         else:
             run(tg.ws, tg.scalars, 0, False)
     return DONE
