@@ -86,7 +86,8 @@ def save_optimizer(optimizer, path):
             if key == "step":
                 steps[str(index)] = int(value)
             else:
-                arrays[f"state/{index}/{key}"] = np.ascontiguousarray(value)
+                # (not ascontiguousarray: it makes a 0-d array 1-d)
+                arrays[f"state/{index}/{key}"] = np.asarray(value, order="C")
     groups = []
     for group in sd["param_groups"]:
         groups.append({k: _finite_or_tagged(_json_value(v)) for k, v in group.items()
