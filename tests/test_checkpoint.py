@@ -78,6 +78,17 @@ def test_save_load_continues_bit_identically(tmp_path, case):
     assert_same(snapshot(opt, straight), snapshot(loaded, other))
 
 
+def test_zero_dimensional_params_keep_their_shape(tmp_path):
+    # a 0-d parameter's state is 0-d too (np.ascontiguousarray would store it 1-d)
+    params = [np.array(0.5), np.zeros(3)]
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step([np.array(1.0), np.ones(3)])
+    opt.save(tmp_path / "ckpt")
+    loaded = fastopt.load_optimizer(tmp_path / "ckpt", [p.copy() for p in params])
+    assert loaded.state[0]["exp_avg"].shape == ()
+    np.testing.assert_array_equal(loaded.state[0]["exp_avg_sq"], opt.state[0]["exp_avg_sq"])
+
+
 def test_named_params_round_trip(tmp_path):
     params = dict(zip("abc", make_params()))
     opt = fastopt.Adam(params, lr=0.1)
