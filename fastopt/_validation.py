@@ -131,8 +131,44 @@ def bounds(name, value):
     return (low, high)
 
 
+def _holds(name, value, ok, rule):
+    """A real ``value`` for which ``ok(value)`` holds, else a ValueError saying ``rule``."""
+    x = _real(name, value)
+    if not ok(x):  # (NaN fails every comparison)
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return x
+
+
+def nonpositive(name, value):
+    """``value <= 0`` (NaN fails): Adafactor's beta2_decay."""
+    return _holds(name, value, lambda x: x <= 0.0, "<= 0")
+
+
+def at_least_one(name, value):
+    """``value >= 1`` (NaN fails): Adafactor's clipping threshold d."""
+    return _holds(name, value, lambda x: x >= 1.0, ">= 1")
+
+
+def optional_pair(name, value):
+    """A pair whose first member may be None (the kind of Adafactor's eps)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (eps1, eps2), got {value!r}")
+    first = None if value[0] is None else _real(f"{name}[0]", value[0])
+    return (first, _real(f"{name}[1]", value[1]))
+
+
+def eps_pair(name, value):
+    """Adafactor's ``(eps1, eps2)``: eps1 None (the dtype's machine epsilon) or >= 0; eps2 >= 0."""
+    first, second = optional_pair(name, value)
+    if first is not None:
+        nonnegative(f"{name}[0]", first)
+    return (first, nonnegative(f"{name}[1]", second))
+
+
 #: the validators of a pair of reals (a step checks only their kind)
-PAIRS = (pair_of_reals, betas, etas, bounds)
+PAIRS = (pair_of_reals, betas, etas, bounds, eps_pair)
+#: A pair check -> the check of its kind alone (what a torch step re-checks)
+PAIR_KINDS = {eps_pair: optional_pair}
 
 
 def _integral(name, value, kind="an int"):

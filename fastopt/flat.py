@@ -16,6 +16,8 @@ Examples
 >>> float(W[0, 0]), float(b[0])
 (0.9, -0.2)
 """
+import math
+
 import numpy as np
 
 from . import _validation as V
@@ -38,8 +40,11 @@ def _padded(size, dtype):
     return -(-size // per_line) * per_line
 
 
-def packed_like(arrays, fill=0.0):
+def packed_like(arrays, fill=0.0, shapes=None):
     """New arrays shaped like ``arrays``, laid out back to back in aligned blocks.
+
+    ``shapes``: the shape of each new array where it is not its model's
+    (Adafactor's row and column factors), else None.
 
     One block per dtype, each array starting on an ALIGNMENT-byte boundary,
     every real number set to ``fill`` (a complex element to ``fill + fill*1j``,
@@ -48,17 +53,18 @@ def packed_like(arrays, fill=0.0):
     instead of hopping between scattered allocations.
     """
     views = [None] * len(arrays)
+    shapes = [a.shape for a in arrays] if shapes is None else [tuple(s) for s in shapes]
+    sizes = [math.prod(shape) for shape in shapes]
     by_dtype = {}
     for i, a in enumerate(arrays):
         by_dtype.setdefault(a.dtype, []).append(i)
     for dtype, members in by_dtype.items():
-        block = _aligned_empty(sum(_padded(arrays[i].size, dtype) for i in members), dtype)
+        block = _aligned_empty(sum(_padded(sizes[i], dtype) for i in members), dtype)
         block[...] = complex(fill, fill) if dtype.kind == "c" else fill
         offset = 0
         for i in members:
-            size = arrays[i].size
-            views[i] = block[offset:offset + size].reshape(arrays[i].shape)
-            offset += _padded(size, dtype)
+            views[i] = block[offset:offset + sizes[i]].reshape(shapes[i])
+            offset += _padded(sizes[i], dtype)
     return views
 
 

@@ -12,7 +12,7 @@ promotion rules), which is how torch.optim computes a float32 step.
 import numpy as np
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax", "radam", "adadelta", "rprop",
-           "lion", "asgd", "lamb"]
+           "lion", "asgd", "lamb", "adafactor"]
 
 
 def _lerp(a, b, w):
@@ -249,3 +249,91 @@ def lamb(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e
     update_norm = np.sqrt(_fixed_order_sumsq(u))
     trust = 1.0 if param_norm == 0 or update_norm == 0 else param_norm / update_norm
     p[...] = p + (u * p.dtype.type(trust)) * (-lr)
+
+
+# Adafactor's sums, in its kernel's order (src_c/rules/adafactor.pxi): norms
+# over rows cut into at most _SUM_BLOCKS blocks; a vector's rows hold
+# _VECTOR_ROW elements.
+_SUM_BLOCKS, _VECTOR_ROW = 256, 4096
+
+
+def _row_sums(x):
+    """Per row of 2-D ``x``, its sum in double: _LANES running sums (element i
+    into lane i % _LANES), then the lanes in order."""
+    x = x.astype(np.float64)
+    total = np.zeros(x.shape[0])
+    for lane in range(min(_LANES, x.shape[1])):
+        total = total + np.cumsum(x[:, lane::_LANES], axis=1)[:, -1]
+    return total
+
+
+def _row_sumsq(x):
+    """Per row of 2-D ``x``, the sum of its squares in double, as _row_sums adds."""
+    return _row_sums(np.square(x.astype(np.float64)))
+
+
+def _vector_rows(x, sums):
+    """``sums`` (_row_sums or _row_sumsq) of a vector cut into rows of _VECTOR_ROW
+    elements (the last one shorter)."""
+    x = x.ravel()
+    whole = x.size - x.size % _VECTOR_ROW
+    parts = [sums(x[:whole].reshape(-1, _VECTOR_ROW))]
+    if whole < x.size:
+        parts.append(sums(x[whole:].reshape(1, -1)))
+    return np.concatenate(parts)
+
+
+def _blocked_total(row_sums):
+    """The rows' sums added in blocks: block b of B = min(rows, _SUM_BLOCKS) starts at
+    row b * rows // B; each block's rows in order, then the blocks in order."""
+    rows = row_sums.size
+    blocks = min(rows, _SUM_BLOCKS)
+    total = 0.0
+    for b in range(blocks):
+        part = row_sums[b * rows // blocks:(b + 1) * rows // blocks]
+        total += float(np.cumsum(part)[-1]) if part.size else 0.0
+    return total
+
+
+def adafactor(p, g, row_var, col_var, variance, *, step, lr=1e-2, beta2_decay=-0.8,
+              eps=(None, 1e-3), d=1.0, weight_decay=0.0, maximize=False):
+    """Reference for :func:`fastopt.kernels.adafactor` (torch.optim.Adafactor's rule)."""
+    if p.size == 0:
+        return
+    t = p.dtype.type
+    eps1, eps2 = eps
+    eps1 = float(np.finfo(p.dtype).eps) if eps1 is None else eps1
+    w = float(step) ** beta2_decay
+    rho = min(lr, 1 / float(step) ** 0.5)
+    g = -g if maximize else g
+    eps1_sq = t(eps1 * eps1)
+    if p.ndim >= 2:
+        rows, cols = p.shape[-2:]
+        matrices = p.reshape(-1, rows, cols)
+        grads = g.reshape(-1, rows, cols)
+        p_sq = _blocked_total(_row_sumsq(matrices.reshape(-1, cols)))
+        g_sq = np.square(grads.astype(np.float64))
+        row_mean = (_row_sumsq(grads.reshape(-1, cols)) / cols).astype(p.dtype)
+        col_mean = (np.cumsum(g_sq, axis=1)[:, -1, :] / rows).astype(p.dtype)
+        row_var[...] = _lerp(row_var, row_mean.reshape(row_var.shape), w)
+        col_var[...] = _lerp(col_var, col_mean.reshape(col_var.shape), w)
+        r = row_var.reshape(-1, rows, 1)
+        mean_of_rows = np.cumsum(r.astype(np.float64), axis=1)[:, -1:, :] / rows
+        # torch's (row_var @ col_var) / mean, as (row_var / mean) * col_var
+        var = (r / np.maximum(mean_of_rows.astype(p.dtype), t(eps1))) * col_var.reshape(-1, 1, cols)
+        var = np.maximum(var, eps1_sq)
+        u_sq = _blocked_total(_row_sums(((grads / var) * grads).reshape(-1, cols)))
+        update = (grads / np.sqrt(var)).reshape(p.shape)
+    else:
+        p_sq = _blocked_total(_vector_rows(p, _row_sumsq))
+        variance[...] = _lerp(variance, g * g, w)
+        var = np.maximum(variance, eps1_sq)
+        u_sq = _blocked_total(_vector_rows((g / var) * g, _row_sums))
+        # torch's rsqrt(var) * g, as g / sqrt(var)
+        update = g / np.sqrt(var)
+    # torch, in Python floats (max(a, b) keeps a unless b > a)
+    alpha = max(eps2, np.sqrt(p_sq) / p.size ** 0.5) * rho
+    denom = max(1.0, np.sqrt(u_sq) / (p.size ** 0.5 * d))
+    if weight_decay != 0:
+        p[...] = p * t(1 - lr * weight_decay)
+    p[...] = p + t(-alpha / denom) * update

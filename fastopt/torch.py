@@ -1,7 +1,7 @@
 """fastopt for PyTorch CPU training loops: torch.optim's optimizers, fastopt's kernels.
 
 ``fastopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``, ``NAdam``,
-``Adamax``, ``RAdam``, ``Adadelta``, ``Rprop`` and ``ASGD`` *are*
+``Adamax``, ``RAdam``, ``Adadelta``, ``Rprop``, ``ASGD`` and ``Adafactor`` *are*
 torch.optim optimizers - subclasses with the very same constructor, param
 groups, ``zero_grad``, ``state_dict`` (it loads into the torch.optim
 counterpart and back), hooks and lr_scheduler support. Only ``step`` differs:
@@ -13,8 +13,8 @@ Switch with one line::
     opt = fastopt.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
 
 Parameters are float32, float64, complex64 or complex128 CPU tensors
-(complex ones are stepped as their real view, as torch.optim does) in any
-memory layout. Dense ones whose gradient and state share their layout
+(complex ones are stepped as their real view, as torch.optim does; Adafactor
+refuses them, as torch's does) in any memory layout. Dense ones whose gradient and state share their layout
 (contiguous, channels_last, any permutation of dimensions) are stepped in
 place as their memory, at full speed; otherwise (a view with gaps, a
 gradient laid out differently) each non-contiguous tensor is stepped through
@@ -76,20 +76,23 @@ def _check(gi, k, p, g, fused):
     return f"has a gradient of {g.dtype} {tuple(g.shape)} on {g.device}, unlike the parameter"
 
 
-def _check_state(p, name, t, scalars=()):
-    """Why state tensor ``name`` of ``p`` cannot be updated in place, or None.
-
-    ``scalars``: the rule's scalar state names (one-element tensors, like the step).
-    """
-    if name == "step" or name in scalars:
+def _check_state(rule, p, name, t):
+    """Why state tensor ``name`` of ``p`` cannot be updated in place under ``rule``, or None."""
+    if name == "step" or name in rule.scalar_state:  # one-element tensors
         if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.numel() == 1
                 and t.dtype in _DTYPES):
             return f"has state[{name!r}] = {t!r}; fastopt needs a float32/float64 CPU tensor"
         return None
+    shape = rule.buffer_shape(name, p.shape)
+    if shape is None:
+        return f"has state[{name!r}], which a parameter of its shape does not keep"
     if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.dtype is p.dtype
-            and t.shape == p.shape):
-        return (f"has state[{name!r}] unlike the parameter (it must be a CPU tensor of its "
-                "dtype and shape)")
+            and tuple(t.shape) == shape):
+        if shape == tuple(p.shape):
+            return (f"has state[{name!r}] unlike the parameter (it must be a CPU tensor of its "
+                    "dtype and shape)")
+        return (f"has state[{name!r}] that is no CPU tensor of the parameter's dtype and "
+                f"shape {shape}")
     return None
 
 
@@ -119,19 +122,21 @@ def _layout(t):
     return tuple(stride for stride, _ in dims)
 
 
-def _operands(p, g, buffers):
+def _operands(p, g, buffers, shaped=False):
     """The arrays a kernel steps for ``p``, ``g`` and ``buffers``; and the copies to write back.
 
     Complex tensors become their real views. When all are dense and laid
     out alike, element i of each is at the same place in memory: they are
-    stepped in place as their memory, whatever the layout. Otherwise each
+    stepped in place as their memory, whatever the layout (unless
+    ``shaped``: the rule reads rows and columns, as Adafactor does, and
+    needs every array in its logical C order). Otherwise each
     one that is not contiguous is stepped through a contiguous copy, which
     the caller copies back into it (the gradient is only read): an update
     always lands in the caller's tensors, at the price of a copy each way.
     """
     tensors = [torch.view_as_real(t) if t.is_complex() else t
                for t in (x.detach() for x in (p, g, *buffers))]
-    layout = _layout(tensors[0])
+    layout = None if shaped else _layout(tensors[0])
     if layout is not None and all(_layout(t) == layout for t in tensors[1:]):
         return [t.as_strided((t.numel(),), (1,)).numpy() for t in tensors], []
     arrays, back = [], []
@@ -208,8 +213,9 @@ class _FastoptStep:
         hyper = {}
         for k, rule in self._rule.hyper.items():
             v = group[k] if k in group or rule is not V.flag else False
-            if rule in V.PAIRS and isinstance(v, (tuple, list)):
-                v = tuple(float(_value(f"{k}[{i}]", b)) for i, b in enumerate(v))
+            if rule in V.PAIRS and isinstance(v, (tuple, list)):  # (Adafactor's eps1 may be None)
+                v = tuple(None if b is None else float(_value(f"{k}[{i}]", b))
+                          for i, b in enumerate(v))
             hyper[k] = _value(k, v)
         hyper.update(self._fixed)
         return hyper
@@ -226,6 +232,10 @@ class _FastoptStep:
 
     def _buffer(self, state, name, p, group):
         if name not in state:  # torch fills some in __init__ (Adagrad's sum); added groups too
+            shape = self._rule.buffer_shape(name, p.shape)
+            if shape != tuple(p.shape):  # Adafactor's factors: contiguous zeros, as torch's
+                state[name] = torch.zeros(shape, dtype=p.dtype)
+                return state[name]
             key = self._rule.initial.get(name)
             start = _value(key, group[key]) if key else 0.0
             if p.is_complex():  # as torch: every real number of the view starts there
@@ -301,9 +311,12 @@ class _FastoptStep:
                 if g is None:
                     continue
                 state = self.state.get(p, {})
+                if p.is_complex() and not rule.complex_ok:  # torch's error and words
+                    raise RuntimeError(f"{type(self).__name__} does not support complex "
+                                       "parameters")
                 problem = _check(gi, k, p, g, group.get("fused")) or next(
                     (why for name, t in state.items()
-                     if (why := _check_state(p, name, t, rule.scalar_state))), None)
+                     if (why := _check_state(rule, p, name, t))), None)
                 if problem:
                     raise ValueError(f"{_name(gi, k, p)} {problem}")
                 if rule.scalar_state:
@@ -320,7 +333,9 @@ class _FastoptStep:
             batches = Batches(rule, needs)
             for p, g in members:
                 state = self.state.get(p) or self._init_state(p, group)
-                created = [n for n, need in zip(rule.buffers, needs) if need and n not in state]
+                names = [n for n, need in zip(rule.buffers, needs)
+                         if rule.uses(n, p.shape, need)]
+                created = [n for n in names if n not in state]
                 for n in created:
                     self._buffer(state, n, p, group)
                 if state:  # torch keeps no entry for a parameter without state (plain SGD)
@@ -330,8 +345,8 @@ class _FastoptStep:
                     step_view = _view(state["step"])
                     step_view += 1  # torch's step tensor, through its view
                     count = int(step_view)
-                names = [n for n, need in zip(rule.buffers, needs) if need]
-                (p_arr, g_arr, *arrays), back = _operands(p, g, [state[n] for n in names])
+                (p_arr, g_arr, *arrays), back = _operands(p, g, [state[n] for n in names],
+                                                          shaped=bool(rule.layouts))
                 write_back += back
                 batches.add(rule.step_value(count, created), p_arr, g_arr,
                             dict(zip(names, arrays)),
@@ -416,10 +431,10 @@ class _FastoptStep:
                 ps.append(_view(p))
                 gs.append(_view(p.grad))
                 for lst, name in zip(buffer_lists, rule.buffers):
-                    if lst is not None:
-                        lst.append(_view(state[name]))
+                    if lst is not None:  # (None: a buffer of another shape, as Adafactor's)
+                        lst.append(_view(state[name]) if name in state else None)
                 # what the slot's pointers came from: tensor_step checks they are still there
-                watched = [n for n, need in zip(rule.buffers, needs) if need]
+                watched = [n for n, need in zip(rule.buffers, needs) if need and n in state]
                 watched += ["step"] if "step" in state else []
                 if rule.scalar_state:
                     if any(n not in state or state[n].dtype not in _REAL
@@ -451,7 +466,9 @@ class _FastoptStep:
 
 def _kind_check(check):
     """The step-time form of a rule's hyperparameter check: the kind, not the range."""
-    return check if check is V.flag else V.pair_of_reals if check in V.PAIRS else V.real
+    if check in V.PAIRS:
+        return V.PAIR_KINDS.get(check, V.pair_of_reals)
+    return check if check is V.flag else V.real
 
 
 def _torch_twin(cls, twins):

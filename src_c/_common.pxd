@@ -44,6 +44,10 @@ cdef struct StepScalars:
     double asgd_alpha    # ASGD: power of the eta schedule
     double t0            # ASGD: the step averaging starts at
     double mu            # ASGD: this step's averaging weight (1.0: ax becomes a copy of p)
+    double beta2_decay   # Adafactor: the exponent of its second-moment weight t ** beta2_decay
+    double beta2_weight  # Adafactor: this step's t ** beta2_decay (torch's one_minus_beta2_t)
+    double eps2          # Adafactor: the floor of the parameter RMS in the step size (eps[1])
+    double clip_threshold  # Adafactor: d, the update RMS above which it is scaled down
     # A rule with per-parameter scalar state (NAdam's mu_product, ASGD's eta and
     # mu): the values before this step go in, at_step forms this step's
     # scalars from them and the values after it (state_out), or flags that
@@ -65,12 +69,17 @@ cdef struct Slot:
     # One parameter's update: its data, its gradient, its state buffers (in the
     # rule's order, NULL when unused), its element count and its storage kind
     # (STORAGE_<kind> in the generated _rule_ids.pxd: how p, g and the buffers
-    # are stored; src_c/storage.pxi).
+    # are stored; src_c/storage.pxi). Buffers are shaped like p except for a
+    # SLOTWISE rule's, which has its own (Adafactor's row and column factors).
     char* p
     char* g
     char* buf[MAX_BUFFERS]
     Py_ssize_t size
     int storage
+    # The last two dimensions of p (0 when it has fewer than two): the shape
+    # a SLOTWISE rule reads (Adafactor factors over them; table.py).
+    Py_ssize_t rows
+    Py_ssize_t cols
 
 
 # The compute layer's entries. runner: run `rule` over `count` slots, splitting

@@ -18,8 +18,10 @@
 
 from cpython.pycapsule cimport PyCapsule_New
 from cython.parallel cimport parallel, threadid
+from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport fabs, fabsf, sqrt, sqrtf
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 
 from _common cimport Slot, StepScalars, runner_t, stats_t, at_step_t, MAX_BUFFERS
 
@@ -127,6 +129,21 @@ cdef inline floating root(floating x) noexcept nogil:
         return sqrt(x)
 
 
+cdef inline void lane_sumsq(const floating* x, Py_ssize_t n, double* acc) noexcept nogil:
+    """Add x's squares into acc[0..LANES) in double, element i into lane i % LANES."""
+    cdef Py_ssize_t i, j, base
+    cdef Py_ssize_t whole = n - n % LANES
+    cdef double v
+    for i in range(whole // LANES):
+        base = i * LANES
+        for j in range(LANES):
+            v = <double>x[base + j]
+            acc[j] = acc[j] + v * v
+    for i in range(whole, n):
+        v = <double>x[i]
+        acc[i - whole] = acc[i - whole] + v * v
+
+
 # ---------------------------------------------------------------- storage
 # How a kind of stored array reaches a rule's loop: in place (float32,
 # float64) or through float32 blocks, loaded and stored back rounded.
@@ -170,6 +187,9 @@ cdef void run_slots(int rule, const Slot* slots, Py_ssize_t count, const StepSca
     cdef StepScalars scalars = consts[0]
     rule_at_step(rule, &scalars, step, first_step)  # once per step, in double
     cdef const StepScalars* s = &scalars
+    if RULE_SLOTWISE[rule]:
+        run_slotwise(rule, slots, count, &scalars, max_threads)
+        return
     if RULE_SUMS[rule] > 0:
         run_reduced(rule, slots, count, &scalars, max_threads)
         return
@@ -328,6 +348,28 @@ cdef void run_range_each(int rule, const Slot* slots, Py_ssize_t count, Py_ssize
             b = hi - offset if hi - offset < size else size
             call_rule(rule, &slots[i], a, b - a, &per_slot[i])
         offset += size
+
+
+# ------------------------------------------------------------ slotwise rules
+# A SLOTWISE rule (Adafactor) steps each parameter whole: its passes need the
+# parameter's own sums and shape. Slot by slot, each on as many threads as its
+# size is worth; the rule's sums are ordered by the shape alone, so the bits
+# never depend on the threads.
+
+cdef void run_slotwise(int rule, const Slot* slots, Py_ssize_t count, const StepScalars* s,
+                       int max_threads) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int threads = omp_get_max_threads()
+    cdef unsigned int saved
+    if max_threads < threads:
+        threads = max_threads
+    saved = fastopt_fp_enter(s.flush_denormals)
+    for i in range(count):
+        if threads > 1 and slots[i].size * RULE_COST[rule] >= parallel_min_work:
+            rule_slot(rule, &slots[i], s, threads)
+        else:
+            rule_slot(rule, &slots[i], s, 1)
+    fastopt_fp_leave(saved)
 
 
 # ---------------------------------------------------------- gradient stats

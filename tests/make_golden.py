@@ -24,7 +24,8 @@ What is recorded
 ----------------
 Each entry of :data:`CASES` is one optimizer with one option set. Its inputs
 are a parameter of :data:`SIZE` elements (odd on purpose: vectorized loops
-leave a tail) and one gradient per step for :data:`STEPS` steps, drawn from
+leave a tail), or of the shape :data:`SHAPES` gives the case (Adafactor's
+factored state needs matrices), and one gradient per step for :data:`STEPS` steps, drawn from
 ``numpy.random.default_rng(seed)`` with a seed derived from the case id (so a
 case's inputs do not depend on its place in the table). The gradient of
 step t is that input plus a pull towards zero, ``grads[t] + FEEDBACK * p``
@@ -45,6 +46,9 @@ after the steps in :data:`CHECKPOINTS`.
 * ``grads``: (C, STEPS, SIZE) float32, the input each step's gradient is formed from.
 * ``traj_float32``: (C, K, SIZE) float32 and ``traj_float64``: (C, K, SIZE)
   float64, torch's parameter after each checkpoint step.
+
+A case of another shape (at most SIZE elements) is stored flat in its row's
+first elements, the rest 0; ``meta["cases"]`` gives its ``"shape"``.
 
 This module imports torch only inside the functions that run it, so the tests
 can import the case table without torch.
@@ -150,7 +154,24 @@ CASES = (
     ("asgd-averaging", "ASGD", {"lr": 0.05, "lambd": 0.01, "alpha": 0.5, "t0": 5}),
     ("asgd-weight_decay-maximize", "ASGD",
      {"lr": 0.02, "weight_decay": 0.1, "maximize": True, "t0": 0}),
+
+    ("adafactor-defaults", "Adafactor", {}),
+    ("adafactor-vector", "Adafactor", {"lr": 0.05}),
+    ("adafactor-weight_decay-maximize", "Adafactor",
+     {"lr": 0.05, "weight_decay": 0.1, "maximize": True}),
+    ("adafactor-eps-d-beta2_decay", "Adafactor",
+     {"lr": 0.02, "beta2_decay": -0.5, "eps": [1e-3, 1e-2], "d": 2.0}),
+    ("adafactor-stack", "Adafactor", {"lr": 0.05, "eps": [None, 0.0]}),
 )
+
+#: case id -> the parameter's shape, where it is not (SIZE,): Adafactor
+#: factors the second moment of a matrix (the last two dimensions)
+SHAPES = {
+    "adafactor-defaults": (5, 7),
+    "adafactor-weight_decay-maximize": (7, 5),
+    "adafactor-eps-d-beta2_decay": (1, 36),
+    "adafactor-stack": (3, 2, 6),
+}
 
 
 def case_seed(case_id):
@@ -160,8 +181,33 @@ def case_seed(case_id):
 
 def case_table(cases=CASES):
     """The case list as stored in ``meta["cases"]``."""
-    return [{"id": cid, "optimizer": opt, "kwargs": kwargs, "seed": case_seed(cid)}
+    return [{"id": cid, "optimizer": opt, "kwargs": kwargs, "seed": case_seed(cid),
+             **({"shape": list(SHAPES[cid])} if cid in SHAPES else {})}
             for cid, opt, kwargs in cases]
+
+
+def case_shape(case):
+    """The parameter shape of a case of ``meta["cases"]`` (a dict)."""
+    return tuple(case.get("shape", (SIZE,)))
+
+
+def case_inputs(case, steps=STEPS):
+    """``make_inputs`` of a case (a dict of ``meta["cases"]``), in the case's shape."""
+    shape = case_shape(case)
+    p0, grads = make_inputs(case["seed"], steps, int(np.prod(shape)))
+    return p0.reshape(shape), grads.reshape((steps,) + shape)
+
+
+def stored(a, leading):
+    """``a`` as a golden row: its ``leading`` dimensions, then SIZE elements (0-padded)."""
+    flat = np.asarray(a).reshape(a.shape[:leading] + (-1,))
+    return np.pad(flat, [(0, 0)] * leading + [(0, SIZE - flat.shape[-1])])
+
+
+def unstored(row, leading, case):
+    """A golden row back in the case's shape (``stored``'s inverse)."""
+    shape = case_shape(case)
+    return row[..., :int(np.prod(shape))].reshape(row.shape[:leading] + shape)
 
 
 def meta_header(cases=CASES):
@@ -171,7 +217,7 @@ def meta_header(cases=CASES):
 
 
 def call_kwargs(kwargs):
-    """Constructor kwargs from a JSON-able table entry (betas list -> tuple)."""
+    """Constructor kwargs from a JSON-able table entry (betas, eps list -> tuple)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
@@ -244,12 +290,12 @@ def record_cases(header, run, versions):
     p0s, gradss = [], []
     trajs = {dtype: [] for dtype in DTYPES}
     for case in header["cases"]:
-        p0, grads = make_inputs(case["seed"])
-        p0s.append(p0)
-        gradss.append(grads)
+        p0, grads = case_inputs(case)
+        p0s.append(stored(p0[None], 1)[0])
+        gradss.append(stored(grads, 1))
         for dtype in DTYPES:
-            trajs[dtype].append(run(case["optimizer"], case["kwargs"], p0, grads, dtype,
-                                    CHECKPOINTS))
+            trajs[dtype].append(stored(run(case["optimizer"], case["kwargs"], p0, grads, dtype,
+                                           CHECKPOINTS), 1))
     meta = {**header, **versions, "numpy_version": np.__version__}
     arrays = {"meta": np.array(json.dumps(meta, sort_keys=True).encode("utf-8")),
               "p0": np.stack(p0s), "grads": np.stack(gradss)}

@@ -34,8 +34,18 @@ def always(options):
     return True
 
 
+#: A buffer's layout -> its shape for a parameter of ``shape``, or None where
+#: such a parameter keeps no such buffer (torch.optim.Adafactor's factors)
+LAYOUTS = MappingProxyType({
+    "like": lambda shape: tuple(shape),
+    "rows": lambda shape: tuple(shape[:-1]) + (1,) if len(shape) >= 2 else None,
+    "cols": lambda shape: tuple(shape[:-2]) + (1, shape[-1]) if len(shape) >= 2 else None,
+    "vector": lambda shape: tuple(shape) if len(shape) < 2 else None,
+})
+
+
 class Buffer(NamedTuple):
-    """One state buffer of a rule (an array shaped like its parameter)."""
+    """One state buffer of a rule (an array shaped like its parameter, unless ``layout``)."""
 
     #: the state key, torch.optim's name (fastopt's ``opt.state[i]`` uses it too)
     name: str
@@ -54,6 +64,14 @@ class Buffer(NamedTuple):
     #: a "squares" buffer that a zero gradient still moves (Adamax's exp_inf
     #: becomes max(beta2 * u, |0| + eps) = eps), unlike a sum of squares
     moves_at_zero: bool = False
+    #: its shape, a key of LAYOUTS: "like" its parameter; Adafactor's "rows"
+    #: (..., R, 1) and "cols" (..., 1, C) of a parameter of two or more
+    #: dimensions, and its "vector", kept only for fewer
+    layout: str = "like"
+
+    def shape_for(self, shape):
+        """Its shape for a parameter of ``shape``; None: such a parameter keeps none."""
+        return LAYOUTS[self.layout](shape)
 
     @property
     def param(self):
@@ -130,6 +148,16 @@ class Rule(NamedTuple):
     #: True: a step reads each parameter array as a whole (Lamb's norms), so
     #: one array holding several parameters is not the same as those parameters
     whole_arrays: bool = False
+    #: parameter shapes its shaped sweeps run (a rule whose buffers have layouts)
+    shapes: tuple = ()
+    #: False: complex parameters are refused, as torch.optim.Adafactor refuses
+    #: them (a real view would change the shape its rule reads)
+    complex_ok: bool = True
+
+    @property
+    def shaped(self):
+        """Whether any buffer's shape is not its parameter's (Adafactor)."""
+        return any(b.layout != "like" for b in self.buffers)
 
 
 RULES = (
@@ -551,6 +579,43 @@ RULES = (
             {"eps": 0.0},
         ),
     ),
+    Rule(
+        name="adafactor",
+        kernel="adafactor",
+        step_arg="step",
+        whole_arrays=True,
+        options={"lr": "nonneg", "beta2_decay": "nonpos", "eps": "eps_pair",
+                 "d": "at_least_one", "weight_decay": "nonneg", "maximize": "flag"},
+        buffers=(Buffer("row_var", values="squares", layout="rows"),
+                 Buffer("col_var", values="squares", layout="cols"),
+                 Buffer("variance", values="squares", layout="vector")),
+        classes=(
+            Class("Adafactor", torch="Adafactor",
+                  defaults=dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                                weight_decay=0.0, maximize=False),
+                  keyword_only=("maximize",),
+                  cases=({},
+                         {"lr": 0.05, "weight_decay": 0.1, "maximize": True},
+                         {"lr": 0.02, "beta2_decay": -0.5, "eps": (1e-3, 1e-2), "d": 2.0}),
+                  scenario=(
+                      {"lr": 0.02},
+                      {"lr": 0.005, "beta2_decay": -0.6, "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.01),
+                       (21, 1, "d", 1.5),
+                       (21, 1, "eps", (1e-4, 1e-2)),
+                       (31, 0, "weight_decay", 0.1),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.05},
+        option_sets=(
+            {},
+            {"weight_decay": 0.1, "maximize": True},
+            {"beta2_decay": -0.5, "eps": (1e-3, 1e-2), "d": 2.0},
+            {"beta2_decay": 0.0, "eps": (0.0, 0.0)},
+        ),
+        shapes=((1, 1), (3, 5), (17, 33), (2, 3, 4, 5), (1, 70000), (70000, 1), (300, 301)),
+        complex_ok=False,
+    ),
 )
 
 #: the keyword-only constructor options every class takes (fastopt's own)
@@ -652,20 +717,25 @@ def full_options(name, options=NOTHING):
 
 # ------------------------------------------------------------------- state
 
-def needs(name, options=NOTHING):
-    """Per buffer (kernel order), whether ``options`` use it (``name``: as for rule())."""
+def needs(name, options=NOTHING, shape=None):
+    """Per buffer (kernel order), whether ``options`` use it (``name``: as for rule()).
+
+    ``shape``: also whether a parameter of that shape keeps it (Adafactor's
+    factors for two or more dimensions, its variance for fewer).
+    """
     full = full_options(name, options)
-    return tuple(bool(b.used(full)) for b in rule(name).buffers)
+    return tuple(bool(b.used(full)) and (shape is None or b.shape_for(shape) is not None)
+                 for b in rule(name).buffers)
 
 
-def buffers_for(name, options=NOTHING):
-    """The names of the buffers ``options`` use, in kernel order."""
-    return tuple(b.name for b, n in zip(rule(name).buffers, needs(name, options)) if n)
+def buffers_for(name, options=NOTHING, shape=None):
+    """The names of the buffers ``options`` use (for a parameter of ``shape``), in kernel order."""
+    return tuple(b.name for b, n in zip(rule(name).buffers, needs(name, options, shape)) if n)
 
 
-def state_keys(name, options=NOTHING):
-    """The keys of a parameter's state after a step with ``options``."""
-    return set(rule(name).scalars) | set(buffers_for(name, options))
+def state_keys(name, options=NOTHING, shape=None):
+    """The keys of a parameter's state (of ``shape``) after a step with ``options``."""
+    return set(rule(name).scalars) | set(buffers_for(name, options, shape))
 
 
 def carried(name, options=NOTHING):

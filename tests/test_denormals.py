@@ -70,13 +70,15 @@ def subnormal_grads(rng, n, dtype):
 def subnormal_state(rule_name, hyper, p, rng):
     """The buffers the options need (tests/spec.py), all in the subnormal range."""
     buffers = []
-    for buf, needed in zip(spec.rule(rule_name).buffers, spec.needs(rule_name, hyper)):
+    for buf, needed in zip(spec.rule(rule_name).buffers, spec.needs(rule_name, hyper, p.shape)):
+        size = int(np.prod(buf.shape_for(p.shape) or ()))
         if not needed:
             buffers.append(None)
         elif buf.values == "squares":
-            buffers.append(np.abs(subnormals(rng, p.size, p.dtype, signed=False)))
+            buffers.append(np.abs(subnormals(rng, size, p.dtype, signed=False)).reshape(
+                buf.shape_for(p.shape)))
         else:
-            buffers.append(subnormals(rng, p.size, p.dtype))
+            buffers.append(subnormals(rng, size, p.dtype).reshape(buf.shape_for(p.shape)))
     return buffers
 
 

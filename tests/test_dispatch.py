@@ -4,7 +4,8 @@
   the baseline level on one thread, and as the NumPy reference, for every
   rule and option set of tests/spec.py - on one large array and on a
   model of many arrays of mixed dtype whose elements the threads split
-  across array boundaries.
+  across array boundaries (and, for a rule with factored state, on
+  matrices).
 * FASTOPT_SIMD and FASTOPT_NUM_THREADS are read at import (in subprocesses);
   bad values fail the import with a clear message.
 * set_num_threads refuses anything but an int >= 1.
@@ -179,6 +180,24 @@ def test_results_identical_for_every_thread_count_and_simd_level(case, layout):
     _, rule, options = case
     arrays, grads = make_problem(LAYOUTS[layout])
     # Threshold 0: every step is split over the threads, however small.
+    sweep(rule, options, arrays, grads, min_work=0)
+
+
+def matrices(rng):
+    """Weights of several shapes, both dtypes: rows and columns that threads split
+    unevenly, a tall one and a wide one, a stack, and a vector."""
+    shapes = [((301, 333), np.float32), ((4099, 5), np.float64), ((3, 20011), np.float32),
+              ((3, 7, 129), np.float64), ((70001,), np.float32)]
+    return [rng.standard_normal(shape).astype(dtype) for shape, dtype in shapes]
+
+
+@pytest.mark.parametrize("case", [c for c in spec.kernel_cases() if spec.rule(c[1]).shaped],
+                         ids=spec.case_id)
+def test_factored_rules_identical_for_every_thread_count_and_simd_level(case):
+    # (Adafactor) each parameter's sums over rows, columns and blocks of rows,
+    # whoever computes them
+    _, rule, options = case
+    arrays, grads = make_problem(matrices)
     sweep(rule, options, arrays, grads, min_work=0)
 
 

@@ -20,16 +20,17 @@ STEPS = 3
 def make_state(rule_name, hyper, p, rng):
     """Buffers the options need (tests/spec.py), with non-trivial starting values."""
     buffers = []
-    for buf, needed in zip(spec.rule(rule_name).buffers, spec.needs(rule_name, hyper)):
+    for buf, needed in zip(spec.rule(rule_name).buffers, spec.needs(rule_name, hyper, p.shape)):
+        shape = buf.shape_for(p.shape)
         if not needed:
             buffers.append(None)
         elif buf.values == "squares":
             # >= 0, and square_avg above grad_avg ** 2 as in a real run
-            buffers.append((0.01 + rng.random(p.shape)).astype(p.dtype))
+            buffers.append((0.01 + rng.random(shape)).astype(p.dtype))
         elif buf.values == "small":
-            buffers.append((0.1 * rng.random(p.shape) - 0.05).astype(p.dtype))
+            buffers.append((0.1 * rng.random(shape) - 0.05).astype(p.dtype))
         else:
-            buffers.append(rng.standard_normal(p.shape).astype(p.dtype))
+            buffers.append(rng.standard_normal(shape).astype(p.dtype))
     return buffers
 
 
@@ -58,11 +59,39 @@ def normal_grads(rng, n, dtype):
 
 
 def hostile_grads(rng, n, dtype):
+    """``n`` (a size or a shape) values of 1e30's scale, with NaN, Inf, 0, -0 and extremes."""
     g = rng.standard_normal(n).astype(dtype) * np.asarray(1e30, dtype)
+    flat = g.reshape(-1)  # (a view: the specials land in g)
     specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, 1e38], dtype)
-    g[: min(n, specials.size)] = specials[: min(n, specials.size)]
-    rng.shuffle(g)
+    flat[: min(flat.size, specials.size)] = specials[: min(flat.size, specials.size)]
+    rng.shuffle(flat)
     return g
+
+
+def shaped_cases():
+    """The kernel cases of the rules whose buffers are shaped by the parameter's dimensions,
+    each with each of the rule's sweep shapes: ``(id, rule name, options, shape)``."""
+    return [(f"{cid}-{'x'.join(map(str, shape))}", name, options, shape)
+            for cid, name, options in spec.kernel_cases() if spec.rule(name).shaped
+            for shape in spec.rule(name).shapes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", shaped_cases(), ids=spec.case_id)
+def test_fast_equals_reference_shaped(case, dtype):
+    # matrices and stacks of them: the factored state (Adafactor's rows and
+    # columns), row and column sums in the twin's order; then NaN, Inf and extremes
+    _, name, options, shape = case
+    fast, slow = run_both(name, options, dtype, shape, normal_grads)
+    for a, b in zip(fast, slow):
+        if a is not None:
+            assert a.dtype == dtype
+            np.testing.assert_array_equal(a, b)
+    with np.errstate(all="ignore"):
+        fast, slow = run_both(name, options, dtype, shape, hostile_grads, seed=3)
+    for a, b in zip(fast, slow):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("n", SIZES)

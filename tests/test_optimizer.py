@@ -167,7 +167,8 @@ def complex_params(seed=0):
 
 
 @pytest.mark.parametrize("backend", ["cython", "numpy"])
-@pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
+@pytest.mark.parametrize("case", [c for c in spec.optimizer_cases() if spec.rule(c[1]).complex_ok],
+                         ids=spec.case_id)
 def test_complex_params_are_stepped_as_their_real_view(case, backend):
     """torch.optim's rule for complex parameters (view_as_real), bit for bit, in place."""
     _, cls, kwargs = case
@@ -191,6 +192,19 @@ def test_complex_params_are_stepped_as_their_real_view(case, backend):
             if isinstance(value, np.ndarray) and value.ndim:
                 assert value.dtype == params[i].dtype  # torch's layout: state like the param
                 np.testing.assert_array_equal(value.view(value.real.dtype), ref.state[i][name])
+
+
+@pytest.mark.parametrize("name", [n for n in spec.class_names() if not spec.rule(n).complex_ok])
+def test_complex_params_are_refused_where_the_rule_reads_shapes(name):
+    """Adafactor, as torch's: a TypeError naming the parameter, at construction and at
+    add_param_group, and nothing changes."""
+    cls = getattr(fastopt, name)
+    with pytest.raises(TypeError, match=r"params\[0\] must have dtype float32 or float64"):
+        cls([np.zeros((2, 3), np.complex64)])
+    opt = cls([np.zeros((2, 3))])
+    with pytest.raises(TypeError, match="must have dtype float32 or float64, got complex128"):
+        opt.add_param_group({"params": [np.zeros(4, np.complex128)]})
+    assert len(opt.param_groups) == 1 and not opt.state
 
 
 def test_complex_adagrad_starts_every_real_number_of_its_sum_at_the_initial_value():

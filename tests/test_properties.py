@@ -121,8 +121,9 @@ def _real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
-#: the kinds that are a pair of reals: beta-like, Rprop's etas, (min, max) bounds
-PAIRS = ("betas", "etas", "bounds")
+#: the kinds that are a pair: beta-like, Rprop's etas, (min, max) bounds, and
+#: Adafactor's (eps1 or None, eps2)
+PAIRS = ("betas", "etas", "bounds", "eps_pair")
 
 
 def normalize(kind, v):
@@ -130,7 +131,7 @@ def normalize(kind, v):
     if kind == "flag":
         return bool(v)
     if kind in PAIRS:
-        return (float(v[0]), float(v[1]))
+        return (None if v[0] is None else float(v[0]), float(v[1]))
     if kind == "step":
         return int(v)
     return float(v)
@@ -147,6 +148,9 @@ _OK_VALUES = {
     "finite": [0, 0.0, -0.0, 0.5, 1, -1.0, 2.0, -1e300, 1e300, 5e-324, -MAXF,
                np.float32(0.1)],
     "closed_unit": [0, 0.0, -0.0, 5e-324, 0.5, 0.9, 1 - 2 ** -53, 1, 1.0, np.float32(1.0)],
+    "nonpos": [0, 0.0, -0.0, -5e-324, -0.5, -0.8, -1, -1e300, -MAXF, np.float32(-0.8),
+               np.int64(-2)],
+    "at_least_one": [1, 1.0, 1 + 2 ** -52, 2, 10.0, 1e300, MAXF, np.float32(1.5), np.int64(3)],
     "flag": [True, False, np.True_, np.False_],
     "step": [1, 2, 3, 10, 1000, 2 ** 31, 2 ** 53, 2 ** 53 + 1, 2 ** 53 + 3, 2 ** 62,
              2 ** 63 - 1, np.int64(5), np.int32(1), np.uint64(7)],
@@ -166,6 +170,13 @@ def ok_value(kind):
         return st.one_of(pool, st.floats(allow_nan=False, allow_infinity=False))
     if kind == "closed_unit":
         return st.one_of(pool, st.floats(0, 1))
+    if kind == "nonpos":
+        return st.one_of(pool, st.floats(-MAXF, 0))
+    if kind == "at_least_one":
+        return st.one_of(pool, st.floats(1, MAXF))
+    if kind == "eps_pair":
+        pair = st.tuples(st.one_of(st.none(), ok_value("nonneg")), ok_value("nonneg"))
+        return st.one_of(pair, pair.map(list))
     if kind == "etas":
         pair = st.tuples(st.floats(0, 1, exclude_min=True, exclude_max=True),
                          st.floats(1, MAXF, exclude_min=True))
@@ -194,6 +205,10 @@ _EITHER_VALUES = {
     "closed_unit": [fractions.Fraction(9, 10), decimal.Decimal("0.9"), np.array(1.0)],
     "etas": [np.array([0.5, 1.2]), (fractions.Fraction(1, 2), 1.2)],
     "bounds": [np.array([1e-6, 50.0]), (fractions.Fraction(1, 10 ** 6), 50)],
+    "nonpos": [-INF, fractions.Fraction(-1, 3), decimal.Decimal("-0.5"), np.array(-0.5)],
+    "at_least_one": [INF, fractions.Fraction(3, 2), decimal.Decimal("1.5"), np.array(2.0)],
+    "eps_pair": [np.array([1e-3, 1e-3]), (None, INF), (INF, 1e-3),
+                 (None, fractions.Fraction(1, 1000))],
     "step": [np.array(3)],
 }
 
@@ -219,6 +234,13 @@ _BAD_VALUES = {
              ("0.5", 1.2), (10 ** 400, 1.2)],
     "bounds": [(1e-6,), (1e-6, 50, 60), [], None, 50, (-1e-6, 50), (50, 1e-6), (NAN, 50),
                (1e-6, NAN), (-INF, 50), (True, 50), ("0", 50), (0, 10 ** 400)],
+    "nonpos": _WRONG_TYPES + [True, False, NAN, 5e-324, 0.5, 1, INF, np.int64(1), 10 ** 400,
+                              -10 ** 400],
+    "at_least_one": _WRONG_TYPES + [True, False, NAN, 1 - 2 ** -53, 0.5, 0, -1, -INF,
+                                    np.float32(0.5), 10 ** 400],
+    "eps_pair": [(None,), (None, 1e-3, 1.0), [], None, 1e-3, (None, None), (1e-3, None),
+                 (-1e-3, 1e-3), (None, -1e-3), (NAN, 1e-3), (None, NAN), (True, 1e-3),
+                 (None, "1e-3"), ("0", 1e-3), (10 ** 400, 1e-3)],
     "step": [0, -1, -2 ** 63, 1.0, 1.5, True, False, np.True_, "1", None, [1],
              np.float64(2.0), NAN, 2 ** 63, 10 ** 30, 10 ** 400],
 }
@@ -276,6 +298,13 @@ def hyper_verdict(kind, v):
         return combine(hyper_verdict("unit", v[0]), hyper_verdict("unit", v[1]))
     if kind in ("etas", "bounds"):
         return _pair_verdict(kind, v)
+    if kind == "eps_pair":
+        if isinstance(v, np.ndarray):
+            return EITHER
+        if not isinstance(v, (tuple, list)) or len(v) != 2:
+            return BAD
+        first = OK if v[0] is None else hyper_verdict("nonneg", v[0])
+        return combine(first, hyper_verdict("nonneg", v[1]))
     if kind == "step":
         if isinstance(v, np.ndarray):
             return EITHER
@@ -303,6 +332,10 @@ def hyper_verdict(kind, v):
         return OK if math.isfinite(x) else BAD
     if kind == "closed_unit":
         return OK if 0 <= x <= 1 else BAD
+    if kind == "nonpos":
+        return OK if -INF < x <= 0 else (EITHER if x == -INF else BAD)
+    if kind == "at_least_one":
+        return OK if 1 <= x < INF else (EITHER if x == INF else BAD)
     raise AssertionError(kind)
 
 
@@ -592,9 +625,16 @@ KERNELS = {
 SQUARES = {b.param for r in spec.rules() for b in r.buffers if b.values == "squares"}
 
 
-def kernel_needs(rule, h):
-    """Which buffers the options use (README: required if used, refused if not)."""
-    return spec.needs(rule, h)
+def kernel_needs(rule, h, shape):
+    """Which buffers the options use for a parameter of ``shape`` (README: required if
+    used, refused if not)."""
+    return spec.needs(rule, h, shape)
+
+
+def buffer_shape(rule, name, shape):
+    """The shape of buffer ``name`` for a parameter of ``shape`` (its own where it has none)."""
+    buf = next(b for b in spec.rule(rule).buffers if b.name == name or b.param == name)
+    return buf.shape_for(shape) or tuple(shape)
 
 
 def cross_verdict(rule, h):
@@ -665,7 +705,7 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
     # arrays
     shape = data.draw(SHAPES, label="shape")
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
-    needs = kernel_needs(rule, norm) if hyper_ok else tuple(
+    needs = kernel_needs(rule, norm, shape) if hyper_ok else tuple(
         data.draw(st.booleans()) for _ in spec["buffers"])
     present = list(needs)
     if rule == "adagrad":
@@ -685,7 +725,8 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
         seed, profile = data.draw(value_specs())
         if name in SQUARES and data.draw(st.booleans()):
             profile = data.draw(st.sampled_from(["zeros", "tiny", "normal"]))
-        values = make_values(seed, shape, dtype, profile)
+        values = make_values(seed, shape if name in ("p", "g") else
+                             buffer_shape(rule, name, shape), dtype, profile)
         if name in SQUARES and profile in ("normal", "tiny"):
             values = np.abs(values)
         layouts = VALID_LAYOUTS + (("readonly",) if name == "g" else ())
@@ -703,7 +744,8 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
         elif how == "shape":
             options = [(1,) + a.shape, a.shape + (1,), (a.size + 1,)]
             if a.ndim >= 2:
-                options.append(a.shape[::-1])
+                if a.shape[::-1] != a.shape:  # (a square one reversed is the same)
+                    options.append(a.shape[::-1])
                 options.append((a.size,))
             new_shape = data.draw(st.sampled_from(options))
             arrays[target] = make_values(0, new_shape, dtype, "normal")
@@ -751,21 +793,21 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
         elif data.draw(st.integers(0, 3)) == 0:
             # valid packing: every array a window of one buffer, with gaps (guarded)
             live = [n for n in names if arrays[n] is not None]
-            size = arrays["p"].size
+            sizes = {n: arrays[n].size for n in live}  # (Adafactor's factors are smaller)
             gaps = [data.draw(st.integers(0, 17)) for _ in range(len(live) + 1)]
-            big = np.zeros(size * len(live) + sum(gaps), dtype)
+            big = np.zeros(sum(sizes.values()) + sum(gaps), dtype)
             big[:] = make_values(1, big.shape, dtype, "specials")
             pos = gaps[0]
             for name, gap in zip(live, gaps[1:]):
-                window = big[pos:pos + size].reshape(shape)
+                window = big[pos:pos + sizes[name]].reshape(arrays[name].shape)
                 window[...] = arrays[name]
                 arrays[name] = window
-                pos += size + gap
+                pos += sizes[name] + gap
             covered = np.zeros(big.size, bool)
             for name in live:
                 start = (arrays[name].__array_interface__["data"][0]
                          - big.__array_interface__["data"][0]) // big.itemsize
-                covered[start:start + size] = True
+                covered[start:start + sizes[name]] = True
             for i in np.flatnonzero(~covered):
                 mem.guard(big, int(i), int(i) + 1)
             event("valid: all arrays adjacent windows of one buffer")
@@ -777,7 +819,8 @@ def test_kernels_match_reference_or_refuse_cleanly(data):
     live = ["p", "g"] + [n for n in names[2:] if arrays[n] is not None]
     if all(isinstance(arrays[n], np.ndarray) for n in live):
         for n in live[1:]:
-            if arrays[n].dtype != p.dtype or arrays[n].shape != p.shape:
+            want = p.shape if n == "g" else buffer_shape(rule, n, p.shape)
+            if arrays[n].dtype != p.dtype or arrays[n].shape != want:
                 av.append(BAD)
         if combine(*av) != BAD:
             pairs = [(a, b) for i, a in enumerate(live) for b in live[i + 1:]]
@@ -903,12 +946,12 @@ class ModelOptimizer:
         st_ = self.state.setdefault(i, {})
         rule = self.rule
         kh = {k: h[k] for k in KERNEL_FIELDS[rule]}
-        needs = kernel_needs(rule, h)
+        needs = kernel_needs(rule, h, p.shape)
         created = set()
         for buf, need in zip(spec.rule(rule).buffers, needs):
             if need and st_.get(buf.name) is None:
                 fill = h[buf.start] if buf.start else 0.0
-                st_[buf.name] = np.full(p.shape, fill, p.dtype)
+                st_[buf.name] = np.full(buf.shape_for(p.shape), fill, p.dtype)
                 created.add(buf.name)
         bufs = [st_[name] if need else None for name, need in zip(STATE_BUFFERS[rule], needs)]
         twin = KERNELS[rule]["ref"]
@@ -2639,9 +2682,10 @@ def test_b2_kernel_step_beyond_int64():
     for rule in [r.name for r in spec.rules() if r.step_arg == "step"]:
         for step in (2 ** 63, 10 ** 30):
             p, g = np.ones(3), np.ones(3)
-            bufs = [np.zeros(3) for _ in range(sum(spec.needs(rule)))]
+            bufs = [np.zeros(3) if n else None for n in spec.needs(rule, shape=(3,))]
             outcome = _outcome(lambda f=KERNELS[rule]["fast"], a=(p, g, *bufs), s=step:
-                               f(*a, step=s, **KERNELS[rule]["scalars"]), [p] + bufs)
+                               f(*a, step=s, **KERNELS[rule]["scalars"]),
+                               [p] + [b for b in bufs if b is not None])
             if outcome not in ("ok", "clean refusal"):
                 problems[f"{rule}(step={step})"] = outcome
     assert not problems, problems

@@ -181,20 +181,22 @@ def _step_once(cls, kwargs, backend="cython"):
 @pytest.mark.parametrize("case", spec.optimizer_cases(), ids=spec.case_id)
 def test_state_after_a_step_is_the_specs(case):
     _, cls, kwargs = case
-    expected = spec.state_keys(cls.__name__, kwargs)
+    buffers = {b.name: b for b in spec.rule(cls).buffers}
     for backend in ("cython", "numpy"):
         opt = _step_once(cls, kwargs, backend)
         assert sorted(opt.state) == [0, 1]
         for i, p in enumerate(opt.param_groups[0]["params"]):
-            assert set(opt.state[i]) == expected, backend
-            for name in spec.buffers_for(cls.__name__, kwargs):
-                assert opt.state[i][name].shape == p.shape and opt.state[i][name].dtype == p.dtype
+            assert set(opt.state[i]) == spec.state_keys(cls.__name__, kwargs, p.shape), backend
+            for name in spec.buffers_for(cls.__name__, kwargs, p.shape):
+                assert opt.state[i][name].shape == buffers[name].shape_for(p.shape)
+                assert opt.state[i][name].dtype == p.dtype
 
 
 @pytest.mark.parametrize("name", spec.class_names())
 def test_state_at_the_defaults_is_the_specs(name):
     opt = _step_once(fastopt_classes()[name], {})
-    assert set(opt.state[0]) == spec.state_keys(name)
+    assert set(opt.state[0]) == spec.state_keys(name, shape=(5,))
+    assert set(opt.state[1]) == spec.state_keys(name, shape=(2, 3))
 
 
 def test_buffers_start_where_the_spec_says():
@@ -217,12 +219,15 @@ def test_torch_state_after_a_step_is_the_specs(case):
     import fastopt.torch as ft
     _, c, kwargs = case
     for module, name in ((torch.optim, c.torch), (ft, c.name))[0 if c.torch else 1:]:
-        p = torch.ones(5, dtype=torch.float64, requires_grad=True)
-        opt = getattr(module, name)([p], **kwargs)
-        p.grad = torch.full_like(p, 0.5)
+        ps = [torch.ones(shape, dtype=torch.float64, requires_grad=True)
+              for shape in ((5,), (2, 3))]
+        opt = getattr(module, name)(ps, **kwargs)
+        for p in ps:
+            p.grad = torch.full_like(p, 0.5)
         opt.step()
-        assert {k for k, v in opt.state[p].items() if v is not None} == \
-            spec.state_keys(c.name, kwargs), f"{module.__name__}.{name}"
+        for p in ps:
+            assert {k for k, v in opt.state[p].items() if v is not None} == \
+                spec.state_keys(c.name, kwargs, tuple(p.shape)), f"{module.__name__}.{name}"
 
 
 @pytest.mark.parametrize("case", spec.kernel_cases(), ids=spec.case_id)
@@ -231,25 +236,29 @@ def test_kernels_need_exactly_the_specs_buffers(case):
     r = spec.rule(rule_name)
     kw = {**spec.kernel_kwargs(r, options), **spec.step_kwargs(r, 1), **spec.carried(r)}
     kernel = getattr(kernels, r.kernel)
-    needs = spec.needs(r, kw)
-    g = np.array([0.5, -0.5, 0.5, -0.5])  # both signs: Rprop holds still where g * prev < 0
+    # both signs: Rprop holds still where g * prev < 0; a matrix too where
+    # the rule's buffers depend on the shape (Adafactor's factors)
+    g0 = np.array([0.5, -0.5, 0.5, -0.5])
+    for g in [g0] + ([g0.reshape(2, 2)] if r.shaped else []):
+        needs = spec.needs(r, kw, g.shape)
 
-    def call(present):
-        p = np.ones(4)
-        bufs = [np.ones(4) if here else None for here in present]
-        kernel(p, g, *bufs, **kw)
-        return p
+        def call(present):
+            p = np.ones(g.shape)
+            bufs = [np.ones(b.shape_for(g.shape) or g.shape) if here else None
+                    for b, here in zip(r.buffers, present)]
+            kernel(p, g, *bufs, **kw)
+            return p
 
-    assert not np.array_equal(call(needs), np.ones(4))
-    for i, b in enumerate(r.buffers):
-        flipped = list(needs)
-        flipped[i] = not flipped[i]
-        if needs[i] and b.used is spec.always:
-            with pytest.raises((TypeError, ValueError), match=b.name):
-                call(flipped)
-        else:
-            with pytest.raises(ValueError, match=b.name):
-                call(flipped)
+        assert not np.array_equal(call(needs), np.ones(g.shape))
+        for i, b in enumerate(r.buffers):
+            flipped = list(needs)
+            flipped[i] = not flipped[i]
+            if needs[i] and b.used is spec.always:
+                with pytest.raises((TypeError, ValueError), match=b.name):
+                    call(flipped)
+            else:
+                with pytest.raises(ValueError, match=b.name):
+                    call(flipped)
 
 
 # ---------------------------------------------------------- the table itself

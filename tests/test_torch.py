@@ -1,5 +1,6 @@
 """fastopt.torch: torch.optim subclasses stepped by fastopt's kernels."""
 import copy
+import inspect
 
 import pytest
 
@@ -268,6 +269,11 @@ def test_a_differentiable_optimizer_is_torch_optims_own_step(name):
             opt.step()
         (g,) = torch.autograd.grad(p.square().sum(), w)
         return p.detach().clone(), g
+    if "differentiable" not in inspect.signature(torch_class(name)).parameters:
+        for cls in (torch_class(name), getattr(ft, name)):  # (Adafactor): neither takes it
+            with pytest.raises(TypeError, match="differentiable"):
+                cls([torch.zeros(2, requires_grad=True)], differentiable=True)
+        return
     try:
         theirs = run(torch_class(name))
     except RuntimeError as error:  # torch.optim.Adamax: an in-place lerp autograd needs
@@ -438,12 +444,32 @@ def test_a_parameter_with_gaps_is_written_back_and_its_neighbours_left_alone():
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=["c64", "c128"])
-@pytest.mark.parametrize("case", CASES, ids=spec.case_id)
+@pytest.mark.parametrize("case", [c for c in CASES if spec.rule(c[1]).complex_ok],
+                         ids=spec.case_id)
 def test_complex_parameters_are_stepped_as_their_real_view(case, dtype):
     name, kwargs = case[1:]
     result = _step_layout_pair(name, lambda: torch.randn(7, 3, dtype=dtype), None, dtype,
                                **kwargs)
     _assert_close_to_torch(*result)
+
+
+@pytest.mark.parametrize("name", [n for n in spec.torch_class_names()
+                                  if not spec.rule(n).complex_ok])
+def test_complex_parameters_are_refused_with_torchs_error(name):
+    # torch.optim.Adafactor raises this RuntimeError at its step; so does fastopt's,
+    # before anything changes (the real parameter of the same step stays put)
+    errors = []
+    for cls in (torch_class(name), getattr(ft, name)):
+        real = torch.ones(3, 2, requires_grad=True)
+        z = torch.zeros(4, dtype=torch.complex64, requires_grad=True)
+        opt = cls([real, z])
+        real.grad, z.grad = torch.ones_like(real), torch.ones_like(z)
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        errors.append(str(info.value))
+        if cls is not torch_class(name):
+            assert torch.equal(real.detach(), torch.ones(3, 2)) and not opt.state
+    assert errors[0] == errors[1]
 
 
 def test_fused_params_on_another_device_raise_torchs_error_then_work_on_the_cpu():

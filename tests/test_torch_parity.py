@@ -94,8 +94,9 @@ def load_golden(path=mg.GOLDEN_PATH):
     meta = json.loads(arrays["meta"][()])
     out = {"meta": meta}
     for i, case in enumerate(meta["cases"]):
-        trajs = {dtype: arrays[f"traj_{dtype}"][i] for dtype in DTYPES}
-        out[case["id"]] = (case, arrays["p0"][i], arrays["grads"][i], trajs)
+        trajs = {dtype: mg.unstored(arrays[f"traj_{dtype}"][i], 1, case) for dtype in DTYPES}
+        out[case["id"]] = (case, mg.unstored(arrays["p0"][i], 0, case),
+                           mg.unstored(arrays["grads"][i], 1, case), trajs)
     return out
 
 
@@ -230,7 +231,7 @@ def test_live_case(torch, case_id, dtype):
     # The golden cases, longer (100 steps, every step compared), against the
     # installed torch.
     _, optimizer, kwargs = mg.CASES[CASE_IDS.index(case_id)]
-    p0, grads = mg.make_inputs(mg.case_seed(case_id), steps=LIVE_STEPS)
+    p0, grads = mg.case_inputs(mg.case_table()[CASE_IDS.index(case_id)], steps=LIVE_STEPS)
     steps = range(1, LIVE_STEPS + 1)
     want = mg.run_torch(optimizer, kwargs, p0, grads, dtype, steps)
     for backend in BACKENDS:

@@ -11,14 +11,16 @@ and the tests. Adding a rule is a new module here plus its row in
 ``MODULES`` (docs/adding_a_rule.rst).
 """
 from .. import checkpoint
-from . import adadelta, adagrad, adam, adamax, asgd, lamb, lion, nadam, radam, rmsprop, rprop, sgd
+from . import (adadelta, adafactor, adagrad, adam, adamax, asgd, lamb, lion, nadam, radam, rmsprop,
+               rprop, sgd)
 from .optimizer import Optimizer
 from .rule import Rule
 
 __all__ = ["RULES", "FUNCTIONS", "OPTIMIZERS", "Optimizer", "Rule", "load_optimizer"]
 
 #: The rule modules, in the order the public API lists them.
-MODULES = (sgd, adagrad, rmsprop, adam, nadam, adamax, radam, adadelta, rprop, asgd, lion, lamb)
+MODULES = (sgd, adagrad, rmsprop, adam, nadam, adamax, radam, adadelta, rprop, asgd, lion, lamb,
+           adafactor)
 
 #: rule name -> Rule
 RULES = {m.RULE.name: m.RULE for m in MODULES}

@@ -182,7 +182,7 @@ class Optimizer:
         labelled = []
         for k, p in enumerate(arrays):
             label = self._labels(start + k, names[k] if named else None)[0]
-            V.check_float_array(label, p, writeable=True, complex_ok=True,
+            V.check_float_array(label, p, writeable=True, complex_ok=self.rule.complex_ok,
                                 torch_twin=f"fastopt.torch.{type(self).__name__}")
             labelled.append((label, p))
         if named:
@@ -241,7 +241,7 @@ class Optimizer:
             hyper = self._check_group_hyper(group, f"param_groups[{gi}]: ")
             kernel_hyper = {k: hyper[k] for k in self.rule.hyper}
             checked = _fastpath.CheckedGroup(
-                hyper, kernel_hyper, tuple(self.rule.needs(hyper)),
+                hyper, kernel_hyper, self.rule.screen_needs(hyper),
                 self.rule.scalars(kernel_hyper, self.flush_denormals))
             if isinstance(group, ParamGroup):
                 group.checked = checked
@@ -287,8 +287,8 @@ class Optimizer:
                 continue
             p_label, g_label = self._labels(index, None if names is None else names[index])
             state = self.state.get(index)
-            V.check_float_array(p_label, p, writeable=True, complex_ok=True)
-            V.check_float_array(g_label, g, writeable=False, complex_ok=True)
+            V.check_float_array(p_label, p, writeable=True, complex_ok=self.rule.complex_ok)
+            V.check_float_array(g_label, g, writeable=False, complex_ok=self.rule.complex_ok)
             V.check_like(g_label, g, p_label, p)
             V.check_no_overlap(g_label, g, {p_label: p})
             if state is None:
@@ -303,7 +303,7 @@ class Optimizer:
                     continue
                 label = f"state[{index}][{name!r}]"
                 V.check_float_array(label, state[name], writeable=True, complex_ok=True)
-                V.check_like(label, state[name], p_label, p)
+                self.rule.check_buffer(label, state[name], name, p_label, p)
                 V.check_no_overlap(label, state[name], checked)
                 V.check_no_overlap(g_label, g, {label: state[name]})
                 checked[label] = state[name]
@@ -466,9 +466,12 @@ class Optimizer:
             if not needed:
                 continue
             missing = [i for i in range(start, stop) if grads[i] is not None
-                       and self.state.get(i, {}).get(name) is None]
+                       and self.state.get(i, {}).get(name) is None
+                       and rule.uses(name, params[i - start].shape, True)]
             views = packed_like([params[i - start] for i in missing],
-                                self._initial_value(name, hyper))
+                                self._initial_value(name, hyper),
+                                [rule.buffer_shape(name, params[i - start].shape)
+                                 for i in missing])
             for i, view in zip(missing, views):
                 self.state.setdefault(i, {})[name] = view
                 created.setdefault(i, []).append(name)
@@ -496,7 +499,8 @@ class Optimizer:
             return
         twin = self.rule.twin
         for i, (p, g) in enumerate(zip(params, grads)):
-            buffers = [None if lst is None else V.real_view(lst[i]) for lst in buffer_lists]
+            buffers = [None if lst is None or lst[i] is None else V.real_view(lst[i])
+                       for lst in buffer_lists]
             twin(V.real_view(p), V.real_view(g), *buffers, **{self.rule.step_arg: step_value},
                  **values, **kernel_hyper)
 
@@ -581,8 +585,13 @@ class Optimizer:
                     restored[key] = self.rule.scalar_kind(where, float(value.reshape(())))
                     continue
                 value = np.asarray(value)
-                if value.shape != p.shape:
-                    raise ValueError(f"{where} has shape {value.shape}, parameter has {p.shape}")
+                shape = self.rule.buffer_shape(key, p.shape)
+                if shape is None:
+                    raise ValueError(f"{where} is not state of a parameter of shape {p.shape} "
+                                     f"under {type(self).__name__}")
+                if value.shape != shape:
+                    raise ValueError(f"{where} has shape {value.shape}, parameter has {p.shape}"
+                                     + (f" (it needs {shape})" if shape != p.shape else ""))
                 if value.dtype.kind != "f":
                     raise TypeError(f"{where} must be a float array, got dtype {value.dtype}")
                 restored[key] = np.array(value, dtype=p.dtype, order="C", copy=True)

@@ -14,6 +14,23 @@ from .. import _fastpath
 from .. import _validation as V
 
 
+#: A state buffer's layout -> its shape for a parameter of shape ``shape``, or
+#: None where such a parameter has no such buffer. Most buffers are "like" the
+#: parameter; Adafactor factors a matrix's second moment into "rows" (...,
+#: R, 1) and "cols" (..., 1, C), and keeps a full one only for a "vector"
+#: (fewer than two dimensions), as torch.optim.Adafactor does.
+LAYOUTS = {
+    "like": lambda shape: shape,
+    "rows": lambda shape: shape[:-1] + (1,) if len(shape) >= 2 else None,
+    "cols": lambda shape: shape[:-2] + (1,) + shape[-1:] if len(shape) >= 2 else None,
+    "vector": lambda shape: shape if len(shape) < 2 else None,
+}
+
+#: How the fast path's screen (src_c/fastpath/screen.pxi) knows the layouts:
+#: a group's ``needs`` carries, per buffer, 0 (unused) or its layout's code.
+LAYOUT_CODES = {"like": 1, "rows": 2, "cols": 3, "vector": 4}
+
+
 class Rule(NamedTuple):
     """Everything the API layer needs to know about one update rule."""
 
@@ -54,6 +71,45 @@ class Rule(NamedTuple):
     #: src_c/rules/table.py's REDUCES), so arrays packed into one buffer
     #: (fastopt.FlatParams) are one parameter to it
     whole_arrays: bool = False
+    #: buffer -> its layout (a key of LAYOUTS) where it is not shaped like the
+    #: parameter; a rule with any runs through src_c/rules/table.py's
+    #: SLOTWISE path, which reads each parameter's shape
+    layouts: dict = {}
+    #: False: complex parameters are refused (torch.optim.Adafactor's rule
+    #: depends on the shape, which a real view would change)
+    complex_ok: bool = True
+
+    def buffer_shape(self, name, shape):
+        """The shape of buffer ``name`` for a parameter of ``shape``; None: it has none."""
+        return LAYOUTS[self.layouts.get(name, "like")](tuple(shape))
+
+    def screen_needs(self, hyper):
+        """Per buffer, 0 if ``hyper`` does not use it, else its layout's code (LAYOUT_CODES)."""
+        return tuple(LAYOUT_CODES[self.layouts.get(name, "like")] if needed else 0
+                     for name, needed in zip(self.buffers, self.needs(hyper)))
+
+    def uses(self, name, shape, needed):
+        """Whether a parameter of ``shape`` uses buffer ``name`` (``needed``: the options do)."""
+        return needed and self.buffer_shape(name, shape) is not None
+
+    def check_buffer(self, label, buf, name, p_label, p):
+        """``buf``, which ``label`` names, fits buffer ``name`` of parameter ``p``.
+
+        Raises TypeError (dtype) or ValueError (shape, or a buffer such a
+        parameter has none of).
+        """
+        if not self.layouts:
+            V.check_like(label, buf, p_label, p)
+            return
+        shape = self.buffer_shape(name, p.shape)
+        if shape is None:
+            raise ValueError(f"{label} is given, but a parameter of shape {p.shape} ({p_label}) "
+                             f"has no {name!r} under {self.name}")
+        if buf.dtype != p.dtype:
+            raise TypeError(f"{label} has dtype {buf.dtype} but {p_label} has dtype {p.dtype}")
+        if buf.shape != shape:
+            raise ValueError(f"{label} has shape {buf.shape} but {p_label} of shape {p.shape} "
+                             f"needs {shape}")
 
     @property
     def step_arg(self):
@@ -138,13 +194,15 @@ def apply(rule, p, g, buffers, step_value, hyper, scalar_values=None):
     V.check_like("g", g, "p", p)
     named = {}
     for name, buf, needed in zip(rule.buffers, buffers, rule.needs(hyper)):
+        needed = rule.uses(name, p.shape, needed)
         if needed and buf is None:
             raise ValueError(f"{name} is required with these options")
         if buf is not None and not needed:
-            raise ValueError(f"{name} was given but these options do not use it")
+            raise ValueError(f"{name} was given but these options do not use it"
+                             + (f" for a parameter of shape {p.shape}" if rule.layouts else ""))
         if buf is not None:
             V.check_float_array(name, buf, writeable=True)
-            V.check_like(name, buf, "p", p)
+            rule.check_buffer(name, buf, name, "p", p)
             V.check_no_overlap(name, buf, {"p": p, **named})
             named[name] = buf
     V.check_no_overlap("g", g, {"p": p, **named})
@@ -213,8 +271,8 @@ class Batches:
         batch[0].append(p)
         batch[1].append(g)
         for name, lst in zip(self.rule.buffers, batch[2]):
-            if lst is not None:
-                lst.append(buffers[name])
+            if lst is not None:  # (None: a parameter without it, as Adafactor's vectors)
+                lst.append(buffers.get(name))
         batch[3].append(owner)
 
     def __iter__(self):

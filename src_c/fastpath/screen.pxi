@@ -34,6 +34,70 @@ cdef inline bint same_layout(cnp.ndarray a, cnp.ndarray b):
     return True
 
 
+# A buffer's layout, as ``needs`` carries it per buffer (fastopt/optim/rule.py:
+# LAYOUT_CODES): 0, the options do not use it; LIKE_P, shaped like the
+# parameter; ROWS (..., R, 1) and COLS (..., 1, C), the factors of a
+# parameter (..., R, C); VECTOR, like a parameter of fewer than 2 dimensions
+# (and absent for a matrix). A shaped layout (ROWS and up) reads the
+# parameter's shape, which a complex array's real view changes: such a rule
+# (Adafactor) takes no complex parameter.
+cdef enum:
+    LIKE_P = 1
+    ROWS = 2
+    COLS = 3
+    VECTOR = 4
+
+
+cdef inline bint layout_applies(int layout, int nd) noexcept:
+    """Whether a parameter of nd dimensions has a buffer of this layout."""
+    if layout == ROWS or layout == COLS:
+        return nd >= 2
+    if layout == VECTOR:
+        return nd < 2
+    return True
+
+
+cdef inline bint fits(cnp.ndarray b, cnp.ndarray p, int layout):
+    """``b`` has the dtype and the shape ``layout`` gives a buffer of ``p``."""
+    cdef int d, nd = cnp.PyArray_NDIM(p)
+    cdef cnp.npy_intp* db
+    cdef cnp.npy_intp* dp
+    if layout < ROWS:
+        return same_layout(b, p)
+    if not layout_applies(layout, nd):
+        return False
+    if layout == VECTOR:
+        return same_layout(b, p)
+    if cnp.PyArray_TYPE(b) != cnp.PyArray_TYPE(p) or cnp.PyArray_NDIM(b) != nd:
+        return False
+    db = cnp.PyArray_DIMS(b)
+    dp = cnp.PyArray_DIMS(p)
+    for d in range(nd):
+        if (d == nd - 1 and layout == ROWS) or (d == nd - 2 and layout == COLS):
+            if db[d] != 1:
+                return False
+        elif db[d] != dp[d]:
+            return False
+    return True
+
+
+cdef inline bint shaped(tuple needs):
+    """Whether any buffer has a shaped layout (the rule reads the parameter's shape)."""
+    cdef object code
+    for code in needs:
+        if <int>code >= ROWS:
+            return True
+    return False
+
+
+cdef inline bint same_matrix(const Slot* slot, cnp.ndarray p):
+    """The slot's last two dimensions are still p's (a SLOTWISE rule reads them)."""
+    cdef int nd = cnp.PyArray_NDIM(p)
+    if nd < 2:
+        return slot.rows == 0 and slot.cols == 0
+    return slot.rows == cnp.PyArray_DIMS(p)[nd - 2] and slot.cols == cnp.PyArray_DIMS(p)[nd - 1]
+
+
 cdef inline Py_ssize_t elements(cnp.ndarray a):
     # The real numbers a slot steps: PyArray_SIZE, inlined, twice for complex.
     cdef int d
@@ -85,13 +149,13 @@ cdef Py_ssize_t gather_group(Workspace ws, list params, list grads, Py_ssize_t s
         # The cached count was checked when it was read, not after the steps
         # counted since: the full screen reports one at the limit (and the
         # caller's step + 1 cannot overflow).
-        if regather(ws, params, grads, start) == GATHERED and ws.cached_step < MAX_STEP_C:
+        if regather(ws, params, grads, start, needs) == GATHERED and ws.cached_step < MAX_STEP_C:
             step[0] = ws.cached_step
             return GATHERED
     return full_gather(ws, params, grads, start, stop, state, names, needs, counts_steps, step)
 
 
-cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start):
+cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start, tuple needs):
     """Re-check params, grads and the buffers in use against the cached slots.
 
     GATHERED when every parameter is the same memory as before, every buffer
@@ -116,7 +180,7 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
         # The buffers and the protected spans were made for this param's memory.
         if (<char*>cnp.PyArray_DATA(p) != slot.p or elements(p) != slot.size
                 or storage_of(cnp.PyArray_TYPE(p)) != slot.storage
-                or not same_layout(g, p)):
+                or not same_matrix(slot, p) or not same_layout(g, p)):
             return SLOW_PATH
         # A buffer can be made read-only or reshaped in place without an edit
         # of the state that State.version would see; the full screen refuses
@@ -125,7 +189,7 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
         for idx in range(1, len(<tuple>pair), 2):
             j = (<tuple>pair)[idx]
             b_obj = (<tuple>pair)[idx + 1]
-            if not usable(b_obj, True) or not same_layout(<cnp.ndarray>b_obj, p):
+            if not usable(b_obj, True) or not fits(<cnp.ndarray>b_obj, p, <int>needs[j]):
                 return SLOW_PATH
             if slot.buf[j] != NULL and <char*>cnp.PyArray_DATA(<cnp.ndarray>b_obj) != slot.buf[j]:
                 return SLOW_PATH
@@ -150,8 +214,8 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
     shape, and overlaps neither ``params[i]`` nor a buffer of ``state[i]``;
     ``state[i]``, if present, is a dict whose ``"step"`` (if any) is an int
     in [0, MAX_STEP) and whose buffers named in ``names`` (if present) are usable,
-    writeable, of the parameter's dtype and shape, and overlap neither the
-    parameter nor each other.
+    writeable, of the parameter's dtype and of the shape their layout in
+    ``needs`` gives (fits), and overlap neither the parameter nor each other.
 
     Returns the first suspect index, or GATHERED (``ws`` holds the whole
     range; ``common_step[0]`` is the parameters' common step count, 0 if the
@@ -172,6 +236,8 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
     cdef bint slow = False
     cdef Py_ssize_t step = -1, this_step = -1  # set before use; -1 quiets the C compiler
     cdef Py_ssize_t nnames = len(names)
+    cdef bint real_only = shaped(needs)
+    cdef int nd
     if len(params) != stop - start:
         raise ValueError("internal: params does not match start..stop")
     ws.reserve(stop - start)
@@ -199,8 +265,10 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
         p1 = end_of(p)
         g0 = <char*>cnp.PyArray_DATA(g)
         g1 = end_of(g)
-        if not same_layout(g, p) or ranges_overlap(g0, g1, p0, p1):
+        if (not same_layout(g, p) or ranges_overlap(g0, g1, p0, p1)
+                or (real_only and cnp.PyArray_ISCOMPLEX(p))):
             return i
+        nd = cnp.PyArray_NDIM(p)
         entry = state.get(i)
         if entry is None:
             slow = True
@@ -222,7 +290,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
         for j in range(nnames):
             b_obj = (<dict>entry).get(names[j])
             if b_obj is None:
-                if needs[j]:
+                if needs[j] and layout_applies(<int>needs[j], nd):
                     slow = True
                 continue
             if not usable(b_obj, True):
@@ -230,7 +298,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
             b = <cnp.ndarray>b_obj
             b0 = <char*>cnp.PyArray_DATA(b)
             b1 = end_of(b)
-            if (not same_layout(b, p) or ranges_overlap(b0, b1, p0, p1)
+            if (not fits(b, p, <int>needs[j]) or ranges_overlap(b0, b1, p0, p1)
                     or ranges_overlap(b0, b1, g0, g1)):
                 return i
             for k in range(nb):

@@ -77,12 +77,15 @@ cdef class Workspace:
 
     cdef inline void put(self, cnp.ndarray p, cnp.ndarray g, char** bufs) noexcept:
         cdef Slot* slot = &self.slots[self.count]
-        cdef int j
+        cdef int j, nd
         slot.p = <char*>cnp.PyArray_DATA(p)
         slot.g = <char*>cnp.PyArray_DATA(g)
         for j in range(MAX_BUFFERS):
             slot.buf[j] = bufs[j]
         slot.size = elements(p)  # real numbers: a complex array is stepped as its real view
+        nd = cnp.PyArray_NDIM(p)
+        slot.rows = cnp.PyArray_DIMS(p)[nd - 2] if nd >= 2 else 0
+        slot.cols = cnp.PyArray_DIMS(p)[nd - 1] if nd >= 2 else 0
         slot.storage = storage_of(cnp.PyArray_TYPE(p))
         self.total += slot.size
         self.count += 1
@@ -97,7 +100,10 @@ cdef class Workspace:
         for i in range(n):
             for j in range(MAX_BUFFERS):
                 bufs[j] = NULL
-                if j < len(buffer_lists) and buffer_lists[j] is not None:
+                # (None in a list: this parameter has no such buffer, as
+                # Adafactor's factors for a vector)
+                if (j < len(buffer_lists) and buffer_lists[j] is not None
+                        and (<list>buffer_lists[j])[i] is not None):
                     bufs[j] = <char*>cnp.PyArray_DATA(<cnp.ndarray>(<list>buffer_lists[j])[i])
             self.put(<cnp.ndarray>params[i], <cnp.ndarray>grads[i], bufs)
 

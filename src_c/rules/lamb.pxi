@@ -21,21 +21,6 @@ cdef inline floating lamb_update(floating p, floating m, floating v, floating bc
     return u
 
 
-cdef inline void lane_sumsq(const floating* x, Py_ssize_t n, double* acc) noexcept nogil:
-    """Add x's squares into acc[0..LANES) in double, element i into lane i % LANES."""
-    cdef Py_ssize_t i, j, base
-    cdef Py_ssize_t whole = n - n % LANES
-    cdef double v
-    for i in range(whole // LANES):
-        base = i * LANES
-        for j in range(LANES):
-            v = <double>x[base + j]
-            acc[j] = acc[j] + v * v
-    for i in range(whole, n):
-        v = <double>x[i]
-        acc[i - whole] = acc[i - whole] + v * v
-
-
 cdef inline void lamb_moments(floating* p, const floating* g, floating* mu, floating* nu,
                               Py_ssize_t n, const StepScalars* s, bint decay) noexcept nogil:
     cdef floating sign = <floating>s.sign

@@ -31,6 +31,17 @@ learning rates), in double, once per step. ``cost`` is the relative time of
 one element on one thread (SGD = 1): with the element count it decides when
 a step is worth splitting over threads.
 
+A rule in ``SLOTWISE`` defines, instead of ``<name>_kernel``::
+
+    cdef void <name>_slot(floating* p, const floating* g, floating** bufs,
+                          Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols,
+                          const StepScalars* s, int threads) noexcept nogil
+
+which steps one whole parameter of n elements whose last two dimensions
+are (rows, cols) (0, 0 below two dimensions), on ``threads`` threads (1: the
+calling one) with the same bits for any count; its buffers have the shapes
+the rule's Python side gives them (fastopt/optim/rule.py: ``layouts``).
+
 Adding a rule: a row here, its ``.pxi``, and any new StepScalars fields in
 _common.pxd; docs/adding_a_rule.rst lists the Python side.
 """
@@ -51,6 +62,7 @@ RULES = (
     ("lion", "lion", 3),
     ("asgd", "asgd", 3),
     ("lamb", "lamb", 6),
+    ("adafactor", "adafactor", 8),
     ("stream", "passes", 2),
     ("axpy", "passes", 1),
     ("scale", "passes", 1),
@@ -62,6 +74,13 @@ RULES = (
 # block order (the same bits for every thread count), then <name>_finish per
 # parameter, then pass 1 (s.phase = 1) with each parameter's own scalars.
 REDUCES = {"lamb": 2}
+
+# The rules whose update needs a whole parameter and its shape (Adafactor's
+# factored second moment): the runner hands <name>_slot one parameter at a
+# time, with the threads a parameter of its size is worth.
+# They run on the native storage kinds (float32, float64); the staged kinds
+# wait for a staged form of <name>_slot.
+SLOTWISE = ("adafactor",)
 
 # Storage kinds: (name, dtype of params and grads, dtype of the state, mode).
 # A kind's id is its row number. float16 is staged: the fast path can hand it
@@ -100,6 +119,7 @@ def _ids():
 
 def _dispatch():
     files = dict.fromkeys(f for _, f, _ in RULES)  # each file once, in table order
+    elementwise = [name for name, _, _ in RULES if name not in SLOTWISE]
     out = [_HEADER, "from _rule_ids cimport *", "from libc.math cimport pow, sqrt", ""]
     out += [f'include "rules/{f}.pxi"' for f in files]
     out += ["", "", "cdef Py_ssize_t RULE_COST[RULE_COUNT]",
@@ -123,7 +143,7 @@ def _dispatch():
         out.append("    pass")
     out += ["", "", "# Each rule's float32 kernel, which the staged kinds run on their blocks.",
             "cdef kernel_f32_t KERNEL_F32[RULE_COUNT]"]
-    out += [f"KERNEL_F32[RULE_{name.upper()}] = {name}_kernel[float]" for name, _, _ in RULES]
+    out += [f"KERNEL_F32[RULE_{name.upper()}] = {name}_kernel[float]" for name in elementwise]
     out += ["", "",
             "cdef inline void call_rule(int rule, const Slot* slot, Py_ssize_t start, Py_ssize_t n,",
             "                           const StepScalars* s) noexcept nogil:",
@@ -142,10 +162,32 @@ def _dispatch():
         bufs = ctype[0] + "bufs"
         out += ["        for j in range(MAX_BUFFERS):",
                 f"            {bufs}[j] = (<{ctype}*>slot.buf[j] + start) if slot.buf[j] != NULL else NULL"]
-        for i, (name, _, _) in enumerate(RULES):
+        for i, name in enumerate(elementwise):
             out += [f"        {'if' if i == 0 else 'elif'} rule == RULE_{name.upper()}:",
                     f"            {name}_kernel(<{ctype}*>slot.p + start, <{ctype}*>slot.g + start, "
                     f"{bufs}, n, s)"]
+    out += ["", "", "# 1: a SLOTWISE rule, which the runner steps a whole slot at a time.",
+            "cdef bint RULE_SLOTWISE[RULE_COUNT]",
+            "RULE_SLOTWISE[:] = [" + ", ".join(str(int(name in SLOTWISE)) for name, _, _ in RULES) + "]",
+            "", "",
+            "cdef inline void rule_slot(int rule, const Slot* slot, const StepScalars* s,",
+            "                           int threads) noexcept nogil:",
+            '    """A SLOTWISE rule over one whole slot (the native storage kinds)."""',
+            "    cdef int j",
+            "    cdef float* fbufs[MAX_BUFFERS]",
+            "    cdef double* dbufs[MAX_BUFFERS]",
+            "    for j in range(MAX_BUFFERS):",
+            "        fbufs[j] = <float*>slot.buf[j]",
+            "        dbufs[j] = <double*>slot.buf[j]"]
+    natives = [(kind, _NATIVE[p_dtype]) for kind, p_dtype, _, mode in STORAGE if mode == "native"]
+    for i, name in enumerate(SLOTWISE):
+        out.append(f"    {'if' if i == 0 else 'elif'} rule == RULE_{name.upper()}:")
+        for k, (kind, ctype) in enumerate(natives):
+            out += [f"        {'if' if k == 0 else 'elif'} slot.storage == STORAGE_{kind.upper()}:",
+                    f"            {name}_slot(<{ctype}*>slot.p, <{ctype}*>slot.g, {ctype[0]}bufs, "
+                    "slot.size, slot.rows, slot.cols, s, threads)"]
+    if not SLOTWISE:
+        out.append("    pass")
     out += ["", "", "# The element type of each kind's params and grads (the gradient statistics read g).",
             "cdef int P_ELEM[STORAGE_COUNT]",
             "P_ELEM[:] = [" + ", ".join(_ELEMS[p][0] for _, p, _, _ in STORAGE) + "]"]
