@@ -7,8 +7,10 @@ Each benchmark first checks its implementation's result against fastopt's
 NumPy reference (fastopt bit for bit, others to 1e-4 of the total change).
 
 Implementations: fastopt (separate arrays), fastopt-flat (one FlatParams
-buffer; many-array cases), numpy-reference, torch-fused, torch-foreach, and
-deepspeed-cpuadam when DeepSpeed is importable (Adam only).
+buffer; many-array cases), numpy-reference, torch-fused, torch-foreach,
+torch-forloop (torch's single-tensor path), and deepspeed-cpuadam when
+DeepSpeed is importable (Adam only). The size 1000x1000 is one matrix, for
+the rules whose state is factored over its rows and columns (Adafactor).
 """
 import sys
 from pathlib import Path
@@ -17,12 +19,12 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.bench import MANY_LARGE, MANY_SMALL, model_sizes
+from fastopt.bench import MANY_LARGE, MANY_SMALL, MATRIX, model_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import spec  # noqa: E402  (tests/spec.py: the rules, as every class is typically used)
 
-SIZES = ["1e3", "1e5", "1e6", MANY_SMALL, MANY_LARGE]
+SIZES = ["1e3", "1e5", "1e6", MANY_SMALL, MANY_LARGE, MATRIX]
 DTYPES = {"f32": np.float32, "f64": np.float64}
 
 
@@ -50,14 +52,14 @@ def _flat(cls, kwargs, arrays):
     return step, list(flat.params.values())
 
 
-def _torch(cls, kwargs, arrays, flavour):
+def _torch(cls, kwargs, arrays, flavour, on=True):
     torch = pytest.importorskip("torch")
     if not spec.find_class(cls).torch:
         pytest.skip(f"torch.optim has no {cls.__name__} (bench/optax_compare.py times it "
                     "against optax)")
     tensors = [torch.from_numpy(a) for a in arrays]
     try:
-        opt = getattr(torch.optim, spec.find_class(cls).torch)(tensors, **{flavour: True}, **kwargs)
+        opt = getattr(torch.optim, spec.find_class(cls).torch)(tensors, **{flavour: on}, **kwargs)
     except (TypeError, RuntimeError, ValueError) as e:
         pytest.skip(f"torch {cls.__name__} has no {flavour} path: {e}")
     wrapped = {}
@@ -92,6 +94,7 @@ IMPLEMENTATIONS = {
     "numpy-reference": lambda cls, kw, a: _fastopt(cls, kw, a, backend="numpy"),
     "torch-fused": lambda cls, kw, a: _torch(cls, kw, a, "fused"),
     "torch-foreach": lambda cls, kw, a: _torch(cls, kw, a, "foreach"),
+    "torch-forloop": lambda cls, kw, a: _torch(cls, kw, a, "foreach", on=False),
     "deepspeed-cpuadam": _deepspeed,
 }
 
@@ -102,10 +105,12 @@ IMPLEMENTATIONS = {
 @pytest.mark.parametrize("case", spec.typical_cases(), ids=spec.case_id)
 def test_step(benchmark, case, dtype, size, impl):
     rule, cls, kwargs = case
+    shapes = model_shapes(size)
+    if len(shapes[0]) > 1 and not spec.rule(cls).shaped:
+        pytest.skip(f"{cls.__name__} steps a matrix as its elements: the 1e6 case")
     rng = np.random.default_rng(0)
-    sizes = model_sizes(size)
-    p0 = [rng.standard_normal(n).astype(DTYPES[dtype]) for n in sizes]
-    grads = [(rng.standard_normal(n) + 0.5).astype(DTYPES[dtype]) for n in sizes]
+    p0 = [rng.standard_normal(n).astype(DTYPES[dtype]) for n in shapes]
+    grads = [(rng.standard_normal(n) + 0.5).astype(DTYPES[dtype]) for n in shapes]
 
     # Check the implementation once: three steps against the reference.
     step, params = IMPLEMENTATIONS[impl](cls, kwargs, [p.copy() for p in p0])
@@ -114,11 +119,12 @@ def test_step(benchmark, case, dtype, size, impl):
     for _ in range(3):
         step(grads)
         reference(grads)
-    got, want = np.concatenate([p.ravel() for p in params]), np.concatenate(expected)
+    got = np.concatenate([p.ravel() for p in params])
+    want = np.concatenate([p.ravel() for p in expected])
     if impl.startswith(("fastopt", "numpy")):
         np.testing.assert_array_equal(got, want)
     else:  # same formulas, other rounding order: 1e-4 of the change + a few ulps of p
-        scale = np.max(np.abs(want - np.concatenate(p0)))
+        scale = np.max(np.abs(want - np.concatenate([p.ravel() for p in p0])))
         ulps = 4 * np.finfo(want.dtype).eps * np.max(np.abs(want))
         assert np.max(np.abs(got - want)) <= 1e-4 * scale + ulps
 

@@ -354,13 +354,27 @@ def test_plot_has_a_panel_per_rule_and_one_for_many_arrays(monkeypatch, tmp_path
                for rule, dtype, n in [("adam", "float32", "100"), ("adam", "float32", "1000"),
                                       ("adam", "float64", "1000"), ("sgd", "float64", "1000"),
                                       ("rmsprop", "float32", "100"),
-                                      ("adam", "float32", bench.MANY_SMALL)]]
+                                      ("adam", "float32", bench.MANY_SMALL),
+                                      ("adafactor", "float32", "30x40")]]
     png = tmp_path / "bench.png"
     assert bench.plot(results, str(png)) == str(png) and png.stat().st_size > 10_000
     titles = [ax.get_title() for ax in figures[0].axes if ax.axison]
-    assert titles == ["adam", "sgd", "rmsprop", "many arrays (one optimizer)"]
+    # (a matrix case is a bar beside the many-array cases, not a point of a size sweep)
+    assert titles == ["adam", "sgd", "rmsprop", "many arrays (one optimizer), matrices"]
     adam = figures[0].axes[0]
     assert {line.get_linestyle() for line in adam.get_lines()} == {"-", "--"}  # f32, f64
+
+
+def test_a_matrix_case_is_one_array_of_that_shape_with_its_own_streams():
+    assert bench.model_shapes("1000x1000") == [(1000, 1000)]
+    assert bench.model_sizes("1000x1000") == [1_000_000]
+    assert bench.model_shapes("1e3") == [(1000,)]
+    vector = bench.run_case("adafactor", "float64", "12", budget_s=0.005, with_torch=False)
+    matrix = bench.run_case("adafactor", "float64", "3x4", budget_s=0.005, with_torch=False)
+    # a vector keeps its full variance (read and written); a matrix only its factors
+    assert vector["bytes_per_step"] == 5 * 8 * 12 and matrix["bytes_per_step"] == 3 * 8 * 12
+    assert matrix["max_rel_dev"]["fastopt"] == 0.0
+    assert ("adafactor", "float32", bench.MATRIX) in bench.plan(quick=False, full=False)
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")

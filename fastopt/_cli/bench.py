@@ -56,9 +56,21 @@ def _case_rule(cls_name, options):
     touches, which is what has to fit in a cache. Both follow from the
     buffers the rule's options use.
     """
-    opt = OPTIMIZERS[cls_name]([np.zeros(1, np.float32)], **options)
-    used = sum(opt.rule.needs(opt._check_group_hyper(opt.param_groups[0], "")))
+    used = _full_buffers(cls_name, options, (1,))
     return cls_name, options, 3 + 2 * used, 2 + used
+
+
+def _full_buffers(cls_name, options, shape):
+    """How many state buffers shaped like the parameter a parameter of ``shape`` keeps.
+
+    (Adafactor keeps a full variance for a vector and only row and column
+    factors, R + C numbers, for a matrix: those are not memory streams.)
+    """
+    opt = OPTIMIZERS[cls_name]([np.zeros(1, np.float32)], **options)
+    rule = opt.rule
+    needs = rule.needs(opt._check_group_hyper(opt.param_groups[0], ""))
+    return sum(need and rule.buffer_shape(name, shape) == tuple(shape)
+               for name, need in zip(rule.buffers, needs))
 
 
 #: name -> (optimizer class, options, streams, arrays): every class of the
@@ -74,6 +86,11 @@ OTHER_RULES = [r for r in RULES if r not in ("adam", "adamw")]
 
 MANY_SMALL = "200 x 16..4096"
 MANY_LARGE = "200 x 64..262144"
+#: one matrix: the case of a rule whose state is factored over rows and
+#: columns (Adafactor), timed beside its vectors
+MATRIX = "1000x1000"
+#: rule -> the matrix cases the default plan adds for it
+MATRIX_RULES = {"adafactor": (MATRIX,)}
 
 # A working set counts as past the cache at CACHE_FACTOR x the last-level
 # cache, not 1x: caches do not evict in strict LRU order (Intel's adaptive
@@ -119,8 +136,9 @@ COLUMNS = [
                 if RULES[name][1] else "") for name in RULES)
      + "; each optimizer's other options at their defaults"),
     ("dtype", "f32 = float32, f64 = float64 parameters, gradients and state"),
-    ("case", "elements of the one parameter array (1e5), or '200 x 16..4096': 200 arrays of "
-             "log-uniform sizes in that range (seed 0), stepped by one optimizer"),
+    ("case", "elements of the one parameter array (1e5), one matrix of that shape "
+             "('1000x1000'), or '200 x 16..4096': 200 arrays of log-uniform sizes in that "
+             "range (seed 0), stepped by one optimizer"),
     ("fastopt", "median time of one fastopt step (backend='cython') on the case's arrays"),
     ("flat", "many-array cases: the same arrays packed into one fastopt.FlatParams buffer, "
              "stepped as one array"),
@@ -133,9 +151,9 @@ COLUMNS = [
                 "cache (see the notes)"),
     ("numpy", "median time of the same step with fastopt's NumPy reference "
               "(backend='numpy'), which every implementation is checked against"),
-    ("torch best", "the faster of torch.optim's fused kernel (a rule without one: RMSprop, "
-                   "NAdam, Adamax: its for-loop) at 1 and 2 threads, on tensors sharing the "
-                   "arrays' memory"),
+    ("torch best", "the fastest of torch.optim's fused kernel (a rule without one: RMSprop, "
+                   "NAdam, Adamax, ...: its for-loop and its foreach path) at 1 and 2 threads, "
+                   "on tensors sharing the arrays' memory"),
     ("x numpy", "numpy / fastopt: how many times faster fastopt's step is (below 1: slower)"),
     ("x torch", "torch best / fastopt"),
 ]
@@ -146,8 +164,18 @@ MARKS = [
 ]
 
 
+def model_shapes(label):
+    """Array shapes of a case: one matrix "RxC", else those of model_sizes."""
+    if "x" in label and " " not in label:
+        return [tuple(int(d) for d in label.split("x"))]
+    return [(n,) for n in model_sizes(label)]
+
+
 def model_sizes(label):
-    """Array sizes of a case: one array of n, or 200 log-uniform sizes (seed 0)."""
+    """Array sizes of a case: one array of n ("1e5"), one matrix ("1000x1000": its size),
+    or 200 log-uniform sizes (seed 0)."""
+    if "x" in label and " " not in label:
+        return [int(np.prod(model_shapes(label)[0]))]
     if label == MANY_SMALL:
         lo, hi = 16, 4096
     elif label == MANY_LARGE:
@@ -212,6 +240,7 @@ def plan(quick, full, dram_bytes=None, available_bytes=None):
     cases += [("adam", "float32", m) for m in (MANY_SMALL, MANY_LARGE)]
     for rule in OTHER_RULES:
         cases += [(rule, "float32", n) for n in ("1e3", "1e5", "1e7")]
+        cases += [(rule, "float32", m) for m in MATRIX_RULES.get(rule, ())]
     cases += [("adam", "float64", n) for n in ("1e3", "1e5", "1e7")]
     cases += [("sgd", "float64", "1e7")]
     if full:
@@ -456,7 +485,7 @@ def _flat_impl(cls, options, arrays):
     return step
 
 
-def _torch_impl(cls_name, options, arrays, threads):
+def _torch_impl(cls_name, options, arrays, threads, foreach=False):
     try:
         import torch
     except ImportError:
@@ -465,10 +494,14 @@ def _torch_impl(cls_name, options, arrays, threads):
     if cls is None:
         return None  # Lion, Lamb: optax's rules (bench/optax_compare.py times them against optax)
     tensors = [torch.from_numpy(a) for a in arrays]  # share memory with the arrays
-    try:
+    if foreach:  # torch's multi-tensor path, for a rule without a fused kernel
+        if _has_fused(cls):
+            return None
+        opt = cls(tensors, foreach=True, **options)
+    elif _has_fused(cls):
         opt = cls(tensors, fused=True, **options)
-    except (TypeError, RuntimeError, ValueError):
-        opt = cls(tensors, foreach=False, **options)  # no fused kernel (RMSprop, NAdam, ...)
+    else:
+        opt = cls(tensors, foreach=False, **options)  # the for-loop (RMSprop, NAdam, ...)
 
     grads_cache = {}
 
@@ -483,19 +516,35 @@ def _torch_impl(cls_name, options, arrays, threads):
     return step
 
 
+def _has_fused(cls):
+    """Whether torch.optim's ``cls`` has a fused CPU kernel (Adam, AdamW, SGD, Adagrad)."""
+    import torch
+    try:
+        cls([torch.zeros(1)], fused=True)
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
 def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
     """Time one case; return a dict of block times, medians and the checks' deviations."""
     cls_name, options, streams, _ = RULES[rule]
     cls = getattr(fastopt, cls_name)
     dtype = np.dtype(dtype)
     sizes = model_sizes(label)
+    shapes = model_shapes(label)
+    if len(shapes[0]) > 1:  # a matrix case: its own streams and working set
+        used = _full_buffers(cls_name, options, shapes[0])
+        streams, arrays_touched = 3 + 2 * used, 2 + used
+    else:
+        arrays_touched = RULES[rule][3]
     n = sum(sizes)
     rng = np.random.default_rng(1)
     # Drawn in the dtype itself: no float64 copy of a large case to convert.
-    p0 = [rng.standard_normal(s, dtype=dtype) for s in sizes]
+    p0 = [rng.standard_normal(s, dtype=dtype) for s in shapes]
     # Two gradient sets, alternated; the offset makes parameters drift, so
     # deviations are measured against a growing total change.
-    grad_sets = [[rng.standard_normal(s, dtype=dtype) + dtype.type(0.5) for s in sizes]
+    grad_sets = [[rng.standard_normal(s, dtype=dtype) + dtype.type(0.5) for s in shapes]
                  for _ in range(2)]
 
     impls, arrays = {}, {}
@@ -516,6 +565,9 @@ def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
     if with_torch:
         for threads in (1, 2):
             add(f"torch {threads}t", lambda a, t=threads: _torch_impl(cls_name, options, a, t))
+        for threads in (1, 2):  # (rules without a fused kernel: the for-loop's rival)
+            add(f"torch foreach {threads}t",
+                lambda a, t=threads: _torch_impl(cls_name, options, a, t, foreach=True))
 
     # Rounds: each implementation in turn runs a block of k steps on one
     # gradient set (its working set stays warm, as in a training loop), and
@@ -551,7 +603,7 @@ def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
     result = {"rule": rule, "dtype": str(dtype), "case": label, "n": n, "arrays": len(sizes),
               "steps": step_count, "block_steps": k,
               "bytes_per_step": streams * dtype.itemsize * n,
-              "working_set_bytes": working_set_bytes(rule, dtype, n)}
+              "working_set_bytes": arrays_touched * dtype.itemsize * n}
     result.update(check(arrays, impls, p0))
     result["median_s"] = {name: statistics.median(ts) for name, ts in times.items()}
     result["block_s"] = times
@@ -639,7 +691,7 @@ def find_unstable(results):
                     flag["reasons"].append(f"{name} blocks spread {spread:.0%}")
     groups = {}
     for i, r in enumerate(results):
-        if r["arrays"] == 1:
+        if _one_vector(r):
             groups.setdefault((r["rule"], r["dtype"]), []).append(i)
     for members in groups.values():
         members.sort(key=lambda i: results[i]["n"])
@@ -756,6 +808,11 @@ def _fmt_time(seconds):
 def _fmt_rate(x):
     """GB/s: one decimal, or two significant digits below 1 (a disturbed case is not '0.0')."""
     return f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+
+def _one_vector(result):
+    """Whether a result is a case of one 1-D array (a point on its rule's size sweep)."""
+    return result["arrays"] == 1 and len(model_shapes(result["case"])[0]) == 1
 
 
 def case_name(result):
@@ -888,7 +945,8 @@ def notes(results, llc, llc_source, dram_bytes, probe, load=None):
 # ------------------------------------------------------------------ the plot
 
 _COLOURS = {"fastopt": "tab:blue", "fastopt flat": "tab:cyan", "numpy": "tab:gray",
-            "torch 1t": "tab:orange", "torch 2t": "tab:red"}
+            "torch 1t": "tab:orange", "torch 2t": "tab:red",
+            "torch foreach 1t": "tab:olive", "torch foreach 2t": "tab:brown"}
 _DTYPE_STYLE = {"float32": ("-", "o"), "float64": ("--", "s")}
 
 
@@ -897,7 +955,7 @@ def plot(results, path):
 
     One panel per rule with one-array cases (G elements/s against elements,
     a line per implementation, float32 solid, float64 dashed), and one panel
-    of bars for the many-array cases.
+    of bars for the many-array and matrix cases.
 
     Returns
     -------
@@ -907,8 +965,8 @@ def plot(results, path):
     plt = _plotting.pyplot()
     if plt is None:
         return None
-    single = [r for r in results if r["arrays"] == 1]
-    many = [r for r in results if r["arrays"] > 1]
+    single = [r for r in results if _one_vector(r)]
+    many = [r for r in results if not _one_vector(r)]  # (and the matrix cases: bars too)
     rules = [rule for rule in RULES if any(r["rule"] == rule for r in single)]
     panels = len(rules) + bool(many)
     if not panels:
@@ -957,7 +1015,7 @@ def plot(results, path):
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("G elements / s", fontsize=8)
-        ax.set_title("many arrays (one optimizer)", fontsize=10)
+        ax.set_title("many arrays (one optimizer), matrices", fontsize=10)
         ax.tick_params(labelsize=7)
         ax.grid(True, axis="x", which="both", alpha=0.3)
     for ax in axes[panels:]:
@@ -1024,7 +1082,7 @@ def make_parser():
                              "models")
     parser.add_argument("--cases", metavar="RULE:DTYPE:SIZE", nargs="+",
                         help="run only these cases, e.g. adam:float32:1e5 "
-                             "sgd:float64:'200 x 16..4096'")
+                             "adafactor:float32:1000x1000 sgd:float64:'200 x 16..4096'")
     return parser
 
 
