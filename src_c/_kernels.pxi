@@ -108,11 +108,9 @@ cdef inline floating nan_max(floating a, floating b) noexcept nogil:
     # NaN if either side is NaN (torch.maximum, numpy.maximum), so a NaN never
     # vanishes here. Of two equal values b wins, as in numpy.maximum: that
     # decides max(-0.0, +0.0), and the reference twin uses numpy.maximum.
-    if a != a:
-        return a
-    if b != b:
-        return b
-    return a if a > b else b
+    # One select, no early return: loops that use it stay vectorizable (a NaN
+    # b fails a > b and is taken as b).
+    return a if (a > b or a != a) else b
 
 
 cdef inline floating absolute(floating x) noexcept nogil:
