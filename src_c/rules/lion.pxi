@@ -3,13 +3,11 @@
 # _kernels_<isa> module; see src_c/rules/table.py for the contract every rule
 # file fulfils.
 
-cdef inline floating jnp_sign(floating x) noexcept nogil:
-    # jnp.sign: +1, -1, and x itself for +-0 and NaN (a NaN propagates, unlike torch.sign)
-    if x > 0:
-        return <floating>1
-    if x < 0:
-        return <floating>-1
-    return x
+cdef inline floating jnp_sign(floating x, floating one) noexcept nogil:
+    # jnp.sign: +1, -1, and x itself for +-0 and NaN (a NaN propagates, unlike
+    # torch.sign). Selects from `one` (unseen_one, src_c/_kernels.pxi): the
+    # signs are as good as random, and a branch mispredicts on every other one.
+    return one if x > 0 else (-one if x < 0 else x)
 
 
 cdef inline void lion_loop(floating* p, const floating* g, floating* exp_avg, Py_ssize_t n,
@@ -21,13 +19,14 @@ cdef inline void lion_loop(floating* p, const floating* g, floating* exp_avg, Py
     cdef floating beta2 = <floating>s.beta2
     cdef floating one_minus_beta2 = <floating>(1.0 - s.beta2)
     cdef floating neg_lr = <floating>(-s.lr)
+    cdef floating one = <floating>unseen_one(s.beta1)  # (validated in [0, 1))
     cdef floating gi, m, u
     cdef Py_ssize_t i
     for i in range(n):
         gi = sign * g[i]
         m = exp_avg[i]
         # optax: sign((1 - b1) g + b1 m), then + wd * p, then * -lr, added to p
-        u = jnp_sign(one_minus_beta1 * gi + beta1 * m)
+        u = jnp_sign(one_minus_beta1 * gi + beta1 * m, one)
         if decay:
             u = u + wd * p[i]
         p[i] = p[i] + u * neg_lr

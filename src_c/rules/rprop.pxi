@@ -7,12 +7,8 @@
 # Every choice below is a select, not a branch: the signs of g * prev are
 # as good as random in training, so a branchy loop mispredicts about every
 # other element and does not vectorize (11 ns per element, 20x the other
-# rules). One catch keeps the compiler from making the selects: it folds a
-# multiplication by the constant 1 (or -1) away, which leaves the remaining
-# multiplication in one arm of a branch, where it must stay (it might raise
-# an FP exception the source would not: -ftrapping-math, GCC's default).
-# So the factors the loop selects from are `one`, a 1 the compiler cannot
-# see, and the multiplications stay outside the selects.
+# rules). The factors and signs are picked from `one`, unseen_one()
+# (src_c/_kernels.pxi says why), and multiplied outside the selects.
 
 cdef inline floating torch_sign(floating x, floating one) noexcept nogil:
     # torch.sign on the CPU: +1, -1, or 0 for a zero of either sign and for NaN
@@ -35,8 +31,7 @@ cdef void rprop_kernel(floating* p, const floating* g, floating** bufs,
     cdef floating etaplus = <floating>s.etaplus
     cdef floating low = <floating>s.step_size_min
     cdef floating high = <floating>s.step_size_max
-    # (see above: 1, opaque to the compiler; etaplus is finite, so this is 1)
-    cdef floating one = <floating>(s.etaplus * 0.0 + 1.0)
+    cdef floating one = <floating>unseen_one(s.etaplus)  # (validated finite)
     cdef floating gi, x, factor, size
     cdef Py_ssize_t i
     for i in range(n):
