@@ -429,6 +429,21 @@ def test_check_catches_nan_and_a_torch_deviation():
                        p0)["max_rel_dev"]["torch 1t"] == pytest.approx(1e-7)
 
 
+def test_check_allows_torchs_own_sums_of_a_whole_array_and_no_more():
+    # torch sums a whole float32 array in float32 (Adafactor's norms): 3.7e-4 of
+    # the total change at 1e7; elementwise rules keep the plain 1e-4
+    p0 = [np.zeros(1000, np.float32)]
+    ref = np.ones(1000, np.float32)
+    off = ref + np.float32(4e-4)
+    impls = {"numpy": None, "torch 1t": None}
+    with pytest.raises(AssertionError, match="torch 1t deviates"):
+        bench.check({"numpy": [ref], "torch 1t": [off]}, impls, p0)
+    assert bench.check({"numpy": [ref], "torch 1t": [off]}, impls, p0, summed=10 ** 7)
+    with pytest.raises(AssertionError, match="torch 1t deviates"):  # 1e-4 + 2 sqrt(n) eps: 8.5e-4
+        bench.check({"numpy": [ref], "torch 1t": [ref + np.float32(1e-3)]}, impls, p0,
+                    summed=10 ** 7)
+
+
 class _SlowProbe:
     """A probe that always reads 1 MB/s, as if every pass had been disturbed."""
 
