@@ -86,6 +86,9 @@ def _check_state(rule, p, name, t):
     shape = rule.buffer_shape(name, p.shape)
     if shape is None:
         return f"has state[{name!r}], which a parameter of its shape does not keep"
+    if isinstance(t, torch.Tensor) and _overlaps_itself(t):
+        # (an expanded view: the update of one element would land on others)
+        return f"has state[{name!r}] whose elements share memory (an expanded view)"
     if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.dtype is p.dtype
             and tuple(t.shape) == shape):
         if shape == tuple(p.shape):
@@ -94,6 +97,21 @@ def _check_state(rule, p, name, t):
         return (f"has state[{name!r}] that is no CPU tensor of the parameter's dtype and "
                 f"shape {shape}")
     return None
+
+
+def _overlaps_itself(t):
+    """Whether two elements of ``t`` may share memory (expand, as_strided with stride 0).
+
+    Dimensions by increasing stride: each must step past everything the
+    smaller ones reach. (Conservative: an interleaved as_strided layout that
+    does not overlap may still be called overlapping.)
+    """
+    reach = 1  # elements spanned so far, counting from the first
+    for stride, n in sorted((abs(st), n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride < reach:
+            return True
+        reach += (n - 1) * stride
+    return False
 
 
 def _span(t, name):
@@ -416,6 +434,7 @@ class _FastoptStep:
             needs = rule.needs(hyper)
             params = list(group["params"])
             slot_of, dtypes, states, expected, counters, held = [], [], [], [], [], []
+            shapes = []  # (checked each step for a rule that reads rows and columns)
             scalar_views = []  # per slot: views of its scalar state (NAdam's mu_product)
             ps, gs, buffer_lists = [], [], [[] if n else None for n in needs]
             for p in params:
@@ -435,6 +454,8 @@ class _FastoptStep:
                         lst.append(_view(state[name]) if name in state else None)
                 # what the slot's pointers came from: tensor_step checks they are still there
                 watched = [n for n, need in zip(rule.buffers, needs) if need and n in state]
+                if not all(state[n].is_contiguous() for n in watched):
+                    return None  # (stepped through copies: only the general path does that)
                 watched += ["step"] if "step" in state else []
                 if rule.scalar_state:
                     if any(n not in state or state[n].dtype not in _REAL
@@ -442,8 +463,10 @@ class _FastoptStep:
                         return None
                     watched += list(rule.scalar_state)
                     scalar_views.append(tuple(_view(state[n]) for n in rule.scalar_state))
-                expected.append(tuple((n, state[n]) for n in watched))
+                expected.append(tuple((n, state[n], state[n].data_ptr(), state[n].numel())
+                                      for n in watched))
                 counters.append(_view(state["step"]) if "step" in state else None)
+                shapes.append(p.shape)
                 dtypes.append(p.dtype)
                 states.append(state)
             ws = _fastpath.Workspace()
@@ -451,7 +474,8 @@ class _FastoptStep:
             ws.protect_arrays(held)
             groups.append(_fastpath.TensorGroup(
                 ws, params, slot_of, dtypes, states, expected, counters,
-                self._scalars(hyper), rule.counts_steps, scalar_views))
+                self._scalars(hyper), rule.counts_steps, scalar_views,
+                shapes if rule.layouts else None))
             snapshots.append(dict(group))
             needs_list.append(needs)
         return {"groups": groups, "snapshots": snapshots, "needs": needs_list,

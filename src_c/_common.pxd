@@ -48,6 +48,9 @@ cdef struct StepScalars:
     double beta2_weight  # Adafactor: this step's t ** beta2_decay (torch's one_minus_beta2_t)
     double eps2          # Adafactor: the floor of the parameter RMS in the step size (eps[1])
     double clip_threshold  # Adafactor: d, the update RMS above which it is scaled down
+    bint eps_from_dtype  # Adafactor: eps[0] is None, the parameter dtype's machine epsilon
+    double one           # always 1.0, set at run time: a 1 the compiler cannot fold
+                         # (src_c/_kernels.pxi says why Rprop and Lion need it)
     # A rule with per-parameter scalar state (NAdam's mu_product, ASGD's eta and
     # mu): the values before this step go in, at_step forms this step's
     # scalars from them and the values after it (state_out), or flags that

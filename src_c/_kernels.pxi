@@ -113,17 +113,16 @@ cdef inline floating nan_max(floating a, floating b) noexcept nogil:
     return a if (a > b or a != a) else b
 
 
-cdef inline double unseen_one(double finite) noexcept nogil:
-    # 1, formed at run time from a finite value (x * 0 + 1 is not 1 for an
-    # infinite or NaN x, so the compiler cannot fold it). A loop that picks
-    # a sign or factor per element and multiplies by it vectorizes only if
-    # the picks are selects; with the constants 1 and -1 among them, GCC
-    # folds those multiplications away and leaves the remaining one in an arm
-    # of a branch, where it must stay (an FP operation the source runs only
-    # sometimes may not run always: -ftrapping-math, the default) - and the
-    # loop stays scalar, mispredicting on every other random sign (Rprop,
-    # Lion: 10-20x). Picking from unseen_one keeps the multiplication whole.
-    return finite * 0.0 + 1.0
+# s.one (StepScalars) is 1.0, set at run time, so the compiler cannot fold
+# it. A loop that picks a sign or factor per element and multiplies by it
+# vectorizes only if the picks are selects; with the constants 1 and -1
+# among them, GCC folds those multiplications away and leaves the remaining
+# one in an arm of a branch, where it must stay (an FP operation the source
+# runs only sometimes may not run always: -ftrapping-math, the default) -
+# and the loop stays scalar, mispredicting on every other random sign
+# (Rprop, Lion: 10-20x). Picking from s.one keeps the multiplication whole.
+# (Not x * 0 + 1 from a hyperparameter: an infinite one, as torch allows
+# Rprop's etaplus, would make it NaN.)
 
 
 cdef inline floating absolute(floating x) noexcept nogil:

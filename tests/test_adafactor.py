@@ -203,3 +203,75 @@ def test_torch_refuses_state_of_another_shape_and_changes_nothing():
     with pytest.raises(ValueError, match="state\\['variance'\\], which a parameter of its "
                                          "shape does not keep"):
         opt.step()
+
+
+def _warm_torch_adafactor(shape=(4, 3)):
+    import torch
+    import fastopt.torch as ft
+
+    p = torch.nn.Parameter(torch.arange(float(np.prod(shape))).reshape(shape) / 7)
+    opt = ft.Adafactor([p])
+    for _ in range(2):  # the second step gathers the warm path
+        p.grad = torch.ones(shape)
+        opt.step()
+    return torch, p, opt
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_torch_warm_path_sees_a_param_reshaped_in_place():
+    # p.data = p.data.view(...) keeps the memory: the factored state no longer fits
+    torch, p, opt = _warm_torch_adafactor()
+    p.data = p.data.view(3, 4)
+    p.grad = torch.ones(3, 4)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"state\['row_var'\].*shape \(3, 1\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_torch_state_with_gaps_is_stepped_through_a_copy_every_step():
+    torch, p, opt = _warm_torch_adafactor()
+    base = torch.zeros(1, 6)
+    gapped = base[:, ::2]
+    gapped.copy_(opt.state[p]["col_var"])
+    import fastopt.torch as ft
+
+    twin = p.detach().clone().requires_grad_()
+    other = ft.Adafactor([twin])
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.state[p]["col_var"] = gapped
+    for _ in range(3):
+        p.grad, twin.grad = torch.ones(4, 3), torch.ones(4, 3)
+        opt.step()
+        other.step()
+    assert torch.equal(base[:, 1::2], torch.zeros(1, 3))  # the gaps untouched
+    assert torch.equal(p.detach(), twin.detach())
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_torch_refuses_an_expanded_state_tensor_before_changing_anything():
+    torch, p, opt = _warm_torch_adafactor()
+    opt.state[p]["row_var"] = torch.zeros(1, 1).expand(4, 1)
+    before, step = p.detach().clone(), float(opt.state[p]["step"])
+    p.grad = torch.ones(4, 3)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == step
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_torch_uses_an_eps1_written_into_the_group_as_is():
+    # torch checks ranges only in its constructor; a later eps1 (even negative) is used
+    import torch
+    import fastopt.torch as ft
+
+    ps = [torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3)) for _ in range(2)]
+    opts = [torch.optim.Adafactor([ps[0]]), ft.Adafactor([ps[1]])]
+    for opt in opts:
+        opt.param_groups[0]["eps"] = (-0.5, 1e-3)
+    for _ in range(3):
+        for p, opt in zip(ps, opts):
+            p.grad = torch.sin(3 * p.detach())
+            opt.step()
+    torch.testing.assert_close(ps[1].detach(), ps[0].detach(), rtol=0, atol=1e-6)

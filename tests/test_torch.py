@@ -283,6 +283,43 @@ def test_a_differentiable_optimizer_is_torch_optims_own_step(name):
     torch.testing.assert_close(run(getattr(ft, name)), theirs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", spec.torch_class_names())
+def test_warm_path_follows_state_tensors_given_new_storage(name):
+    # t.data = ... keeps the state's tensor objects but moves their memory: the
+    # warm path must notice (it once wrote into the freed storage)
+    results = []
+    for general in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        opt = getattr(ft, name)([p])
+        for _ in range(2):
+            p.grad = torch.randn(4, 3)
+            opt.step()
+        for key, t in opt.state[p].items():
+            if key != "step" and t.numel() > 1:
+                t.data = torch.full_like(t, 0.25)
+        for _ in range(2):
+            if general:
+                opt._fastopt_fast = None
+            p.grad = torch.randn(4, 3)
+            opt.step()
+        results.append([p.detach().clone()] + [t.clone() for t in opt.state[p].values()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_rprop_takes_an_infinite_etaplus_as_torch_does():
+    results = []
+    for cls in (torch.optim.Rprop, ft.Rprop):
+        p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+        opt = cls([p], etas=(0.5, float("inf")))
+        for g in ([1.0, -1.0, 0.0], [1.0, -1.0, 0.0]):
+            p.grad = torch.tensor(g)
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["step_size"].clone()))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
 def test_is_a_torch_optimizer():
     p = torch.zeros(3, requires_grad=True)
     for name in spec.torch_class_names():

@@ -30,10 +30,11 @@ __all__ = ["RULE", "adafactor", "Adafactor"]
 
 def _consts(h):
     eps1, eps2 = h["eps"]
-    # eps1 None travels as -1: the kernel then takes its dtype's epsilon
-    return dict(lr=h["lr"], beta2_decay=h["beta2_decay"], eps=-1.0 if eps1 is None else eps1,
-                eps2=eps2, clip_threshold=h["d"], weight_decay=h["weight_decay"],
-                maximize=h["maximize"])
+    # eps1 None: the kernel takes its parameter dtype's epsilon (any value
+    # written into a torch group later, negative or NaN too, is used as is)
+    return dict(lr=h["lr"], beta2_decay=h["beta2_decay"], eps=0.0 if eps1 is None else eps1,
+                eps_from_dtype=eps1 is None, eps2=eps2, clip_threshold=h["d"],
+                weight_decay=h["weight_decay"], maximize=h["maximize"])
 
 
 RULE = Rule(

@@ -10,7 +10,7 @@ memset(&_ZERO, 0, sizeof(_ZERO))
 _ZERO.decay = 1.0  # AdamW's p *= decay: 1.0 is "off" (and exact)
 _FIELDS = frozenset(<dict>_ZERO) - {"base_lr", "sign", "first_step", "flush_denormals",
                                     "state_in", "state_out", "state_invalid", "phase", "acc",
-                                    "trust"}
+                                    "trust", "one"}
 
 
 cdef class Scalars:
@@ -55,6 +55,7 @@ cdef class Scalars:
         self.s.base_lr = lr
         self.s.sign = (-1.0 if maximize else 1.0) / grad_scale
         self.s.flush_denormals = flush_denormals
+        self.s.one = 1.0  # (read by the kernels as a value the compiler cannot see)
 
     def values(self, Py_ssize_t step=1, bint first_step=False):
         """The scalars a kernel would get at ``step`` (for tests and debugging)."""

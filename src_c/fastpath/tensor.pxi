@@ -13,13 +13,17 @@ cdef class TensorGroup:
     order, which of them step (``slot_of[i]`` >= 0: those that had a
     gradient), per stepping param its dtype, state dict and the tensors
     expected in it, the address of its step counter, and a Workspace loaded
-    with the pointers of params and state buffers, and for a rule with
+    with the pointers of params and state buffers (``expected``: per slot,
+    ``(name, tensor, data_ptr, numel)`` of each state tensor it reads), for
+    a rule whose state is shaped by the param's dimensions each param's
+    shape (``shapes``), and for a rule with
     scalar state (NAdam's mu_product) the addresses of each param's scalar
     tensors. tensor_step re-checks each step what can change without the
     optimizer seeing it.
     """
     cdef Workspace ws
     cdef list params, dtypes, states, expected
+    cdef list shapes                   # per slot: the param's shape, or None (any shape)
     cdef Py_ssize_t* slot_of
     cdef char** counters
     cdef bint* counter_f64
@@ -39,14 +43,14 @@ cdef class TensorGroup:
 
     def __init__(self, Workspace ws, list params, list slot_of, list dtypes, list states,
                  list expected, list counters, Scalars scalars, bint counts_steps,
-                 list scalar_views=None):
+                 list scalar_views=None, list shapes=None):
         cdef Py_ssize_t i, j, n = len(counters)
         cdef cnp.ndarray view
         if len(slot_of) != len(params) or not (len(dtypes) == len(states) == len(expected) == n
                                                  == ws.count):
             raise ValueError("internal: TensorGroup lists do not match")
         self.ws, self.params, self.dtypes = ws, params, dtypes
-        self.states, self.expected = states, expected
+        self.states, self.expected, self.shapes = states, expected, shapes
         self.scalars, self.counts_steps = scalars, counts_steps
         self.slot_of = <Py_ssize_t*>realloc(NULL, max(len(params), 1) * sizeof(Py_ssize_t))
         self.counters = <char**>realloc(NULL, max(n, 1) * sizeof(char*))
@@ -97,7 +101,7 @@ cdef class TensorGroup:
     cdef bint load(self, list live, dict state, object strided) except -1:
         """Check the group as it is now and take its gradients' pointers."""
         cdef Py_ssize_t i, k, n = len(self.params)
-        cdef object p, g, dtype, st, pair
+        cdef object p, g, dtype, st, pair, t
         cdef Slot* slot
         cdef uintptr_t ptr
         if len(live) != n:
@@ -132,9 +136,18 @@ cdef class TensorGroup:
             st = state.get(p)
             if st is not self.states[k]:
                 return False
+            # ... and they still have the memory the slot points at: the same
+            # object can be given other storage (t.data = ..., set_, resize_),
+            # and the kernel would then write where the old storage was
             for pair in <tuple>self.expected[k]:
-                if (<dict>st).get((<tuple>pair)[0]) is not (<tuple>pair)[1]:
+                t = (<dict>st).get((<tuple>pair)[0])
+                if (t is not (<tuple>pair)[1] or t.data_ptr() != (<tuple>pair)[2]
+                        or t.numel() != (<tuple>pair)[3] or t.is_contiguous() is not True):
                     return False
+            # a rule that reads rows and columns (Adafactor) also needs the
+            # param's shape unchanged (p.data = p.data.view(...) keeps its memory)
+            if self.shapes is not None and p.shape != self.shapes[k]:
+                return False
             ptr = g.data_ptr()
             if <char*>ptr != slot.g:
                 slot.g = <char*>ptr

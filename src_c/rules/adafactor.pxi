@@ -331,7 +331,7 @@ cdef void adafactor_slot(floating* p, const floating* g, floating** bufs, Py_ssi
     cdef floating* variance = bufs[2]
     cdef floating sign = <floating>s.sign
     cdef floating w = <floating>s.beta2_weight
-    cdef double eps1 = s.eps if s.eps >= 0.0 else <double>type_eps(<floating>0)
+    cdef double eps1 = <double>type_eps(<floating>0) if s.eps_from_dtype else s.eps
     cdef floating eps1_f = <floating>eps1
     cdef floating eps1_sq = <floating>(eps1 * eps1)
     cdef bint decay_on = s.weight_decay != 0.0

@@ -5,7 +5,7 @@
 
 cdef inline floating jnp_sign(floating x, floating one) noexcept nogil:
     # jnp.sign: +1, -1, and x itself for +-0 and NaN (a NaN propagates, unlike
-    # torch.sign). Selects from `one` (unseen_one, src_c/_kernels.pxi): the
+    # torch.sign). Selects from `one` (StepScalars.one, src_c/_kernels.pxi): the
     # signs are as good as random, and a branch mispredicts on every other one.
     return one if x > 0 else (-one if x < 0 else x)
 
@@ -19,7 +19,7 @@ cdef inline void lion_loop(floating* p, const floating* g, floating* exp_avg, Py
     cdef floating beta2 = <floating>s.beta2
     cdef floating one_minus_beta2 = <floating>(1.0 - s.beta2)
     cdef floating neg_lr = <floating>(-s.lr)
-    cdef floating one = <floating>unseen_one(s.beta1)  # (validated in [0, 1))
+    cdef floating one = <floating>s.one  # 1 (src_c/_kernels.pxi says why)
     cdef floating gi, m, u
     cdef Py_ssize_t i
     for i in range(n):

@@ -7,7 +7,7 @@
 # Every choice below is a select, not a branch: the signs of g * prev are
 # as good as random in training, so a branchy loop mispredicts about every
 # other element and does not vectorize (11 ns per element, 20x the other
-# rules). The factors and signs are picked from `one`, unseen_one()
+# rules). The factors and signs are picked from `one`, StepScalars.one
 # (src_c/_kernels.pxi says why), and multiplied outside the selects.
 
 cdef inline floating torch_sign(floating x, floating one) noexcept nogil:
@@ -31,7 +31,7 @@ cdef void rprop_kernel(floating* p, const floating* g, floating** bufs,
     cdef floating etaplus = <floating>s.etaplus
     cdef floating low = <floating>s.step_size_min
     cdef floating high = <floating>s.step_size_max
-    cdef floating one = <floating>unseen_one(s.etaplus)  # (validated finite)
+    cdef floating one = <floating>s.one  # 1 (src_c/_kernels.pxi says why)
     cdef floating gi, x, factor, size
     cdef Py_ssize_t i
     for i in range(n):
