@@ -45,10 +45,12 @@ else:
     OPENMP_LINK = OPENMP
     ISA_FLAGS = {
         "baseline": [],
-        "avx2": ["-mavx2", "-mfma"],
+        # F16C (float16 conversions) came with AVX2 on every x86 CPU: the
+        # avx2 level requires all three (src_c/fastpath/cpu.pxi).
+        "avx2": ["-mavx2", "-mfma", "-mf16c"],
         # 512-bit vectors: GCC prefers 256-bit ones on x86-64-v4 unless told.
         "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma",
-                   "-mprefer-vector-width=512"],
+                   "-mf16c", "-mprefer-vector-width=512"],
     }
 
 # Only x86 has optional levels; elsewhere (aarch64: NEON is baseline) one build.

@@ -83,6 +83,19 @@ cdef struct Slot:
     # a SLOTWISE rule reads (Adafactor factors over them; table.py).
     Py_ssize_t rows
     Py_ssize_t cols
+    # Each buffer's element count (a SLOTWISE rule's are not p's; a staged
+    # SLOTWISE step widens them whole).
+    Py_ssize_t buf_size[MAX_BUFFERS]
+    # Half-precision options of a staged kind (src_c/storage.pxi):
+    # master: a float32 copy of p that the rule updates in place (NULL: none);
+    # p is then written as the master rounded to nearest even.
+    # stochastic: every rounding to a half type (p without a master, half
+    # state) is stochastic, its random bits a function of round_key (the
+    # optimizer's seed, the parameter's step and index; fastopt/_precision.py)
+    # and of the element's index, so never of the thread split.
+    char* master
+    bint stochastic
+    unsigned long long round_key
 
 
 # The compute layer's entries. runner: run `rule` over `count` slots, splitting

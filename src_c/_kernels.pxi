@@ -509,9 +509,29 @@ def at_step():
 _ELEM_NAMES = {"bfloat16": ELEM_BF16, "float16": ELEM_F16}
 
 
-def narrow(str dtype, const float[::1] src, unsigned short[::1] dst):
-    """Round float32 ``src`` into ``dst``, the bits of a 16-bit ``dtype`` (storage.pxi's store)."""
-    store_elems(_ELEM_NAMES[dtype], <char*>&dst[0], 0, &src[0], min(src.shape[0], dst.shape[0]))
+def narrow(str dtype, const float[::1] src, unsigned short[::1] dst, key=None,
+           Py_ssize_t start=0):
+    """Round float32 ``src`` into ``dst``, the bits of a 16-bit ``dtype`` (storage.pxi's store).
+
+    ``key``: round stochastically with stream ``key``'s bits, ``src[i]`` being
+    element ``start + i`` of its array (None: to nearest even).
+    """
+    cdef Py_ssize_t n = min(src.shape[0], dst.shape[0])
+    if n:
+        store_elems(_ELEM_NAMES[dtype], <char*>&dst[0] - 2 * start, start, &src[0], n,
+                    key is not None, 0 if key is None else <uint64_t>key)
+
+
+def random_bits(uint64_t key, Py_ssize_t start, unsigned int[::1] out):
+    """out[i] = the random integer of element start + i of stream ``key`` (storage.pxi)."""
+    cdef Py_ssize_t i
+    for i in range(out.shape[0]):
+        out[i] = fastopt_random_bits(key, start + i)
+
+
+def stream_key(uint64_t key, uint64_t stream):
+    """The key of array ``stream`` of a slot whose round_key is ``key`` (0: p, 1 + j: buffer j)."""
+    return fastopt_stream_key(key, stream)
 
 
 def widen(str dtype, const unsigned short[::1] src, float[::1] dst):
@@ -527,6 +547,7 @@ def info():
         "flags": FASTOPT_CFLAGS.decode(),
         "openmp": bool(FASTOPT_OPENMP),
         "omp_max_threads": omp_get_max_threads(),
+        "f16c": bool(FASTOPT_F16C),
     }
 
 

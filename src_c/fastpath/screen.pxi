@@ -233,6 +233,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
     cdef char* seen0[MAX_BUFFERS]
     cdef char* seen1[MAX_BUFFERS]
     cdef char* bufs[MAX_BUFFERS]
+    cdef Py_ssize_t sizes[MAX_BUFFERS]
     cdef bint slow = False
     cdef Py_ssize_t step = -1, this_step = -1  # set before use; -1 quiets the C compiler
     cdef Py_ssize_t nnames = len(names)
@@ -287,6 +288,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
         present = [entry]
         for j in range(MAX_BUFFERS):
             bufs[j] = NULL
+            sizes[j] = 0
         for j in range(nnames):
             b_obj = (<dict>entry).get(names[j])
             if b_obj is None:
@@ -311,6 +313,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
             present += (j, b)
             if needs[j]:
                 bufs[j] = b0
+                sizes[j] = elements(b)
         if slow:
             continue  # keep screening; the workspace will not be used
         if counts_steps:
@@ -319,7 +322,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
             elif this_step != step:
                 slow = True
                 continue
-        ws.put(p, g, bufs)
+        ws.put(p, g, bufs, sizes, -1)
         keep.append(tuple(present))
     if slow:
         return SLOW_PATH

@@ -75,37 +75,64 @@ cdef class Workspace:
             self.capacity = n
         return 0
 
-    cdef inline void put(self, cnp.ndarray p, cnp.ndarray g, char** bufs) noexcept:
+    cdef inline void put(self, cnp.ndarray p, cnp.ndarray g, char** bufs,
+                         const Py_ssize_t* sizes, int storage) noexcept:
+        # storage: the slot's kind; -1: p's own, with state alike (storage_of).
         cdef Slot* slot = &self.slots[self.count]
         cdef int j, nd
         slot.p = <char*>cnp.PyArray_DATA(p)
         slot.g = <char*>cnp.PyArray_DATA(g)
+        slot.size = elements(p)  # real numbers: a complex array is stepped as its real view
         for j in range(MAX_BUFFERS):
             slot.buf[j] = bufs[j]
-        slot.size = elements(p)  # real numbers: a complex array is stepped as its real view
+            slot.buf_size[j] = slot.size if sizes == NULL else sizes[j]
         nd = cnp.PyArray_NDIM(p)
         slot.rows = cnp.PyArray_DIMS(p)[nd - 2] if nd >= 2 else 0
         slot.cols = cnp.PyArray_DIMS(p)[nd - 1] if nd >= 2 else 0
-        slot.storage = storage_of(cnp.PyArray_TYPE(p))
+        slot.storage = storage_of(cnp.PyArray_TYPE(p)) if storage < 0 else storage
+        slot.master = NULL
+        slot.stochastic = False
+        slot.round_key = 0
         self.total += slot.size
         self.count += 1
 
-    def fill(self, list params, list grads, tuple buffer_lists):
-        """Load already-validated aligned lists (buffer_lists: per buffer a list or None)."""
+    def fill(self, list params, list grads, tuple buffer_lists, list storage=None,
+             list masters=None, list round_keys=None):
+        """Load already-validated aligned lists (buffer_lists: per buffer a list or None).
+
+        The half-precision options, per parameter (fastopt/_precision.py):
+        ``storage``, its kind (STORAGE_IDS; default: its dtype's, state
+        alike); ``masters``, its float32 master array or None; ``round_keys``,
+        its stochastic-rounding key or None (round to nearest even).
+        """
         cdef Py_ssize_t i, j, n = len(params)
         cdef char* bufs[MAX_BUFFERS]
+        cdef Py_ssize_t sizes[MAX_BUFFERS]
+        cdef object b, key
+        cdef Slot* slot
         self.reserve(n)
         self.count = 0
         self.total = 0
         for i in range(n):
             for j in range(MAX_BUFFERS):
                 bufs[j] = NULL
+                sizes[j] = 0
                 # (None in a list: this parameter has no such buffer, as
                 # Adafactor's factors for a vector)
                 if (j < len(buffer_lists) and buffer_lists[j] is not None
                         and (<list>buffer_lists[j])[i] is not None):
-                    bufs[j] = <char*>cnp.PyArray_DATA(<cnp.ndarray>(<list>buffer_lists[j])[i])
-            self.put(<cnp.ndarray>params[i], <cnp.ndarray>grads[i], bufs)
+                    b = (<list>buffer_lists[j])[i]
+                    bufs[j] = <char*>cnp.PyArray_DATA(<cnp.ndarray>b)
+                    sizes[j] = elements(<cnp.ndarray>b)
+            self.put(<cnp.ndarray>params[i], <cnp.ndarray>grads[i], bufs, sizes,
+                     -1 if storage is None else <int>storage[i])
+            slot = &self.slots[self.count - 1]
+            if masters is not None and masters[i] is not None:
+                slot.master = <char*>cnp.PyArray_DATA(<cnp.ndarray>masters[i])
+            key = None if round_keys is None else round_keys[i]
+            if key is not None:
+                slot.stochastic = True
+                slot.round_key = <unsigned long long>key
 
     cdef void run(self, int rule, const StepScalars* consts, Py_ssize_t step,
                   bint first_step) noexcept:

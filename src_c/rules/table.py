@@ -83,21 +83,26 @@ REDUCES = {"lamb": 2}
 SLOTWISE = ("adafactor",)
 
 # Storage kinds: (name, dtype of params and grads, dtype of the state, mode).
-# A kind's id is its row number. float16 is staged: the fast path can hand it
-# to the runner, but no public entry accepts it yet (the mixed-precision work
-# adds its dtype policy, bfloat16 and the fp32-master and compressed-state
-# kinds as rows here).
+# A kind's id is its row number. The fastopt/_precision.py policy picks one per
+# parameter from its dtype and the optimizer's state_dtype; master weights and
+# stochastic rounding are options of a staged slot, not kinds.
+_HALF = ("float16", "bfloat16")
 STORAGE = (
     ("f32", "float32", "float32", "native"),
     ("f64", "float64", "float64", "native"),
-    ("f16", "float16", "float16", "staged"),
+    *((f"{p[0]}{p[-2:]}_{s[0]}{s[-2:]}" if p != s else f"{p[0]}{p[-2:]}", p, s, "staged")
+      for p in _HALF + ("float32",) for s in _HALF + ("float32",)
+      if (p, s) != ("float32", "float32")),
 )
 
-# Per element type: its enum in src_c/storage.pxi, its NumPy type number, its size.
+# Per element type: its enum in src_c/storage.pxi, its NumPy type number
+# (bfloat16 is ml_dtypes' and has none fixed: fastopt/_precision.py registers
+# it at run time), its size.
 _ELEMS = {
     "float32": ("ELEM_F32", "NPY_FLOAT32", 4),
     "float64": ("ELEM_F64", "NPY_FLOAT64", 8),
     "float16": ("ELEM_F16", "NPY_FLOAT16", 2),
+    "bfloat16": ("ELEM_BF16", None, 2),
 }
 # The complex type whose real view is a float type (an optimizer steps it so).
 _COMPLEX_OF = {"float32": "NPY_COMPLEX64", "float64": "NPY_COMPLEX128"}
@@ -186,25 +191,42 @@ def _dispatch():
             out += [f"        {'if' if k == 0 else 'elif'} slot.storage == STORAGE_{kind.upper()}:",
                     f"            {name}_slot(<{ctype}*>slot.p, <{ctype}*>slot.g, {ctype[0]}bufs, "
                     "slot.size, slot.rows, slot.cols, s, threads)"]
+        out += ["        else:",
+                f"            run_staged_slot({name}_slot[float], P_ELEM[slot.storage], "
+                "S_ELEM[slot.storage], slot, s, threads)"]
     if not SLOTWISE:
         out.append("    pass")
-    out += ["", "", "# The element type of each kind's params and grads (the gradient statistics read g).",
+    out += ["", "", "# The element type of each kind's params and grads (the gradient statistics read g),",
+            "# and of its state.",
             "cdef int P_ELEM[STORAGE_COUNT]",
-            "P_ELEM[:] = [" + ", ".join(_ELEMS[p][0] for _, p, _, _ in STORAGE) + "]"]
+            "P_ELEM[:] = [" + ", ".join(_ELEMS[p][0] for _, p, _, _ in STORAGE) + "]",
+            "cdef int S_ELEM[STORAGE_COUNT]",
+            "S_ELEM[:] = [" + ", ".join(_ELEMS[s][0] for _, _, s, _ in STORAGE) + "]"]
     return "\n".join(out) + "\n"
 
 
 def _names():
     body = ", ".join(f'"{name}": RULE_{name.upper()}' for name, _, _ in RULES)
+    kinds = ", ".join(f'("{p}", "{s}"): STORAGE_{kind.upper()}' for kind, p, s, _ in STORAGE)
     out = [_HEADER, "from _rule_ids cimport *", "", f"RULE_IDS = {{{body}}}", "",
+           "# (params' dtype, state's dtype) -> storage kind, for fastopt/_precision.py.",
+           f"STORAGE_IDS = {{{kinds}}}", "",
            "# Each kind's element size of params and grads.",
            "cdef Py_ssize_t P_ITEMSIZE[STORAGE_COUNT]",
-           "P_ITEMSIZE[:] = [" + ", ".join(str(_ELEMS[p][2]) for _, p, _, _ in STORAGE) + "]", "", "",
+           "P_ITEMSIZE[:] = [" + ", ".join(str(_ELEMS[p][2]) for _, p, _, _ in STORAGE) + "]", "",
+           "# ml_dtypes.bfloat16's NumPy type number, once registered (register_bfloat16).",
+           "cdef int BFLOAT16_TYPENUM = -1", "", "",
+           "def register_bfloat16(int typenum):",
+           '    """Tell the fast path the NumPy type number of ml_dtypes.bfloat16."""',
+           "    global BFLOAT16_TYPENUM",
+           "    BFLOAT16_TYPENUM = typenum", "", "",
            "cdef inline int storage_of(int typenum) noexcept:",
-           '    """The storage kind of params of NumPy type `typenum` (-1: none)."""']
+           '    """The storage kind of params of NumPy type `typenum` with state alike (-1: none)."""']
     for kind, p_dtype, s_dtype, _ in STORAGE:
         if p_dtype == s_dtype:  # the mixed kinds are chosen by a dtype policy, not by p alone
-            out += [f"    if typenum == cnp.{_ELEMS[p_dtype][1]}:", f"        return STORAGE_{kind.upper()}"]
+            number = _ELEMS[p_dtype][1]
+            number = f"cnp.{number}" if number else "BFLOAT16_TYPENUM"
+            out += [f"    if typenum == {number}:", f"        return STORAGE_{kind.upper()}"]
             if p_dtype in _COMPLEX_OF:  # stepped as its real view, two per element
                 out += [f"    if typenum == cnp.{_COMPLEX_OF[p_dtype]}:",
                         f"        return STORAGE_{kind.upper()}"]
