@@ -10,6 +10,8 @@ import numbers
 
 import numpy as np
 
+from . import _precision
+
 try:
     from numpy.lib.array_utils import byte_bounds
 except ImportError:  # NumPy < 2
@@ -280,12 +282,13 @@ def check_hyper(rules, hyper, where=""):
 
 # --------------------------------------------------------------------- arrays
 
-def check_float_array(name, a, writeable, torch_twin=None, complex_ok=False):
+def check_float_array(name, a, writeable, torch_twin=None, complex_ok=False, half_ok=False):
     """An ndarray of float32/float64 in C order (writeable when updated in place).
 
     ``torch_twin`` names the fastopt.torch class to suggest when ``a`` is a
     torch tensor (an optimizer given ``model.parameters()``); ``complex_ok``
-    admits complex64/complex128 too (an optimizer steps their real view).
+    admits complex64/complex128 too (an optimizer steps their real view);
+    ``half_ok`` float16 and ml_dtypes.bfloat16 (fastopt/_precision.py).
     """
     if not isinstance(a, np.ndarray):
         hint = ""
@@ -298,9 +301,12 @@ def check_float_array(name, a, writeable, torch_twin=None, complex_ok=False):
             "update every element, masked or not); pass numpy.asarray of it, a plain "
             "view of the same memory"
         )
-    if a.dtype not in FLOAT_DTYPES and not (complex_ok and a.dtype in COMPLEX_DTYPES):
-        kinds = "float32, float64, complex64 or complex128" if complex_ok else "float32 or float64"
-        raise TypeError(f"{name} must have dtype {kinds}, got {a.dtype}")
+    if (a.dtype not in FLOAT_DTYPES and not (complex_ok and a.dtype in COMPLEX_DTYPES)
+            and not (half_ok and _precision.element(a.dtype) in _precision.HALF)):
+        kinds = ["float32", "float64"] + (["float16", "bfloat16"] if half_ok else []) + (
+            ["complex64", "complex128"] if complex_ok else [])
+        raise TypeError(f"{name} must have dtype {', '.join(kinds[:-1])} or {kinds[-1]}, "
+                        f"got {a.dtype}")
     if not a.flags.c_contiguous:
         raise ValueError(
             f"{name} must be C-contiguous: fastopt updates arrays in place and never "

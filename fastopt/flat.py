@@ -40,11 +40,12 @@ def _padded(size, dtype):
     return -(-size // per_line) * per_line
 
 
-def packed_like(arrays, fill=0.0, shapes=None):
+def packed_like(arrays, fill=0.0, shapes=None, dtypes=None):
     """New arrays shaped like ``arrays``, laid out back to back in aligned blocks.
 
     ``shapes``: the shape of each new array where it is not its model's
-    (Adafactor's row and column factors), else None.
+    (Adafactor's row and column factors), else None; ``dtypes`` likewise
+    (half-precision state of another dtype than its parameter).
 
     One block per dtype, each array starting on an ALIGNMENT-byte boundary,
     every real number set to ``fill`` (a complex element to ``fill + fill*1j``,
@@ -57,7 +58,7 @@ def packed_like(arrays, fill=0.0, shapes=None):
     sizes = [math.prod(shape) for shape in shapes]
     by_dtype = {}
     for i, a in enumerate(arrays):
-        by_dtype.setdefault(a.dtype, []).append(i)
+        by_dtype.setdefault(a.dtype if dtypes is None else np.dtype(dtypes[i]), []).append(i)
     for dtype, members in by_dtype.items():
         block = _aligned_empty(sum(_padded(sizes[i], dtype) for i in members), dtype)
         block[...] = complex(fill, fill) if dtype.kind == "c" else fill

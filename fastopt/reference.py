@@ -337,3 +337,115 @@ def adafactor(p, g, row_var, col_var, variance, *, step, lr=1e-2, beta2_decay=-0
     if weight_decay != 0:
         p[...] = p * t(1 - lr * weight_decay)
     p[...] = p + t(-alpha / denom) * update
+
+
+# ------------------------------------------------------------ half storage
+# The twins of src_c/storage.pxi: how a float32 result is stored in a half
+# type. A half-precision step is the float32 rule on the widened values, each
+# result stored with one of these (fastopt.optim.optimizer runs them so under
+# backend="numpy"). Integer arithmetic on the bits, in uint64 so nothing wraps
+# unseen.
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _mix32(x):
+    """Chris Wellons' lowbias32 finaliser on uint64 arrays holding 32-bit values."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    return x ^ (x >> np.uint64(16))
+
+
+def random_bits(key, start, n):
+    """The random integers (uint32) of elements start..start+n-1 of stream ``key``."""
+    i = np.arange(start, start + n, dtype=np.uint64)
+    key = np.uint64(key)
+    high = _mix32((i >> np.uint64(32)) ^ (key >> np.uint64(32)))
+    return _mix32((i & _M32) ^ (key & _M32) ^ high).astype(np.uint32)
+
+
+def stream_key(key, stream):
+    """The stream of array ``stream`` of a parameter (0: p, 1 + j: state buffer j)."""
+    return (key + stream * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+
+
+def bfloat16_bits(x, bits=None):
+    """float32 -> bfloat16 bits (uint16): to nearest even, or stochastically with ``bits``."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    if bits is None:
+        rounded = (u + 0x7FFF + ((u >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16)
+    else:
+        rounded = (u + (bits.astype(np.uint64) & np.uint64(0xFFFF))) >> np.uint64(16)
+    nan = (u & np.uint64(0x7FFFFFFF)) > 0x7F800000
+    canonical = ((u >> np.uint64(16)) & np.uint64(0x8000)) | np.uint64(0x7FC0)
+    return np.where(nan, canonical, rounded).astype(np.uint16)
+
+
+def float16_bits(x, bits=None):
+    """float32 -> float16 bits (uint16): to nearest even, or stochastically with ``bits``."""
+    x = np.ascontiguousarray(x, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        nearest = x.astype(np.float16).view(np.uint16)
+    u = x.view(np.uint32).astype(np.uint64)
+    sign = (u >> np.uint64(16)) & np.uint64(0x8000)
+    a = u & np.uint64(0x7FFFFFFF)
+    nan = a > 0x7F800000
+    # NaNs as F16C writes them: quieted, payload truncated
+    nearest = np.where(nan, sign | np.uint64(0x7E00) | ((a >> np.uint64(13)) & np.uint64(0x3FF)),
+                       nearest).astype(np.uint16)
+    if bits is None:
+        return nearest
+    r = bits.astype(np.uint64)
+    e = a >> np.uint64(23)
+    normal = np.minimum((a - np.minimum(a, np.uint64(0x38000000)) + (r & np.uint64(0x1FFF)))
+                        >> np.uint64(13), np.uint64(0x7C00))
+    shift = np.uint64(126) - np.minimum(e, np.uint64(126))
+    small = np.where(shift > 31, np.uint64(0),
+                     ((a & np.uint64(0x7FFFFF)) | np.uint64(0x800000))
+                     + (r & ((np.uint64(1) << np.minimum(shift, np.uint64(63))) - np.uint64(1))))
+    small = small >> np.minimum(shift, np.uint64(63))
+    out = np.where(e >= 113, normal, small) | sign
+    return np.where(a >= 0x7F800000, nearest, out).astype(np.uint16)
+
+
+def store_half(x, out, key=None, start=0):
+    """Store float32 ``x`` into the half array ``out`` (same size), rounded as the kernels do.
+
+    ``key``: the array's stochastic-rounding stream, element ``i`` of ``x``
+    being element ``start + i`` of its array (None: to nearest even).
+    """
+    flat = np.ravel(x)
+    bits = None if key is None else random_bits(key, start, flat.size)
+    convert = bfloat16_bits if out.dtype.name == "bfloat16" else float16_bits
+    out.reshape(-1).view(np.uint16)[...] = convert(flat, bits)
+
+
+def half_step(twin, p, g, buffers, master=None, key=None, **kwargs):
+    """One step of ``twin`` on arrays of any storage, as the kernels take it.
+
+    Each half array (float16, bfloat16) is widened to float32, the float32
+    twin runs on the widened values (float32 ones in place; with a
+    ``master``, on it instead of p), and the results are stored back rounded:
+    to nearest even, or stochastically from ``key`` (the parameter's round
+    key), p as stream 0 and ``buffers[j]`` as stream 1 + j. p is written as
+    the master rounded to nearest even, if there is one.
+    """
+    def half(a):
+        return a is not None and a.dtype.itemsize == 2
+
+    if not half(p) and not any(half(b) for b in buffers):
+        twin(p, g, *buffers, **kwargs)
+        return
+    wide = [None if b is None else (b.astype(np.float32) if half(b) else b) for b in buffers]
+    wide_p = master if master is not None else (p.astype(np.float32) if half(p) else p)
+    returned = twin(wide_p, g.astype(np.float32) if half(g) else g, *wide, **kwargs)
+    if master is not None:
+        store_half(master, p)
+    elif half(p):
+        store_half(wide_p, p, None if key is None else stream_key(key, 0))
+    for j, (b, w) in enumerate(zip(buffers, wide)):
+        if half(b):
+            store_half(w, b, None if key is None else stream_key(key, j + 1))
+    return returned

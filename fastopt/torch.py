@@ -369,7 +369,7 @@ class _FastoptStep:
                 batches.add(rule.step_value(count, created), p_arr, g_arr,
                             dict(zip(names, arrays)),
                             [float(state[n]) for n in rule.scalar_state], state)
-            for step_value, values, ps, gs, buffer_lists, owners in batches:
+            for step_value, values, ps, gs, buffer_lists, owners, storage in batches:
                 if not rule.scalar_state:
                     run_lists(rule, ps, gs, buffer_lists, step_value, hyper, self._scalars(hyper))
                     continue

@@ -59,7 +59,7 @@ def test_params_as_list_dict_and_groups():
     (5, TypeError, "params must be"),
     ([np.zeros(3), {"params": [np.zeros(2)]}], TypeError, "mixes arrays and param-group"),
     ([{"lr": 0.1}], TypeError, "'params' entry"),
-    ([np.zeros(3, np.int32)], TypeError, r"params\[0\] must have dtype float32, float64, complex64 or complex128, got int32"),
+    ([np.zeros(3, np.int32)], TypeError, r"params\[0\] must have dtype float32, float64, float16, bfloat16, complex64 or complex128, got int32"),
     ([np.zeros(3), np.zeros((4, 4))[:, 0]], ValueError, r"params\[1\] must be C-contiguous"),
     ([np.broadcast_to(np.zeros(3), (3,))], ValueError, "read-only"),
     ({"w": np.zeros(3), 1: np.zeros(2)}, TypeError, "names must be strings"),
@@ -199,10 +199,10 @@ def test_complex_params_are_refused_where_the_rule_reads_shapes(name):
     """Adafactor, as torch's: a TypeError naming the parameter, at construction and at
     add_param_group, and nothing changes."""
     cls = getattr(fastopt, name)
-    with pytest.raises(TypeError, match=r"params\[0\] must have dtype float32 or float64"):
+    with pytest.raises(TypeError, match=r"params\[0\] must have dtype float32, float64, float16 or bfloat16"):
         cls([np.zeros((2, 3), np.complex64)])
     opt = cls([np.zeros((2, 3))])
-    with pytest.raises(TypeError, match="must have dtype float32 or float64, got complex128"):
+    with pytest.raises(TypeError, match="must have dtype float32, float64, float16 or bfloat16, got complex128"):
         opt.add_param_group({"params": [np.zeros(4, np.complex128)]})
     assert len(opt.param_groups) == 1 and not opt.state
 

@@ -150,11 +150,6 @@ def run_staged_and_twin(rule_name, options, n, steps=3, seed=0):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("case", spec.kernel_cases(), ids=spec.case_id)
 def test_float16_storage_equals_the_float32_twin_rounded(case, n):
-    if spec.rule(case[1]).whole_arrays:
-        # Lamb's second pass reads the moments its first pass stored, rounded
-        # to float16, so it is not the float32 twin rounded once; the dtype
-        # policy for half precision (issue 17) decides what it should be.
-        pytest.skip("a two-pass rule on staged storage is not the twin rounded once")
     fast, slow = run_staged_and_twin(*case[1:], n)
     for a, b in zip(fast, slow):
         if a is not None:

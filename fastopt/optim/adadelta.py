@@ -63,11 +63,11 @@ class Adadelta(Optimizer):
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *,
                  maximize=False, backend="cython", skip_nonfinite=False,
-                 flush_denormals=False):
+                 flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize),
                          backend=backend, skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 Adadelta.__doc__ = f"""Adadelta: steps scaled by the ratio of running RMS of updates and of gradients.

@@ -94,11 +94,11 @@ class Adafactor(Optimizer):
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
                  weight_decay=0.0, *, maximize=False, backend="cython", skip_nonfinite=False,
-                 flush_denormals=False):
+                 flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
                                       weight_decay=weight_decay, maximize=maximize),
                          backend=backend, skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 Adafactor.__doc__ = f"""Adafactor: factored second moments and a step relative to the parameter's RMS.

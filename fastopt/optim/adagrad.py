@@ -59,12 +59,12 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False, *,
-                 backend="cython", skip_nonfinite=False, flush_denormals=False):
+                 backend="cython", skip_nonfinite=False, flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
                                       eps=eps, maximize=maximize), backend=backend,
                          skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 Adagrad.__doc__ = f"""Adagrad: per-element step sizes from accumulated squared gradients.

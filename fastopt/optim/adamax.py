@@ -59,11 +59,11 @@ class Adamax(Optimizer):
     rule = RULE
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 maximize=False, backend="cython", skip_nonfinite=False, flush_denormals=False):
+                 maximize=False, backend="cython", skip_nonfinite=False, flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize),
                          backend=backend, skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 Adamax.__doc__ = f"""Adamax: Adam with the infinity norm of past gradients in place of the second moment.

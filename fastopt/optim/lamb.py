@@ -64,11 +64,11 @@ class Lamb(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
                  maximize=False, backend="cython", skip_nonfinite=False,
-                 flush_denormals=False):
+                 flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize),
                          backend=backend, skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 Lamb.__doc__ = f"""Lamb: Adam's update scaled per parameter by ||p|| / ||update|| (layer-wise trust ratio).

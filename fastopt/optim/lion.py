@@ -70,11 +70,11 @@ class Lion(Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  maximize=False, backend="cython", skip_nonfinite=False,
-                 flush_denormals=False):
+                 flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize),
                          backend=backend, skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 Lion.__doc__ = f"""Lion: steps of equal size per element, in the sign of an interpolated momentum.

@@ -14,7 +14,9 @@ import numbers
 import numpy as np
 
 from .. import _fastpath
+from .. import _precision
 from .. import _validation as V
+from .. import reference
 from .. import checkpoint
 from .._watched import ParamGroup, State
 from ..flat import packed_like
@@ -26,7 +28,9 @@ BACKENDS = ("cython", "numpy")
 _NO_GRADS = object()
 # The attributes an optimizer's Stepper is bound to (see Optimizer.__setattr__).
 _STEPPER_INPUTS = frozenset({"_lock", "param_groups", "state", "_workspaces", "_guard",
-                             "backend", "skip_nonfinite", "rule"})
+                             "backend", "skip_nonfinite", "rule", "precision"})
+#: the state key of a half parameter's float32 copy under master_weights
+MASTER = "master_param"
 
 
 #: The constructor parameters every optimizer shares, for their docstrings.
@@ -50,7 +54,8 @@ PARAMS_DOC = """params : list of ndarray, dict or list of dict
         Run the kernels with the CPU's flush-to-zero and denormals-are-zero
         modes (x86; restored after every call): subnormal values, which make
         each operation 10-20x slower, count as zero. Off by default, because
-        results then differ from torch.optim's in the subnormal range."""
+        results then differ from torch.optim's in the subnormal range.
+    """ + _precision.DOC
 
 
 def _split_groups(params):
@@ -101,8 +106,11 @@ class Optimizer:
     fixed = {}
 
     def __init__(self, params, defaults, *, backend="cython", skip_nonfinite=False,
-                 flush_denormals=False):
+                 flush_denormals=False, state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         V.choice("backend", backend, BACKENDS)
+        #: the half-precision options (fastopt/_precision.py), fixed at construction
+        self.precision = _precision.check(state_dtype, master_weights, stochastic_rounding, seed)
         self._fast = None  # the fast path (a _fastpath.Stepper), made on the first step
         self.backend = backend
         self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
@@ -183,7 +191,8 @@ class Optimizer:
         for k, p in enumerate(arrays):
             label = self._labels(start + k, names[k] if named else None)[0]
             V.check_float_array(label, p, writeable=True, complex_ok=self.rule.complex_ok,
-                                torch_twin=f"fastopt.torch.{type(self).__name__}")
+                                torch_twin=f"fastopt.torch.{type(self).__name__}", half_ok=True)
+            self.precision.check_param(label, _precision.element(V.real_view(p).dtype))
             labelled.append((label, p))
         if named:
             clash = set(old_names) & set(names)
@@ -274,7 +283,7 @@ class Optimizer:
             if grads[index] is not None:
                 reads.append((g_label, grads[index]))
             state = self.state.get(index)
-            for name in self.rule.buffers if isinstance(state, dict) else ():
+            for name in self._held_buffers() if isinstance(state, dict) else ():
                 if isinstance(state.get(name), np.ndarray):
                     held.append((f"state[{index}][{name!r}]", state[name]))
         V.check_no_aliasing(held, reads)
@@ -287,8 +296,10 @@ class Optimizer:
                 continue
             p_label, g_label = self._labels(index, None if names is None else names[index])
             state = self.state.get(index)
-            V.check_float_array(p_label, p, writeable=True, complex_ok=self.rule.complex_ok)
-            V.check_float_array(g_label, g, writeable=False, complex_ok=self.rule.complex_ok)
+            V.check_float_array(p_label, p, writeable=True, complex_ok=self.rule.complex_ok,
+                                half_ok=True)
+            V.check_float_array(g_label, g, writeable=False, complex_ok=self.rule.complex_ok,
+                                half_ok=True)
             V.check_like(g_label, g, p_label, p)
             V.check_no_overlap(g_label, g, {p_label: p})
             if state is None:
@@ -298,12 +309,18 @@ class Optimizer:
             if "step" in state:
                 V.stored_step(f"state[{index}]['step']", state["step"])
             checked = {p_label: p}
-            for name in self.rule.buffers:
+            p_element = _precision.element(V.real_view(p).dtype)
+            for name in self._held_buffers():
                 if state.get(name) is None:
                     continue
                 label = f"state[{index}][{name!r}]"
-                V.check_float_array(label, state[name], writeable=True, complex_ok=True)
-                self.rule.check_buffer(label, state[name], name, p_label, p)
+                V.check_float_array(label, state[name], writeable=True, complex_ok=True,
+                                    half_ok=True)
+                if name == MASTER:
+                    _check_master(label, state[name], p_label, p, self.precision, p_element)
+                else:
+                    self.rule.check_buffer(label, state[name], name, p_label, p,
+                                           self._state_dtype(p))
                 V.check_no_overlap(label, state[name], checked)
                 V.check_no_overlap(g_label, g, {label: state[name]})
                 checked[label] = state[name]
@@ -326,12 +343,18 @@ class Optimizer:
         plan = []
         start = 0
         everything_gathered = True
+        plain = self.precision.plain
+        if not plain:  # the screen knows one dtype per parameter: Python checks the rest
+            self._check_each(grads)
         for gi, group in enumerate(groups):
             checked = self._group_hyper(gi, group)
             params = group["params"]
             stop = start + len(params)
-            code, step = _fastpath.gather(self._workspaces[gi], params, grads, start, stop,
-                                          self.state, rule.buffers, checked.needs, counts_steps)
+            code, step = _fastpath.SLOW_PATH, 0
+            if plain:
+                code, step = _fastpath.gather(self._workspaces[gi], params, grads, start, stop,
+                                              self.state, rule.buffers, checked.needs,
+                                              counts_steps)
             if code >= 0:
                 self._explain(grads)
             # A rule with scalar state (NAdam) always takes the general path.
@@ -361,9 +384,19 @@ class Optimizer:
         """The value state buffer ``name`` starts at: zero unless the rule names a hyperparameter."""
         return hyper[self.rule.initial[name]] if name in self.rule.initial else 0.0
 
+    def _held_buffers(self):
+        """The state arrays a parameter may hold: the rule's buffers and its master copy."""
+        return self.rule.buffers + ((MASTER,) if self.precision.master_weights else ())
+
+    def _state_dtype(self, p):
+        """The dtype of ``p``'s state buffers under this optimizer's precision."""
+        own = _precision.element(V.real_view(p).dtype)  # (complex: state is complex too)
+        element = self.precision.state_element(own)
+        return p.dtype if element == own else _precision.numpy_dtype(element)
+
     def _advance(self, state, created):
         """Count this step in ``state`` (if the rule counts steps); the rule's per-step value."""
-        if self.rule.counts_steps:
+        if self.rule.counts_steps or self.precision.stochastic_rounding:
             state["step"] = state.get("step", 0) + 1
         return self.rule.step_value(state.get("step"), created)
 
@@ -415,7 +448,8 @@ class Optimizer:
         bindings = lock.bindings  # read first: a rebind from here on makes it decline
         return _fastpath.Stepper(lock, bindings, self.param_groups, self.state, self._workspaces,
                                  self._guard, self.rule.buffers, self.rule.counts_steps,
-                                 enabled=(self.backend == "cython" and not self.skip_nonfinite),
+                                 enabled=(self.backend == "cython" and not self.skip_nonfinite
+                                          and self.precision.plain),
                                  scalar_names=tuple(self.rule.scalar_state))
 
     def __setattr__(self, name, value):
@@ -471,38 +505,53 @@ class Optimizer:
             views = packed_like([params[i - start] for i in missing],
                                 self._initial_value(name, hyper),
                                 [rule.buffer_shape(name, params[i - start].shape)
-                                 for i in missing])
+                                 for i in missing],
+                                [self._state_dtype(params[i - start]) for i in missing])
             for i, view in zip(missing, views):
                 self.state.setdefault(i, {})[name] = view
                 created.setdefault(i, []).append(name)
         batches = Batches(rule, needs)
+        precision = self.precision
         for index in range(start, stop):
             g = grads[index]
             if g is None:
                 continue
+            p = params[index - start]
             state = self.state.setdefault(index, {})
             for name, initial in rule.initial_scalars(hyper).items():
                 state.setdefault(name, initial)
-            batches.add(self._advance(state, created.get(index, ())), params[index - start], g,
-                        state, [state[name] for name in rule.scalar_state], state)
-        for step_value, values, ps, gs, buffer_lists, owners in batches:
+            p_element = _precision.element(V.real_view(p).dtype)
+            if precision.has_master(p_element) and state.get(MASTER) is None:
+                state[MASTER] = p.astype(np.float32)
+            step_value = self._advance(state, created.get(index, ()))
+            storage = None
+            if not precision.plain:
+                storage = (precision.kind(p_element), state.get(MASTER),
+                           precision.round_key(state["step"], index)
+                           if precision.rounds_stochastically(p_element) else None)
+            batches.add(step_value, p, g, state, [state[name] for name in rule.scalar_state],
+                        state, storage)
+        for step_value, values, ps, gs, buffer_lists, owners, storage in batches:
             if rule.scalar_state:
                 new_values = rule.advance_scalars(scalars, kernel_hyper, step_value, values)
-            self._run(ps, gs, buffer_lists, step_value, kernel_hyper, scalars, values)
+            self._run(ps, gs, buffer_lists, step_value, kernel_hyper, scalars, values, storage)
             if rule.scalar_state:
                 for state in owners:
                     state.update(new_values)
 
-    def _run(self, params, grads, buffer_lists, step_value, kernel_hyper, scalars, values):
+    def _run(self, params, grads, buffer_lists, step_value, kernel_hyper, scalars, values,
+             storage=None):
         if self.backend == "cython":
-            run_lists(self.rule, params, grads, buffer_lists, step_value, kernel_hyper, scalars)
+            run_lists(self.rule, params, grads, buffer_lists, step_value, kernel_hyper, scalars,
+                      storage)
             return
-        twin = self.rule.twin
         for i, (p, g) in enumerate(zip(params, grads)):
             buffers = [None if lst is None or lst[i] is None else V.real_view(lst[i])
                        for lst in buffer_lists]
-            twin(V.real_view(p), V.real_view(g), *buffers, **{self.rule.step_arg: step_value},
-                 **values, **kernel_hyper)
+            master, key = (None, None) if storage is None else (storage[1][i], storage[2][i])
+            reference.half_step(self.rule.twin, V.real_view(p), V.real_view(g), buffers,
+                                master, key, **{self.rule.step_arg: step_value}, **values,
+                                **kernel_hyper)
 
     # -------------------------------------------------------- state_dict
 
@@ -561,7 +610,7 @@ class Optimizer:
         # Map the snapshot's parameter ids onto our flat order, group by group.
         ids = [i for saved in saved_groups for i in saved["params"]]
         id_to_index = {pid: index for index, pid in enumerate(ids)}
-        allowed = set(self.rule.buffers) | set(self.rule.scalar_state) | {"step"}
+        allowed = set(self._held_buffers()) | set(self.rule.scalar_state) | {"step"}
         new_state = {}
         for pid, entry in state_dict["state"].items():
             if pid not in id_to_index:
@@ -585,6 +634,14 @@ class Optimizer:
                     restored[key] = self.rule.scalar_kind(where, float(value.reshape(())))
                     continue
                 value = np.asarray(value)
+                if key == MASTER:
+                    if _precision.element(p.dtype) not in _precision.HALF:
+                        raise ValueError(f"{where}: a {p.dtype} parameter has no master copy")
+                    if value.shape != p.shape or value.dtype.kind != "f":
+                        raise ValueError(f"{where} must be a float array of shape {p.shape}, "
+                                         f"got {value.dtype} {value.shape}")
+                    restored[key] = np.array(value, dtype=np.float32, order="C", copy=True)
+                    continue
                 shape = self.rule.buffer_shape(key, p.shape)
                 if shape is None:
                     raise ValueError(f"{where} is not state of a parameter of shape {p.shape} "
@@ -592,9 +649,9 @@ class Optimizer:
                 if value.shape != shape:
                     raise ValueError(f"{where} has shape {value.shape}, parameter has {p.shape}"
                                      + (f" (it needs {shape})" if shape != p.shape else ""))
-                if value.dtype.kind != "f":
+                if value.dtype.kind != "f" and _precision.element(value.dtype) is None:
                     raise TypeError(f"{where} must be a float array, got dtype {value.dtype}")
-                restored[key] = np.array(value, dtype=p.dtype, order="C", copy=True)
+                restored[key] = _precision.cast(value, self._state_dtype(p))
             new_state[index] = restored
 
         # Validated: now change the optimizer.
@@ -638,6 +695,15 @@ class Optimizer:
                 lines.append(f"    {key}: {group[key]}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _check_master(label, master, p_label, p, precision, p_element):
+    """A master copy: float32, shaped like its half parameter."""
+    if not precision.has_master(p_element):
+        raise ValueError(f"{label} is given, but {p_label} is {p.dtype}, which has no master copy")
+    if master.dtype != np.float32 or master.shape != p.shape:
+        raise TypeError(f"{label} must be a float32 array of shape {p.shape} (its parameter's), "
+                        f"got {master.dtype} {master.shape}")
 
 
 def _step_from(where, value):

@@ -65,12 +65,12 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, maximize=False, *, backend="cython",
-                 skip_nonfinite=False, flush_denormals=False):
+                 skip_nonfinite=False, flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered,
                                       maximize=maximize), backend=backend,
                          skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 RMSprop.__doc__ = f"""RMSprop: steps scaled by a running RMS of the gradients.

@@ -74,11 +74,11 @@ class Rprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
                  maximize=False, backend="cython", skip_nonfinite=False,
-                 flush_denormals=False):
+                 flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
                                       maximize=maximize),
                          backend=backend, skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 Rprop.__doc__ = f"""Rprop: per-element step sizes adapted to sign changes of the gradient.

@@ -92,21 +92,23 @@ class Rule(NamedTuple):
         """Whether a parameter of ``shape`` uses buffer ``name`` (``needed``: the options do)."""
         return needed and self.buffer_shape(name, shape) is not None
 
-    def check_buffer(self, label, buf, name, p_label, p):
+    def check_buffer(self, label, buf, name, p_label, p, dtype=None):
         """``buf``, which ``label`` names, fits buffer ``name`` of parameter ``p``.
 
-        Raises TypeError (dtype) or ValueError (shape, or a buffer such a
-        parameter has none of).
+        ``dtype``: the state's dtype where it is not the parameter's (an
+        optimizer's ``state_dtype``, fastopt/_precision.py). Raises TypeError
+        (dtype) or ValueError (shape, or a buffer such a parameter has none of).
         """
-        if not self.layouts:
-            V.check_like(label, buf, p_label, p)
-            return
+        if dtype is not None and dtype != p.dtype:
+            if buf.dtype != dtype:
+                raise TypeError(f"{label} has dtype {buf.dtype} but the state of {p_label} "
+                                f"is {dtype}")
+        elif buf.dtype != p.dtype:
+            raise TypeError(f"{label} has dtype {buf.dtype} but {p_label} has dtype {p.dtype}")
         shape = self.buffer_shape(name, p.shape)
         if shape is None:
             raise ValueError(f"{label} is given, but a parameter of shape {p.shape} ({p_label}) "
                              f"has no {name!r} under {self.name}")
-        if buf.dtype != p.dtype:
-            raise TypeError(f"{label} has dtype {buf.dtype} but {p_label} has dtype {p.dtype}")
         if buf.shape != shape:
             raise ValueError(f"{label} has shape {buf.shape} but {p_label} of shape {p.shape} "
                              f"needs {shape}")
@@ -228,10 +230,18 @@ def run_one(rule, p, g, buffers, step_value, hyper, scalar_values):
     return new_values
 
 
-def run_lists(rule, params, grads, buffer_lists, step_value, hyper, scalars=None):
-    """Run ``rule`` over aligned, already validated lists (one kernel call)."""
+def run_lists(rule, params, grads, buffer_lists, step_value, hyper, scalars=None, storage=None):
+    """Run ``rule`` over aligned, already validated lists (one kernel call).
+
+    ``storage``: None (each array as its dtype says, state alike), or the
+    half-precision options per parameter, ``(kinds, masters, round_keys)``
+    (fastopt/_precision.py; Workspace.fill).
+    """
     ws = _fastpath.Workspace()
-    ws.fill(params, grads, buffer_lists)
+    if storage is None:
+        ws.fill(params, grads, buffer_lists)
+    else:
+        ws.fill(params, grads, buffer_lists, *storage)
     run_workspace(rule, ws, step_value, scalars or rule.scalars(hyper))
 
 
@@ -257,26 +267,35 @@ class Batches:
         self.needs = needs
         self._by_value = {}
 
-    def add(self, step_value, p, g, buffers, scalar_values=(), owner=None):
+    def add(self, step_value, p, g, buffers, scalar_values=(), owner=None, storage=None):
         """Queue one update; ``buffers`` maps the rule's buffer names to arrays.
 
         ``scalar_values``: the parameter's scalar state, in the order of
         ``rule.scalar_state`` (parameters with other values need another call);
-        ``owner``: where the caller writes the new values back (its state).
+        ``owner``: where the caller writes the new values back (its state);
+        ``storage``: its half-precision options ``(kind, master, round_key)``,
+        or None (its dtype's kind, state alike).
         """
         key = (step_value, tuple(scalar_values))
         batch = self._by_value.get(key)
         if batch is None:
-            batch = self._by_value[key] = ([], [], [[] if n else None for n in self.needs], [])
+            batch = self._by_value[key] = ([], [], [[] if n else None for n in self.needs], [],
+                                           [])
         batch[0].append(p)
         batch[1].append(g)
         for name, lst in zip(self.rule.buffers, batch[2]):
             if lst is not None:  # (None: a parameter without it, as Adafactor's vectors)
                 lst.append(buffers.get(name))
         batch[3].append(owner)
+        batch[4].append(storage)
 
     def __iter__(self):
-        """``(step_value, scalar_values, params, grads, buffer_lists, owners)`` per call."""
-        for (step_value, values), (ps, gs, buffer_lists, owners) in self._by_value.items():
+        """``(step_value, scalar_values, params, grads, buffer_lists, owners, storage)``
+        per call; ``storage``: None, or per option a list (run_lists)."""
+        for (step_value, values), (ps, gs, buffer_lists, owners, storage) in \
+                self._by_value.items():
+            storage = (None if all(s is None for s in storage) else
+                       tuple(list(column) for column in zip(*(
+                           s if s is not None else (-1, None, None) for s in storage))))
             yield (step_value, dict(zip(self.rule.scalar_state, values)), ps, gs,
-                   tuple(buffer_lists), owners)
+                   tuple(buffer_lists), owners, storage)

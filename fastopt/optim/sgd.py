@@ -68,12 +68,12 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, maximize=False, *, backend="cython",
-                 skip_nonfinite=False, flush_denormals=False):
+                 skip_nonfinite=False, flush_denormals=False, **precision):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize), backend=backend,
                          skip_nonfinite=skip_nonfinite,
-                         flush_denormals=flush_denormals)
+                         flush_denormals=flush_denormals, **precision)
 
 
 SGD.__doc__ = f"""Stochastic gradient descent, optionally with (Nesterov) momentum.

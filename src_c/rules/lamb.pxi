@@ -3,10 +3,14 @@
 # _kernels_<isa> module; see src_c/rules/table.py for the contract every rule
 # file fulfils, and for REDUCES: a reducing rule runs in two passes.
 #
-# Pass 0 updates the moments and adds, lane by lane, p*p and u*u into
-# s.acc[0..LANES) and s.acc[LANES..2*LANES); lamb_finish turns a parameter's
-# two sums into its trust ratio; pass 1 forms u again from the stored moments
-# (the same bits) and moves p. Element i of a call goes to lane i % LANES: the
+# Pass 0 forms the moments and u without storing them, and adds, lane by
+# lane, p*p and u*u into s.acc[0..LANES) and s.acc[LANES..2*LANES);
+# lamb_finish turns a parameter's two sums into its trust ratio; pass 1 forms
+# the moments and u again from the same inputs (the same bits), stores the
+# moments and moves p. Pass 0 writes nothing, so on staged (half) storage
+# both passes see the same stored values and the step is the float32 rule
+# rounded once, as for every one-pass rule. Element i of a call goes to lane
+# i % LANES: the
 # runner starts every call of pass 0 at a multiple of LANES of its parameter
 # (a block of STATS_BLOCK; staged storage cuts it in STAGE pieces), so the
 # sums do not depend on how the work was split.
@@ -21,7 +25,8 @@ cdef inline floating lamb_update(floating p, floating m, floating v, floating bc
     return u
 
 
-cdef inline void lamb_moments(floating* p, const floating* g, floating* mu, floating* nu,
+cdef inline void lamb_moments(const floating* p, const floating* g, const floating* mu,
+                              const floating* nu,
                               Py_ssize_t n, const StepScalars* s, bint decay) noexcept nogil:
     cdef floating sign = <floating>s.sign
     cdef floating wd = <floating>s.weight_decay
@@ -52,8 +57,6 @@ cdef inline void lamb_moments(floating* p, const floating* g, floating* mu, floa
             gi = sign * g[start + i]
             m = one_minus_beta1 * gi + beta1 * mu[start + i]
             v = one_minus_beta2 * (gi * gi) + beta2 * nu[start + i]
-            mu[start + i] = m
-            nu[start + i] = v
             u[i] = lamb_update(p[start + i], m, v, bc1, bc2, eps, wd, decay)
         lane_sumsq(p + start, size, pp)
         lane_sumsq(u, size, uu)
@@ -63,20 +66,30 @@ cdef inline void lamb_moments(floating* p, const floating* g, floating* mu, floa
         acc[LANES + j] = uu[j]
 
 
-cdef inline void lamb_apply(floating* p, floating* mu, floating* nu, Py_ssize_t n,
-                            const StepScalars* s, bint decay) noexcept nogil:
+cdef inline void lamb_apply(floating* p, const floating* g, floating* mu, floating* nu,
+                            Py_ssize_t n, const StepScalars* s, bint decay) noexcept nogil:
+    cdef floating sign = <floating>s.sign
     cdef floating wd = <floating>s.weight_decay
+    cdef floating beta1 = <floating>s.beta1
+    cdef floating one_minus_beta1 = <floating>(1.0 - s.beta1)
+    cdef floating beta2 = <floating>s.beta2
+    cdef floating one_minus_beta2 = <floating>(1.0 - s.beta2)
     cdef floating bc1 = <floating>s.bc1
     cdef floating bc2 = <floating>s.bc2
     cdef floating eps = <floating>s.eps
     cdef floating trust = <floating>s.trust
     cdef floating neg_lr = <floating>(-s.lr)
-    cdef floating q
+    cdef floating gi, m, v, q
     cdef Py_ssize_t i
     for i in range(n):
+        gi = sign * g[i]
+        m = one_minus_beta1 * gi + beta1 * mu[i]
+        v = one_minus_beta2 * (gi * gi) + beta2 * nu[i]
+        mu[i] = m
+        nu[i] = v
         q = p[i]
         # optax: (u * trust_ratio) * -lr, added to p
-        p[i] = q + (lamb_update(q, mu[i], nu[i], bc1, bc2, eps, wd, decay) * trust) * neg_lr
+        p[i] = q + (lamb_update(q, m, v, bc1, bc2, eps, wd, decay) * trust) * neg_lr
 
 
 cdef void lamb_kernel(floating* p, const floating* g, floating** bufs,
@@ -89,9 +102,9 @@ cdef void lamb_kernel(floating* p, const floating* g, floating** bufs,
             lamb_moments(p, g, bufs[0], bufs[1], n, s, False)
     else:
         if decay:
-            lamb_apply(p, bufs[0], bufs[1], n, s, True)
+            lamb_apply(p, g, bufs[0], bufs[1], n, s, True)
         else:
-            lamb_apply(p, bufs[0], bufs[1], n, s, False)
+            lamb_apply(p, g, bufs[0], bufs[1], n, s, False)
 
 
 cdef inline void lamb_at_step(StepScalars* s, Py_ssize_t step, bint first_step) noexcept nogil:
