@@ -24,6 +24,7 @@ import zipfile
 
 import numpy as np
 
+from . import _precision
 from ._version import __version__
 
 FORMAT = "fastopt-optimizer"
@@ -80,14 +81,18 @@ def save_optimizer(optimizer, path):
     """Write ``optimizer``'s state and hyperparameters to ``path`` (an .npz file)."""
     sd = optimizer.state_dict()
     params = optimizer._flat_params()
-    arrays, steps = {}, {}
+    arrays, steps, bits = {}, {}, {}
     for index, entry in sd["state"].items():
         for key, value in entry.items():
             if key == "step":
                 steps[str(index)] = int(value)
             else:
                 # (not ascontiguousarray: it makes a 0-d array 1-d)
-                arrays[f"state/{index}/{key}"] = np.asarray(value, order="C")
+                value = np.asarray(value, order="C")
+                if value.dtype.name == "bfloat16":  # no NumPy type: its 16 bits, and the name
+                    bits[f"state/{index}/{key}"] = "bfloat16"
+                    value = value.view(np.uint16)
+                arrays[f"state/{index}/{key}"] = value
     groups = []
     for group in sd["param_groups"]:
         groups.append({k: _finite_or_tagged(_json_value(v)) for k, v in group.items()
@@ -98,6 +103,10 @@ def save_optimizer(optimizer, path):
         "state_keys": {str(i): sorted(k for k in e if k != "step") for i, e in sd["state"].items()},
         "params": [{"shape": list(p.shape), "dtype": str(p.dtype)} for p in params],
         "skipped_steps": int(getattr(optimizer, "skipped_steps", 0)),
+        # arrays stored as the raw bits of a dtype NumPy lacks -> that dtype's name
+        "bit_patterns": bits,
+        # the constructor's options beside the hyperparameters (half precision)
+        "options": dict(optimizer.precision.options()) if hasattr(optimizer, "precision") else {},
     }
     meta_bytes = np.frombuffer(json.dumps(meta, allow_nan=False).encode(), dtype=np.uint8)
 
@@ -153,6 +162,10 @@ def _state_dict_from(meta, arrays, path):
     """Rebuild a state_dict from checkpoint contents (shape checks happen in load_state_dict)."""
     try:
         state = {}
+        for name, dtype in meta.get("bit_patterns", {}).items():
+            if dtype != "bfloat16" or arrays[name].dtype != np.uint16:
+                raise ValueError(f"{name} is no {dtype} bit pattern")
+            arrays[name] = arrays[name].view(_precision.bfloat16())
         for index, keys in meta["state_keys"].items():
             entry = {key: arrays[f"state/{index}/{key}"] for key in keys}
             if index in meta["steps"]:
@@ -195,9 +208,10 @@ def restore_optimizer(optimizer, path):
 def read_layout(path):
     """The saved optimizer's type name and its param groups, as plain data.
 
-    Returns ``(kind, groups)``: ``groups`` is a list of ``(members, hyper)``
-    with the parameter indices of each group and its hyperparameters (betas
-    as a tuple). The optimizer layer builds an optimizer from it
+    Returns ``(kind, groups, options)``: ``groups`` is a list of ``(members,
+    hyper)`` with the parameter indices of each group and its hyperparameters
+    (betas as a tuple); ``options`` the constructor's other saved options
+    (half precision: state_dtype, master_weights, ...). The optimizer layer builds an optimizer from it
     (``fastopt.load_optimizer``); this module knows no optimizer class.
     """
     meta, _ = _read_npz(path)
@@ -208,7 +222,10 @@ def read_layout(path):
                   for group in meta["param_groups"]]
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
-    return str(meta.get("optimizer")), groups
+    options = meta.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: corrupt options {options!r}")
+    return str(meta.get("optimizer")), groups, options
 
 
 # ------------------------------------------------------------------ scheduler

@@ -36,9 +36,11 @@ def load_optimizer(path, params, *, backend="cython"):
 
     ``params`` are the model's arrays in the saved order (a list, or a dict
     for an optimizer saved with named parameters); the param-group layout and
-    hyperparameters come from the checkpoint.
+    hyperparameters come from the checkpoint, and so do the half-precision
+    options (``state_dtype``, ``master_weights``, ``stochastic_rounding``,
+    ``seed``).
     """
-    kind, layout = checkpoint.read_layout(path)
+    kind, layout, options = checkpoint.read_layout(path)
     if kind not in OPTIMIZERS:
         raise ValueError(f"{path}: unknown optimizer type {kind!r}")
     items = list(params.items()) if isinstance(params, dict) else list(enumerate(params))
@@ -49,7 +51,8 @@ def load_optimizer(path, params, *, backend="cython"):
         chosen = [items[i] for i in members]
         groups.append({**hyper, "params": dict(chosen) if isinstance(params, dict)
                        else [p for _, p in chosen]})
-    # Every group carries its saved hyperparameters: constructor defaults do not matter.
-    optimizer = OPTIMIZERS[kind](groups, backend=backend)
+    # Every group carries its saved hyperparameters: constructor defaults do not matter;
+    # the other saved options (half precision) are passed as they were.
+    optimizer = OPTIMIZERS[kind](groups, backend=backend, **options)
     checkpoint.restore_optimizer(optimizer, path)
     return optimizer
