@@ -12,9 +12,11 @@ Switch with one line::
 
     opt = fastopt.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
 
-Parameters are float32, float64, complex64 or complex128 CPU tensors
-(complex ones are stepped as their real view, as torch.optim does; Adafactor
-refuses them, as torch's does) in any memory layout. Dense ones whose gradient and state share their layout
+Parameters are float32, float64, float16, bfloat16, complex64 or complex128
+CPU tensors (complex ones are stepped as their real view, as torch.optim
+does; Adafactor refuses them, as torch's does; half ones are computed in
+float32 and stored rounded to nearest even, their state in their own dtype,
+as torch's fused kernels do) in any memory layout. Dense ones whose gradient and state share their layout
 (contiguous, channels_last, any permutation of dimensions) are stepped in
 place as their memory, at full speed; otherwise (a view with gaps, a
 gradient laid out differently) each non-contiguous tensor is stepped through
@@ -34,6 +36,7 @@ module imports torch.
 """
 import inspect
 
+import numpy as np
 import torch
 
 from . import _fastpath
@@ -42,10 +45,16 @@ from .optim import MODULES, Optimizer
 from .optim.rule import Batches, run_lists
 
 _REAL = (torch.float32, torch.float64)
+# Half parameters are computed in float32 and stored rounded to nearest even,
+# with state in their own dtype: torch's fused CPU kernels' behaviour
+# (fastopt/_precision.py). NumPy has no bfloat16 of its own: such a tensor
+# reaches the kernels as its 16-bit pattern, its storage kind given explicitly.
+_HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_STEPPED = _REAL + tuple(_HALF)  # what the kernels step as it is
 # Complex parameters are stepped as torch.optim steps them: as their real view
 # (torch.view_as_real), two real numbers per element, which every rule here
 # treats independently.
-_DTYPES = _REAL + (torch.complex64, torch.complex128)
+_DTYPES = _STEPPED + (torch.complex64, torch.complex128)
 
 
 def _name(gi, k, p):
@@ -70,7 +79,7 @@ def _check(gi, k, p, g, fused):
     if p.layout != torch.strided:
         return f"has layout {p.layout}; fastopt needs dense tensors"
     if p.dtype not in _DTYPES:
-        return "must be float32, float64, complex64 or complex128"
+        return "must be float32, float64, float16, bfloat16, complex64 or complex128"
     if g.layout != torch.strided:
         return "has a sparse gradient; fastopt needs dense gradients"
     return f"has a gradient of {g.dtype} {tuple(g.shape)} on {g.device}, unlike the parameter"
@@ -124,7 +133,17 @@ def _span(t, name):
 
 
 def _view(t):
-    return t.detach().numpy()
+    """The NumPy view of a CPU tensor's memory (a bfloat16 one as its uint16 bits)."""
+    t = t.detach()
+    if t.dtype is torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _storage(p):
+    """A half parameter's storage options for Batches/Workspace.fill, else None."""
+    element = _HALF.get(p.dtype)
+    return None if element is None else (_fastpath.STORAGE_IDS[(element, element)], None, None)
 
 
 def _layout(t):
@@ -156,14 +175,14 @@ def _operands(p, g, buffers, shaped=False):
                for t in (x.detach() for x in (p, g, *buffers))]
     layout = None if shaped else _layout(tensors[0])
     if layout is not None and all(_layout(t) == layout for t in tensors[1:]):
-        return [t.as_strided((t.numel(),), (1,)).numpy() for t in tensors], []
+        return [_view(t.as_strided((t.numel(),), (1,))) for t in tensors], []
     arrays, back = [], []
     for i, t in enumerate(tensors):
         if t.is_contiguous():
-            arrays.append(t.numpy())
+            arrays.append(_view(t))
             continue
         copy = t.contiguous()
-        arrays.append(copy.numpy())
+        arrays.append(_view(copy))
         if i != 1:
             back.append((t, copy))
     return arrays, back
@@ -368,14 +387,15 @@ class _FastoptStep:
                 write_back += back
                 batches.add(rule.step_value(count, created), p_arr, g_arr,
                             dict(zip(names, arrays)),
-                            [float(state[n]) for n in rule.scalar_state], state)
+                            [float(state[n]) for n in rule.scalar_state], state, _storage(p))
             for step_value, values, ps, gs, buffer_lists, owners, storage in batches:
                 if not rule.scalar_state:
-                    run_lists(rule, ps, gs, buffer_lists, step_value, hyper, self._scalars(hyper))
+                    run_lists(rule, ps, gs, buffer_lists, step_value, hyper, self._scalars(hyper),
+                              storage)
                     continue
                 scalars = self._scalars(hyper)
                 new_values = rule.advance_scalars(scalars, hyper, step_value, values)
-                run_lists(rule, ps, gs, buffer_lists, step_value, hyper, scalars)
+                run_lists(rule, ps, gs, buffer_lists, step_value, hyper, scalars, storage)
                 for state in owners:
                     for name, value in new_values.items():
                         state[name].fill_(value)
@@ -434,11 +454,12 @@ class _FastoptStep:
             needs = rule.needs(hyper)
             params = list(group["params"])
             slot_of, dtypes, states, expected, counters, held = [], [], [], [], [], []
+            kinds = []  # per slot: its storage kind (-1: its dtype's)
             shapes = []  # (checked each step for a rule that reads rows and columns)
             scalar_views = []  # per slot: views of its scalar state (NAdam's mu_product)
             ps, gs, buffer_lists = [], [], [[] if n else None for n in needs]
             for p in params:
-                if not (_dense_cpu(p) and p.dtype in _REAL and p.is_contiguous()):
+                if not (_dense_cpu(p) and p.dtype in _STEPPED and p.is_contiguous()):
                     return None  # only the general path knows such a group
                 state = self.state.get(p, {})
                 held += [_view(p)] + [_view(t) for t in state.values()
@@ -467,10 +488,11 @@ class _FastoptStep:
                                       for n in watched))
                 counters.append(_view(state["step"]) if "step" in state else None)
                 shapes.append(p.shape)
+                kinds.append(-1 if _storage(p) is None else _storage(p)[0])
                 dtypes.append(p.dtype)
                 states.append(state)
             ws = _fastpath.Workspace()
-            ws.fill(ps, gs, tuple(buffer_lists))
+            ws.fill(ps, gs, tuple(buffer_lists), kinds)
             ws.protect_arrays(held)
             groups.append(_fastpath.TensorGroup(
                 ws, params, slot_of, dtypes, states, expected, counters,
@@ -526,7 +548,8 @@ def _torch_style(cls):
     """
     numpy_sig = inspect.signature(cls.__init__)
     sig = numpy_sig.replace(parameters=[
-        p for name, p in numpy_sig.parameters.items() if name not in ("self",) + _NUMPY_ONLY])
+        p for name, p in numpy_sig.parameters.items()
+        if name not in ("self",) + _NUMPY_ONLY and p.kind is not p.VAR_KEYWORD])  # (**precision)
     rule = cls.rule
 
     def __init__(self, params, *args, **kwargs):

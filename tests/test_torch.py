@@ -124,8 +124,8 @@ def test_scheduler_zero_grad_and_closure():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: torch.zeros(4, dtype=torch.float16, requires_grad=True),
-     "float32, float64, complex64 or complex128"),
+    (lambda: torch.zeros(4, dtype=torch.int32),
+     "float32, float64, float16, bfloat16, complex64 or complex128"),
     (lambda: torch.zeros(4, device="meta", requires_grad=True), "is on meta"),
 ])
 def test_parameters_fastopt_cannot_serve_are_refused(make, message):
