@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import _fastpath
+from . import _precision
 from . import _validation as V
 from .optim import MODULES, Optimizer
 from .optim.rule import Batches, run_lists
@@ -51,6 +52,17 @@ _REAL = (torch.float32, torch.float64)
 # reaches the kernels as its 16-bit pattern, its storage kind given explicitly.
 _HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _STEPPED = _REAL + tuple(_HALF)  # what the kernels step as it is
+_ELEMENT = {torch.float32: "float32", torch.float64: "float64", torch.complex64: "float32",
+            torch.complex128: "float64", **_HALF}
+_TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64, **{
+    name: dtype for dtype, name in _HALF.items()}}
+_MASTER = "master_param"  # a half parameter's float32 copy (master_weights=True)
+
+
+def _state_dtype(precision, p):
+    """The dtype of ``p``'s state tensors under ``precision`` (complex: its own)."""
+    element = precision.state_element(_ELEMENT[p.dtype])
+    return p.dtype if element == _ELEMENT[p.dtype] else _TORCH_DTYPE[element]
 # Complex parameters are stepped as torch.optim steps them: as their real view
 # (torch.view_as_real), two real numbers per element, which every rule here
 # treats independently.
@@ -85,8 +97,14 @@ def _check(gi, k, p, g, fused):
     return f"has a gradient of {g.dtype} {tuple(g.shape)} on {g.device}, unlike the parameter"
 
 
-def _check_state(rule, p, name, t):
+def _check_state(rule, p, name, t, precision=None):
     """Why state tensor ``name`` of ``p`` cannot be updated in place under ``rule``, or None."""
+    precision = precision or _PLAIN
+    if name == _MASTER and precision.has_master(_ELEMENT.get(p.dtype)):
+        if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.dtype is torch.float32
+                and t.shape == p.shape) or _overlaps_itself(t):
+            return f"has state[{name!r}] that is no float32 CPU tensor of the parameter's shape"
+        return None
     if name == "step" or name in rule.scalar_state:  # one-element tensors
         if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.numel() == 1
                 and t.dtype in _DTYPES):
@@ -98,8 +116,8 @@ def _check_state(rule, p, name, t):
     if isinstance(t, torch.Tensor) and _overlaps_itself(t):
         # (an expanded view: the update of one element would land on others)
         return f"has state[{name!r}] whose elements share memory (an expanded view)"
-    if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.dtype is p.dtype
-            and tuple(t.shape) == shape):
+    if not (isinstance(t, torch.Tensor) and _dense_cpu(t)
+            and t.dtype is _state_dtype(precision, p) and tuple(t.shape) == shape):
         if shape == tuple(p.shape):
             return (f"has state[{name!r}] unlike the parameter (it must be a CPU tensor of its "
                     "dtype and shape)")
@@ -140,10 +158,19 @@ def _view(t):
     return t.numpy()
 
 
-def _storage(p):
-    """A half parameter's storage options for Batches/Workspace.fill, else None."""
-    element = _HALF.get(p.dtype)
-    return None if element is None else (_fastpath.STORAGE_IDS[(element, element)], None, None)
+def _storage(p, precision=None, master=None, key=None):
+    """A parameter's storage options for Batches/Workspace.fill; None: its dtype's, state alike.
+
+    ``master``: the NumPy view of its float32 master copy; ``key``: its round key.
+    """
+    precision = precision or _PLAIN
+    element = _ELEMENT.get(p.dtype)
+    if precision.plain and element not in _HALF.values():
+        return None
+    return precision.kind(element), master, key
+
+
+_PLAIN = _precision.Precision()
 
 
 def _layout(t):
@@ -257,10 +284,15 @@ class _FastoptStep:
         hyper.update(self._fixed)
         return hyper
 
+    @property
+    def _fastopt_precision(self):
+        """The half-precision options (fastopt/_precision.py) this optimizer was made with."""
+        return self.__dict__.get("_fastopt_options", _PLAIN)
+
     def _init_state(self, p, group):
         """torch.optim's state for a parameter's first step, in torch's layout."""
         state = {}
-        if self._rule.counts_steps:
+        if self._rule.counts_steps or self._fastopt_precision.stochastic_rounding:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         for name, initial in self._rule.initial_scalars(  # NAdam's mu_product, ASGD's eta
                 self._kernel_hyper(None, group)).items():
@@ -270,14 +302,16 @@ class _FastoptStep:
     def _buffer(self, state, name, p, group):
         if name not in state:  # torch fills some in __init__ (Adagrad's sum); added groups too
             shape = self._rule.buffer_shape(name, p.shape)
+            dtype = _state_dtype(self._fastopt_precision, p)
             if shape != tuple(p.shape):  # Adafactor's factors: contiguous zeros, as torch's
-                state[name] = torch.zeros(shape, dtype=p.dtype)
+                state[name] = torch.zeros(shape, dtype=dtype)
                 return state[name]
             key = self._rule.initial.get(name)
             start = _value(key, group[key]) if key else 0.0
             if p.is_complex():  # as torch: every real number of the view starts there
                 start = complex(start, start)
-            state[name] = torch.full_like(p, start, memory_format=torch.preserve_format)
+            state[name] = torch.full_like(p, start, dtype=dtype,
+                                          memory_format=torch.preserve_format)
         return state[name]
 
     def step(self, closure=None):
@@ -338,6 +372,7 @@ class _FastoptStep:
 
     def _general_step(self):
         rule = self._rule
+        precision = self._fastopt_precision
         plan = []
         for gi, group in enumerate(self.param_groups):
             hyper = self._kernel_hyper(gi, group)
@@ -353,9 +388,10 @@ class _FastoptStep:
                                        "parameters")
                 problem = _check(gi, k, p, g, group.get("fused")) or next(
                     (why for name, t in state.items()
-                     if (why := _check_state(rule, p, name, t))), None)
+                     if (why := _check_state(rule, p, name, t, precision))), None)
                 if problem:
                     raise ValueError(f"{_name(gi, k, p)} {problem}")
+                precision.check_param(_name(gi, k, p), _ELEMENT[p.dtype])
                 if rule.scalar_state:
                     count = int(state["step"]) + 1 if "step" in state else 1
                     rule.check_scalar_state(hyper, count, {n: float(t) for n, t in state.items()
@@ -366,10 +402,17 @@ class _FastoptStep:
         self._check_aliasing()
         # Checked: allocate state, then run one kernel call per group and step count.
         write_back = []  # (tensor, the contiguous copy stepped for it)
+        index_of = {p: i for i, p in enumerate(p for group in self.param_groups
+                                                for p in group["params"])}
         for group, hyper, needs, members in plan:
             batches = Batches(rule, needs)
             for p, g in members:
                 state = self.state.get(p) or self._init_state(p, group)
+                master = precision.has_master(_ELEMENT[p.dtype])
+                if master and _MASTER not in state:  # laid out as p is
+                    state[_MASTER] = torch.empty_like(p, dtype=torch.float32,
+                                                      memory_format=torch.preserve_format)
+                    state[_MASTER].copy_(p.detach())
                 names = [n for n, need in zip(rule.buffers, needs)
                          if rule.uses(n, p.shape, need)]
                 created = [n for n in names if n not in state]
@@ -378,16 +421,20 @@ class _FastoptStep:
                 if state:  # torch keeps no entry for a parameter without state (plain SGD)
                     self.state[p] = state
                 count = None
-                if rule.counts_steps:
+                if rule.counts_steps or precision.stochastic_rounding:
                     step_view = _view(state["step"])
                     step_view += 1  # torch's step tensor, through its view
                     count = int(step_view)
-                (p_arr, g_arr, *arrays), back = _operands(p, g, [state[n] for n in names],
-                                                          shaped=bool(rule.layouts))
+                (p_arr, g_arr, *arrays), back = _operands(
+                    p, g, [state[n] for n in names] + ([state[_MASTER]] if master else []),
+                    shaped=bool(rule.layouts))
                 write_back += back
-                batches.add(rule.step_value(count, created), p_arr, g_arr,
-                            dict(zip(names, arrays)),
-                            [float(state[n]) for n in rule.scalar_state], state, _storage(p))
+                key = (precision.round_key(count, index_of[p])
+                       if precision.rounds_stochastically(_ELEMENT[p.dtype]) else None)
+                batches.add(rule.step_value(count if rule.counts_steps else None, created),
+                            p_arr, g_arr, dict(zip(names, arrays)),
+                            [float(state[n]) for n in rule.scalar_state], state,
+                            _storage(p, precision, arrays[-1] if master else None, key))
             for step_value, values, ps, gs, buffer_lists, owners, storage in batches:
                 if not rule.scalar_state:
                     run_lists(rule, ps, gs, buffer_lists, step_value, hyper, self._scalars(hyper),
@@ -448,6 +495,8 @@ class _FastoptStep:
     def _gather(self):
         """The fast path's view of the step just taken, or None if it cannot serve it."""
         rule = self._rule
+        if not self._fastopt_precision.plain:
+            return None  # (the general path makes masters and round keys each step)
         groups, snapshots, needs_list = [], [], []
         for gi, group in enumerate(self.param_groups):
             hyper = self._kernel_hyper(gi, group)
@@ -506,8 +555,31 @@ class _FastoptStep:
                 "state": self.state, "guard": _fastpath.Guard()}
 
     def load_state_dict(self, state_dict):
+        precision = self._fastopt_precision
+        saved = {}
+        if not precision.plain:
+            # torch casts every floating state tensor to its parameter's dtype:
+            # keep the master copies and the state in the dtypes they have here.
+            saved = {pid: {k: v for k, v in entry.items()
+                           if isinstance(v, torch.Tensor) and k != "step"}
+                     for pid, entry in state_dict.get("state", {}).items()}
         super().load_state_dict(state_dict)
+        if saved:
+            ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+            params = [p for group in self.param_groups for p in group["params"]]
+            for pid, p in zip(ids, params):
+                for k, v in saved.get(pid, {}).items():
+                    dtype = torch.float32 if k == _MASTER else _state_dtype(precision, p)
+                    self.state[p][k] = v.to(dtype=dtype, copy=True)
         self._fastopt_fast = None  # the state tensors were replaced
+
+    def _fastopt_init(self, options):
+        """Take the half-precision options; the state torch made in __init__ gets their dtype."""
+        self._fastopt_options = options
+        for p, state in self.state.items():  # (Adagrad's sum)
+            for k, v in list(state.items()):
+                if k != "step" and isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    state[k] = v.to(dtype=_state_dtype(options, p))
 
 
 def _kind_check(check):
@@ -524,13 +596,37 @@ def _torch_twin(cls, twins):
     one's twin too, as torch.optim.AdamW does torch.optim.Adam.
     """
     base = twins.get(cls.__bases__[0].__name__, _FastoptStep)
-    return type(cls.__name__, (base, getattr(torch.optim, cls.__name__)), {
-        "__doc__": f"torch.optim.{cls.__name__}, stepped by fastopt's fused kernel.",
+    torch_cls = getattr(torch.optim, cls.__name__)
+    return type(cls.__name__, (base, torch_cls), {
+        "__doc__": f"torch.optim.{cls.__name__}, stepped by fastopt's fused kernel.\n\n"
+                   "    Besides torch's options, the keyword-only half-precision ones of "
+                   f"fastopt.{cls.__name__}:\n    state_dtype, master_weights, "
+                   "stochastic_rounding and seed.\n",
         "__module__": __name__,
+        "__init__": _with_precision(torch_cls.__init__),
         "_rule": cls.rule,
         "_fixed": cls.fixed,
         "_step_checks": {k: _kind_check(c) for k, c in cls.rule.hyper.items()},
     })
+
+
+def _with_precision(init):
+    """``init`` (a torch optimizer's constructor) with fastopt's half-precision keywords."""
+    def __init__(self, params, *args, state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0, **kwargs):
+        options = _precision.check(state_dtype, master_weights, stochastic_rounding, seed)
+        init(self, params, *args, **kwargs)
+        self._fastopt_init(options)
+
+    sig = inspect.signature(init)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+             for name, default in _precision.Precision()._asdict().items()]
+    params = list(sig.parameters.values())
+    tail = [p for p in params if p.kind is p.VAR_KEYWORD]
+    __init__.__signature__ = sig.replace(parameters=[
+        p for p in params if p.kind is not p.VAR_KEYWORD] + extra + tail)
+    __init__.__doc__ = init.__doc__
+    return __init__
 
 
 #: fastopt's own options, which a torch optimizer does not take
@@ -561,9 +657,13 @@ def _torch_style(cls):
             rule.check(checked)
         torch.optim.Optimizer.__init__(self, params, defaults)
 
+    __init__ = _with_precision(__init__)
+
     __init__.__signature__ = sig.replace(parameters=[
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        *sig.parameters.values()])
+        *sig.parameters.values(),
+        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+          for name, default in _precision.Precision()._asdict().items())])
     return type(cls.__name__, (_FastoptStep, torch.optim.Optimizer), {
         "__doc__": (f"{cls.__name__} for torch tensors: fastopt.{cls.__name__}'s rule in a "
                     "torch.optim.Optimizer.\n\n    torch.optim has no such class; this one "
