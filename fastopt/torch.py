@@ -643,9 +643,9 @@ def _torch_style(cls):
     implementation to defer to, so ``differentiable`` is not an option.
     """
     numpy_sig = inspect.signature(cls.__init__)
-    sig = numpy_sig.replace(parameters=[
+    sig = numpy_sig.replace(parameters=[  # (the half-precision keywords: added below)
         p for name, p in numpy_sig.parameters.items()
-        if name not in ("self",) + _NUMPY_ONLY and p.kind is not p.VAR_KEYWORD])  # (**precision)
+        if name not in ("self",) + _NUMPY_ONLY + _precision.Precision._fields])
     rule = cls.rule
 
     def __init__(self, params, *args, **kwargs):

@@ -9,6 +9,7 @@ A step runs in two phases. First every input is validated - the structure of
 array - without touching anything. Only then is state allocated and are the
 kernels run, so a step that raises has modified no parameter and no state.
 """
+import inspect
 import numbers
 
 import numpy as np
@@ -104,6 +105,20 @@ class Optimizer:
     rule = None
     #: options the class always sets (AdamW: decoupled weight decay), for its torch twin
     fixed = {}
+
+    def __init_subclass__(cls, **kwargs):
+        # A class's ``**precision`` is passed on to this constructor: its
+        # signature shows the four keywords instead (help(), the README).
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        sig = inspect.signature(init)
+        kept = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        if len(kept) < len(sig.parameters):
+            init.__signature__ = sig.replace(parameters=kept + [
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                for name, default in _precision.Precision()._asdict().items()])
 
     def __init__(self, params, defaults, *, backend="cython", skip_nonfinite=False,
                  flush_denormals=False, state_dtype=None, master_weights=False,
