@@ -11,6 +11,16 @@ buffer; many-array cases), numpy-reference, torch-fused, torch-foreach,
 torch-forloop (torch's single-tensor path), and deepspeed-cpuadam when
 DeepSpeed is importable (Adam only). The size 1000x1000 is one matrix, for
 the rules whose state is factored over its rows and columns (Adafactor).
+
+Half precision (test_half_step, Adam): bf16 parameters and gradients with
+bf16 state, float32 parameters with bf16 state (state_dtype="bfloat16"), and
+bf16 with float32 master weights, against fastopt's NumPy reference (bit for
+bit) and torch's fused kernel: on bf16 tensors for bf16 (its state in their
+dtype, as fastopt's default), in float32 for the other two (torch has no
+state_dtype or master weights), each checked against the NumPy reference run
+in torch's precision, to ``fastopt.bench.within_tolerance`` (a few ulps of
+each element plus a few eps of the change in bf16). Groups "adam bf16 1e5"
+and so on sit beside "adam f32 1e5".
 """
 import sys
 from pathlib import Path
@@ -19,7 +29,8 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.bench import MANY_LARGE, MANY_SMALL, MATRIX, model_shapes
+from fastopt import _precision, bench
+from fastopt.bench import MANY_LARGE, MANY_SMALL, MATRIX, as_tensor, model_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import spec  # noqa: E402  (tests/spec.py: the rules, as every class is typically used)
@@ -57,7 +68,7 @@ def _torch(cls, kwargs, arrays, flavour, on=True):
     if not spec.find_class(cls).torch:
         pytest.skip(f"torch.optim has no {cls.__name__} (bench/optax_compare.py times it "
                     "against optax)")
-    tensors = [torch.from_numpy(a) for a in arrays]
+    tensors = [as_tensor(torch, a) for a in arrays]  # (bf16 arrays too)
     try:
         opt = getattr(torch.optim, spec.find_class(cls).torch)(tensors, **{flavour: on}, **kwargs)
     except (TypeError, RuntimeError, ValueError) as e:
@@ -66,7 +77,7 @@ def _torch(cls, kwargs, arrays, flavour, on=True):
 
     def step(grads):
         if id(grads) not in wrapped:
-            wrapped[id(grads)] = [torch.from_numpy(g) for g in grads]
+            wrapped[id(grads)] = [as_tensor(torch, g) for g in grads]
         for t, g in zip(tensors, wrapped[id(grads)]):
             t.grad = g
         opt.step()
@@ -129,4 +140,72 @@ def test_step(benchmark, case, dtype, size, impl):
         assert np.max(np.abs(got - want)) <= 1e-4 * scale + ulps
 
     benchmark.group = f"{rule} {dtype} {size}"
+    benchmark(step, grads)
+
+
+#: half-precision cases: id -> fastopt.bench's dtype label (parameter dtype and options)
+HALF = {"bf16": "bfloat16", "f32+bf16": "f32+bf16", "bf16+master": "bf16+master"}
+HALF_SIZES = ["1e3", "1e5", "1e6", MANY_SMALL]
+HALF_IMPLEMENTATIONS = ["fastopt", "numpy-reference", "torch-fused"]
+
+
+def _half_arrays(label, shapes):
+    """Starting parameters and gradients of a half case (drawn in float32, then rounded)."""
+    element = bench.DTYPES[label][0]
+    if bench.needs_bfloat16(label):
+        pytest.importorskip("ml_dtypes")
+    dtype = _precision.numpy_dtype(element)
+    rng = np.random.default_rng(0)
+    p0 = [rng.standard_normal(n, dtype=np.float32).astype(dtype) for n in shapes]
+    grads = [(rng.standard_normal(n, dtype=np.float32) + 0.5).astype(dtype) for n in shapes]
+    return p0, grads
+
+
+def _masters(opt, count):
+    """An optimizer's float32 master copies of its parameters (none without master weights)."""
+    return [opt.state[i]["master_param"] for i in range(count) if "master_param" in opt.state[i]]
+
+
+@pytest.mark.parametrize("impl", HALF_IMPLEMENTATIONS)
+@pytest.mark.parametrize("size", HALF_SIZES)
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_half_step(benchmark, dtype, size, impl):
+    label = HALF[dtype]
+    precision = bench.DTYPES[label][1]
+    shapes = model_shapes(size)
+    p0, grads = _half_arrays(label, shapes)
+    if impl == "torch-fused":
+        # torch runs plain Adam in its element (bf16 for bf16, float32 where
+        # the case keeps bf16 state or a master), from the same numbers
+        # widened exactly; its reference is the NumPy reference run so.
+        t_dtype = _precision.numpy_dtype(bench.torch_element(label))
+        p0, grads, precision = [p.astype(t_dtype) for p in p0], [g.astype(t_dtype)
+                                                                 for g in grads], {}
+        step, params = _torch(fastopt.Adam, {}, [p.copy() for p in p0], "fused")
+        opt = None
+    else:
+        params = [p.copy() for p in p0]
+        opt = fastopt.Adam(params, backend="numpy" if impl == "numpy-reference" else "cython",
+                           **precision)
+        step = lambda grads: opt.step(grads)  # noqa: E731
+
+    # Check the implementation once: three steps against the reference.
+    expected = [p.copy() for p in p0]
+    reference = fastopt.Adam(expected, backend="numpy", **precision)
+    for _ in range(3):
+        step(grads)
+        reference.step(grads)
+    got, want, start = (np.concatenate([p.ravel() for p in arrays])
+                        for arrays in (params, expected, p0))
+    if opt is None:
+        ok, dev = bench.within_tolerance(got, want, start)
+        assert ok, f"torch deviates from the NumPy reference by {dev:.3g} of the change"
+    else:  # bit for bit: half types by their 16-bit patterns, and the master copies
+        bits = (lambda a: a.view(np.uint16)) if got.dtype.itemsize == 2 else (lambda a: a)
+        np.testing.assert_array_equal(bits(got), bits(want))
+        for mine, theirs in zip(_masters(opt, len(p0)), _masters(reference, len(p0)),
+                                strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+
+    benchmark.group = f"adam {dtype} {size}"
     benchmark(step, grads)

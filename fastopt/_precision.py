@@ -122,11 +122,15 @@ class Precision(NamedTuple):
             return None
         return _splitmix64(_splitmix64(_splitmix64(self.seed) ^ step) ^ index)
 
-    def check_param(self, label, p_element):
-        """Refuse a parameter this policy cannot apply to."""
+    def check_param(self, label, p_element, is_complex=False):
+        """Refuse a parameter this policy cannot apply to (``p_element``: its real view's)."""
         if p_element == "float64" and self.state_dtype not in (None,):
             raise ValueError(f"{label} is float64, whose state stays float64: state_dtype="
                              f"{self.state_dtype!r} applies to float32 and half parameters")
+        if is_complex and self.state_dtype not in (None, p_element):
+            # (its state is complex like it, stepped as the real view: no half type has one)
+            raise ValueError(f"{label} is complex, whose state stays its own dtype: "
+                             f"state_dtype={self.state_dtype!r} applies to real parameters")
 
     def options(self):
         """The constructor keywords that make this policy (for checkpoints)."""

@@ -438,6 +438,13 @@ def half_step(twin, p, g, buffers, master=None, key=None, **kwargs):
     if not half(p) and not any(half(b) for b in buffers):
         twin(p, g, *buffers, **kwargs)
         return
+    eps = kwargs.get("eps")
+    if isinstance(eps, tuple) and eps[0] is None and half(p) and master is None:
+        # Adafactor's eps1=None is the machine epsilon of the parameter's dtype
+        # (torch: finfo(grad.dtype).eps), not float32's, which it computes in
+        # (a master copy is a float32 parameter: float32's)
+        kwargs = {**kwargs, "eps": (float(2.0 ** -(7 if p.dtype.name == "bfloat16" else 10)),
+                                    eps[1])}
     wide = [None if b is None else (b.astype(np.float32) if half(b) else b) for b in buffers]
     wide_p = master if master is not None else (p.astype(np.float32) if half(p) else p)
     returned = twin(wide_p, g.astype(np.float32) if half(g) else g, *wide, **kwargs)

@@ -391,7 +391,7 @@ class _FastoptStep:
                      if (why := _check_state(rule, p, name, t, precision))), None)
                 if problem:
                     raise ValueError(f"{_name(gi, k, p)} {problem}")
-                precision.check_param(_name(gi, k, p), _ELEMENT[p.dtype])
+                precision.check_param(_name(gi, k, p), _ELEMENT[p.dtype], p.is_complex())
                 if rule.scalar_state:
                     count = int(state["step"]) + 1 if "step" in state else 1
                     rule.check_scalar_state(hyper, count, {n: float(t) for n, t in state.items()

@@ -391,9 +391,16 @@ cdef void run_staged_slot(slot_f32_t step, int p_elem, int state_elem, const Slo
     cdef float* p = NULL
     cdef float* g = NULL
     cdef float* bufs[MAX_BUFFERS]
-    cdef int j, made = 0
+    cdef int j
     cdef bint ok
+    cdef StepScalars local = s[0]
     cdef bint master = slot.master != NULL
+    if local.eps_from_dtype and p_elem != ELEM_F32 and not master:
+        # (Adafactor's eps1=None: the machine epsilon of the parameter's dtype,
+        # as torch takes finfo(grad.dtype).eps, not float32's it computes in;
+        # a master copy is a float32 parameter, and takes float32's)
+        local.eps = 0.0078125 if p_elem == ELEM_BF16 else 0.0009765625
+        local.eps_from_dtype = False
     cdef bint s_native = state_elem == ELEM_F32
     for j in range(MAX_BUFFERS):
         bufs[j] = NULL
@@ -407,7 +414,7 @@ cdef void run_staged_slot(slot_f32_t step, int p_elem, int state_elem, const Slo
         if ok and slot.buf[j] != NULL:
             ok = widen_whole(state_elem, slot.buf[j], slot.buf_size[j], &bufs[j])
     if ok:
-        step(p, g, bufs, slot.size, slot.rows, slot.cols, s, threads)
+        step(p, g, bufs, slot.size, slot.rows, slot.cols, &local, threads)
         if master:
             store_elems(p_elem, slot.p, 0, p, slot.size, False, 0)
         elif p_elem != ELEM_F32:

@@ -137,9 +137,14 @@ def run_staged_and_twin(rule_name, options, n, steps=3, seed=0):
         checked, step_value, values = check_call(rule, next(iter(step.values())), hyper,
                                                  carried[0])
         new = run_one(rule, fast[0], g, fast[1:], step_value, checked, values)
+        # (half_step: the float32 twin on widened copies, rounded back; and
+        # Adafactor's eps1=None is float16's epsilon, as in torch)
         wide = [None if a is None else a.astype(np.float32) for a in slow]
+        eps = hyper.get("eps")
+        kwargs = {**hyper, "eps": (2.0 ** -10, eps[1])} if (
+            isinstance(eps, tuple) and eps[0] is None) else hyper
         returned = getattr(reference, kernel)(wide[0], g.astype(np.float32), *wide[1:],
-                                              **hyper, **step, **carried[1])
+                                              **kwargs, **step, **carried[1])
         with np.errstate(over="ignore"):
             slow = [None if a is None else a.astype(np.float16) for a in wide]
         carried = [new or {}, spec.carry(rule_name, returned)]

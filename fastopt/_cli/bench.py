@@ -29,9 +29,21 @@ re-measured and which are still unstable. A case flagged only for its
 neighbours whose second reading, with steady blocks, repeats the first
 (within REPRODUCED_WITHIN) is a real cost at that size, not noise: it loses
 its "~" and the notes say it was reproduced.
+
+Half precision. Cases of dtype bfloat16 and float16 (state in the same
+dtype) run beside torch's fused kernel on tensors of that dtype; the mixed
+policies (float32 with bfloat16 state, bfloat16 with float32 master weights,
+see DTYPES) beside torch's fused float32 step, the run they would replace,
+for reference. GB/s and % bound count each array at its own itemsize
+(traffic): 14 bytes per bf16 Adam element against float32's 28. fastopt
+must match the NumPy reference bit for bit, master copies included; torch
+is held to a tolerance in ulps of the half type (see HALF_ULPS). bfloat16
+cases need ml_dtypes, imported only when one runs; without it they are
+skipped and the notes say so.
 """
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import statistics
@@ -44,7 +56,7 @@ import numpy as np
 
 import fastopt
 
-from .. import _dispatch, _fastpath, _plotting
+from .. import _dispatch, _fastpath, _plotting, _precision
 from ..optim import OPTIMIZERS
 from . import bench_torch
 from .measure import SPREAD_LIMIT, block_spread, fmt_ratio as _fmt_ratio, header
@@ -85,6 +97,78 @@ RULES = {"adam": RULES.pop("adam"), **RULES}  # the headline rule first (tables,
 #: the rules the default plan runs at three sizes beside Adam's sweep
 OTHER_RULES = [r for r in RULES if r not in ("adam", "adamw")]
 
+#: dtype label of a case -> (parameter element, precision options): what its
+#: parameters are stored in (gradients come in the same dtype) and the
+#: optimizer's half-precision options (fastopt/_precision.py). The table
+#: prints a label with "float" shortened to "f" (bf16, f16, f32+bf16).
+DTYPES = {
+    "float32": ("float32", {}),
+    "float64": ("float64", {}),
+    "bfloat16": ("bfloat16", {}),
+    "float16": ("float16", {}),
+    "f32+bf16": ("float32", {"state_dtype": "bfloat16"}),
+    "bf16+master": ("bfloat16", {"master_weights": True}),
+    "bf16+master+bf16": ("bfloat16", {"master_weights": True, "state_dtype": "bfloat16"}),
+}
+#: bytes of an element; bfloat16 written out so that planning a run needs no ml_dtypes
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+#: stored mantissa bits: an element's spacing (ulp) is 2**(exponent - bits)
+MANTISSA_BITS = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}
+SMALLEST_NORMAL = {"float64": 2.0 ** -1022, "float32": 2.0 ** -126, "float16": 2.0 ** -14,
+                   "bfloat16": 2.0 ** -126}
+HALF = _precision.HALF
+
+
+def dtype_elements(label):
+    """``(parameter, gradient, state, master)`` elements of a dtype label (master: None if none).
+
+    >>> dtype_elements("bf16+master")
+    ('bfloat16', 'bfloat16', 'float32', 'float32')
+    """
+    p, options = DTYPES[label]
+    precision = _precision.check(**options)
+    return (p, p, precision.state_element(p),
+            "float32" if precision.has_master(p) else None)
+
+
+def torch_element(label):
+    """The element torch.optim's rival step runs in: the parameter's for a plain case (its
+    fused kernels keep half state in the parameter's dtype), else float32 (torch has no
+    state_dtype or master weights: a float32 model is what such a run replaces)."""
+    p, options = DTYPES[label]
+    return p if _precision.check(**options).plain else "float32"
+
+
+def needs_bfloat16(label):
+    """Whether a case of this dtype label has bfloat16 arrays (and so needs ml_dtypes)."""
+    return "bfloat16" in dtype_elements(label)
+
+
+def traffic(rule, label, shape=None):
+    """Bytes one element of a parameter costs a step of ``rule``: ``(moved, touched)``.
+
+    Moved: every array read once, every updated one written once, each at its
+    own itemsize. Read: the parameter (or, with master weights, its float32
+    master instead: the kernel updates the master and writes the parameter as
+    its rounding), the gradient and every state buffer; written: the
+    parameter, the master and every state buffer. Adam (state m, v): float32
+    4 x 7 = 28; bf16 read 2 x 4, written 2 x 3: 14; f32+bf16 (4 + 4 + 2 + 2) +
+    (4 + 2 + 2) = 20; bf16+master (4 + 2 + 4 + 4) + (2 + 4 + 4 + 4) = 28;
+    bf16+master+bf16 (4 + 2 + 2 + 2) + (2 + 4 + 2 + 2) = 20. Touched: the
+    distinct arrays (parameter, gradient, master, state), which is what has
+    to fit in a cache.
+
+    ``shape``: a matrix case's (Adafactor keeps only row and column factors
+    of a matrix, which are not streams); default a vector.
+    """
+    cls_name, options = RULES[rule][:2]
+    used = _full_buffers(cls_name, options, shape or (1,))
+    p, g, state, master = (ITEMSIZE[e] if e else 0 for e in dtype_elements(label))
+    read = (master or p) + g + used * state
+    written = p + master + used * state
+    return read + written, p + g + master + used * state
+
+
 MANY_SMALL = "200 x 16..4096"
 MANY_LARGE = "200 x 64..262144"
 #: one matrix: the case of a rule whose state is factored over rows and
@@ -118,6 +202,12 @@ PROBE_PASSES = 3
 # Besides around every case past the cache, the probe runs whenever this long
 # has passed since it last ran: more chances to catch the machine quiet.
 PROBE_EVERY_S = 10.0
+#: the half-precision cases of the default plan: bf16 Adam's sweep beside
+#: float32's, and at 1e7 float16 and the mixed policies (each 1e7 case costs
+#: a few seconds, most of them the NumPy reference's steps)
+HALF_CASES = ([("adam", "bfloat16", n) for n in ("1e3", "1e5", "1e7", MANY_SMALL)]
+              + [("adam", d, "1e7") for d in ("float16", "f32+bf16", "bf16+master",
+                                             "bf16+master+bf16")])
 # Sizes tried, smallest first, for the one Adam float32 case that is past the
 # cache, added to the default plan when none of its cases is.
 DRAM_SIZES = ("1e7", "2e7", "3.2e7", "6.4e7", "1.28e8", "2.56e8", "5.12e8")
@@ -136,7 +226,12 @@ COLUMNS = [
         name + (" (" + ", ".join(f"{k} {v}" for k, v in RULES[name][1].items()) + ")"
                 if RULES[name][1] else "") for name in RULES)
      + "; each optimizer's other options at their defaults"),
-    ("dtype", "f32 = float32, f64 = float64 parameters, gradients and state"),
+    ("dtype", "f32 = float32, f64 = float64, bf16 = bfloat16 (ml_dtypes), f16 = float16 "
+              "parameters, gradients and state (a half type's state in its own dtype, "
+              "computed in float32); f32+bf16: float32 parameters and gradients, bfloat16 "
+              "state (state_dtype='bfloat16'); bf16+master: bf16 parameters and gradients, a "
+              "float32 master copy and float32 state (master_weights=True); "
+              "bf16+master+bf16: that with bf16 state"),
     ("case", "elements of the one parameter array (1e5), one matrix of that shape "
              "('1000x1000'), or '200 x 16..4096': 200 arrays of log-uniform sizes in that "
              "range (seed 0), stepped by one optimizer"),
@@ -145,8 +240,12 @@ COLUMNS = [
              "stepped as one array"),
     ("ns/elem", "fastopt's time per element (time / elements of all arrays); comparable "
                 "across sizes, cache-resident ones included"),
-    ("GB/s", "bytes the rule must move per step (streams x itemsize x elements; Adam: 7 "
-             "streams) / fastopt's time, wherever those bytes are served from"),
+    ("GB/s", "bytes the rule must move per step / fastopt's time, wherever those bytes "
+             "are served from: elements x bytes per element, every array read once and every "
+             "updated one written once at its own itemsize (with master weights the master is "
+             "read instead of the parameter; Adam: " + ", ".join(
+                 f"{d.replace('float', 'f')} {traffic('adam', d)[0]}"
+                 for d in DTYPES if d != "float64") + " bytes per element)"),
     ("% bound", "time those bytes need at the measured memory bandwidth / fastopt's time "
                 "(100% = as fast as memory allows); '-' where the working set may fit in the "
                 "cache (see the notes)"),
@@ -154,7 +253,10 @@ COLUMNS = [
               "(backend='numpy'), which every implementation is checked against"),
     ("torch best", "the fastest of torch.optim's fused kernel (a rule without one: RMSprop, "
                    "NAdam, Adamax, ...: its for-loop and its foreach path) at 1 and 2 threads, "
-                   "on tensors sharing the arrays' memory"),
+                   "on tensors sharing the arrays' memory; bf16 and f16: the fused kernel on "
+                   "bf16/f16 tensors (state in their dtype, as fastopt's default), the mixed "
+                   "cases (f32+bf16, bf16+master...): fused float32 (torch has neither "
+                   "option), for reference only"),
     ("x numpy", "numpy / fastopt: how many times faster fastopt's step is (below 1: slower)"),
     ("x torch", "torch best / fastopt"),
 ]
@@ -188,8 +290,8 @@ def model_sizes(label):
 
 
 def working_set_bytes(rule, dtype, n):
-    """Distinct bytes one step of ``rule`` touches over ``n`` elements of ``dtype``."""
-    return RULES[rule][3] * np.dtype(dtype).itemsize * n
+    """Distinct bytes one step of ``rule`` touches over ``n`` elements of dtype label ``dtype``."""
+    return traffic(rule, dtype)[1] * n
 
 
 def dram_case(dram_bytes, available_bytes=None):
@@ -236,7 +338,8 @@ def plan(quick, full, dram_bytes=None, available_bytes=None):
     """
     if quick:
         return ([("adam", "float32", n) for n in ("1e3", "1e5", "1e7")]
-                + [("adam", "float32", MANY_SMALL), ("sgd", "float32", "1e5")])
+                + [("adam", "float32", MANY_SMALL), ("sgd", "float32", "1e5"),
+                   ("adam", "bfloat16", "1e5")])
     cases = [("adam", "float32", n) for n in ("1e3", "1e4", "1e5", "1e6", "1e7")]
     cases += [("adam", "float32", m) for m in (MANY_SMALL, MANY_LARGE)]
     for rule in OTHER_RULES:
@@ -244,6 +347,7 @@ def plan(quick, full, dram_bytes=None, available_bytes=None):
         cases += [(rule, "float32", m) for m in MATRIX_RULES.get(rule, ())]
     cases += [("adam", "float64", n) for n in ("1e3", "1e5", "1e7")]
     cases += [("sgd", "float64", "1e7")]
+    cases += HALF_CASES
     if full:
         cases += [("adam", "float32", "6.4e7"), ("adam", "float64", MANY_LARGE)]
     if dram_bytes is not None and not any(
@@ -468,7 +572,11 @@ class BandwidthProbe:
 
 def _fastopt_impl(cls, options, arrays, backend="cython"):
     opt = cls(arrays, backend=backend, **options)
-    return lambda grads: opt.step(grads)
+    step = lambda grads: opt.step(grads)  # noqa: E731
+    # float32 master copies, where the options keep them (check compares them too)
+    step.masters = lambda: [opt.state[i]["master_param"] for i in range(len(arrays))
+                            if "master_param" in opt.state[i]]
+    return step
 
 
 def _flat_impl(cls, options, arrays):
@@ -486,6 +594,17 @@ def _flat_impl(cls, options, arrays):
     return step
 
 
+def as_tensor(torch, array):
+    """A torch tensor sharing ``array``'s memory; a bfloat16 array (ml_dtypes) included.
+
+    torch.from_numpy refuses ml_dtypes' bfloat16: its 16-bit patterns are
+    wrapped as int16 and viewed as torch.bfloat16, which is the same layout.
+    """
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def _torch_impl(cls_name, options, arrays, threads, foreach=False):
     try:
         import torch
@@ -494,7 +613,11 @@ def _torch_impl(cls_name, options, arrays, threads, foreach=False):
     cls = getattr(torch.optim, cls_name, None)
     if cls is None:
         return None  # Lion, Lamb: optax's rules (bench/optax_compare.py times them against optax)
-    tensors = [torch.from_numpy(a) for a in arrays]  # share memory with the arrays
+    tensors = [as_tensor(torch, a) for a in arrays]  # share memory with the arrays
+    if arrays[0].dtype.itemsize == 2 and not (_has_fused(cls) and not foreach):
+        # Only torch's fused kernels compute a half step in float32 and round
+        # on store, as fastopt does; its other paths compute in the half type.
+        return None
     if foreach:  # torch's multi-tensor path, for a rule without a fused kernel
         if _has_fused(cls):
             return None
@@ -509,7 +632,7 @@ def _torch_impl(cls_name, options, arrays, threads, foreach=False):
     def step(grads):
         key = id(grads)
         if key not in grads_cache:  # wrap once: the data is shared, not copied
-            grads_cache[key] = [torch.from_numpy(g) for g in grads]
+            grads_cache[key] = [as_tensor(torch, g) for g in grads]
         for t, g in zip(tensors, grads_cache[key]):
             t.grad = g
         torch.set_num_threads(threads)
@@ -527,57 +650,77 @@ def _has_fused(cls):
     return True
 
 
+def _draw(rng, shape, element):
+    """Standard normal numbers stored as ``element`` (drawn in float32 for a half type)."""
+    if element in ("float32", "float64"):
+        # Drawn in the dtype itself: no float64 copy of a large case to convert.
+        return rng.standard_normal(shape, dtype=element)
+    return rng.standard_normal(shape, dtype=np.float32).astype(_precision.numpy_dtype(element))
+
+
 def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
-    """Time one case; return a dict of block times, medians and the checks' deviations."""
-    cls_name, options, streams, _ = RULES[rule]
+    """Time one case; return a dict of block times, medians and the checks' deviations.
+
+    ``dtype``: a label of DTYPES ("float32", "bfloat16", "f32+bf16", ...).
+    """
+    cls_name, options = RULES[rule][:2]
     cls = getattr(fastopt, cls_name)
-    dtype = np.dtype(dtype)
+    p_element, precision = DTYPES[dtype]
+    t_element = torch_element(dtype)
     sizes = model_sizes(label)
     shapes = model_shapes(label)
-    if len(shapes[0]) > 1:  # a matrix case: its own streams and working set
-        used = _full_buffers(cls_name, options, shapes[0])
-        streams, arrays_touched = 3 + 2 * used, 2 + used
-    else:
-        arrays_touched = RULES[rule][3]
+    # (a matrix case has its own streams and working set)
+    moved, touched = traffic(rule, dtype, shapes[0] if len(shapes[0]) > 1 else None)
     n = sum(sizes)
     rng = np.random.default_rng(1)
-    # Drawn in the dtype itself: no float64 copy of a large case to convert.
-    p0 = [rng.standard_normal(s, dtype=dtype) for s in shapes]
+    p0 = [_draw(rng, s, p_element) for s in shapes]
     # Two gradient sets, alternated; the offset makes parameters drift, so
-    # deviations are measured against a growing total change.
-    grad_sets = [[rng.standard_normal(s, dtype=dtype) + dtype.type(0.5) for s in shapes]
-                 for _ in range(2)]
+    # deviations are measured against a growing total change. (Added in
+    # float32 for a half type, then rounded.)
+    grad_sets = [[(_draw(rng, s, "float32" if p_element in HALF else p_element) + 0.5)
+                  .astype(p0[0].dtype, copy=False) for s in shapes] for _ in range(2)]
+    # torch's rival runs in its own element where the case has no torch
+    # equivalent (float32 for state_dtype and master weights): the same
+    # numbers, widened exactly.
+    t_dtype = p0[0].dtype if t_element == p_element else np.dtype(t_element)
+    torch_grad_sets = (grad_sets if t_dtype == p0[0].dtype
+                       else [[g.astype(t_dtype) for g in gs] for gs in grad_sets])
 
-    impls, arrays = {}, {}
+    impls, arrays, impl_grads = {}, {}, {}
 
-    def add(name, make):
-        arrays[name] = [p.copy() for p in p0]
+    def add(name, make, element_dtype=p0[0].dtype, grads=grad_sets):
+        arrays[name] = [p.astype(element_dtype) for p in p0]  # (a copy)
         impl = make(arrays[name])
         if impl is not None:
-            impls[name] = impl
+            impls[name], impl_grads[name] = impl, grads
         else:
             del arrays[name]
 
-    add("fastopt", lambda a: _fastopt_impl(cls, options, a))
-    add("numpy", lambda a: _fastopt_impl(cls, options, a, backend="numpy"))
-    if len(sizes) > 1 and not cls.rule.whole_arrays:
-        # (Lamb's trust ratio is per array: one flat buffer is another problem)
-        add("fastopt flat", lambda a: _flat_impl(cls, options, a))
+    both = {**options, **precision}
+    add("fastopt", lambda a: _fastopt_impl(cls, both, a))
+    add("numpy", lambda a: _fastopt_impl(cls, both, a, backend="numpy"))
+    if len(sizes) > 1 and not cls.rule.whole_arrays and p_element in ("float32", "float64"):
+        # (Lamb's trust ratio is per array: one flat buffer is another
+        # problem; FlatParams holds float32 and float64 only)
+        add("fastopt flat", lambda a: _flat_impl(cls, both, a))
     if with_torch:
         for threads in (1, 2):
-            add(f"torch {threads}t", lambda a, t=threads: _torch_impl(cls_name, options, a, t))
+            add(f"torch {threads}t", lambda a, t=threads: _torch_impl(cls_name, options, a, t),
+                t_dtype, torch_grad_sets)
         for threads in (1, 2):  # (rules without a fused kernel: the for-loop's rival)
             add(f"torch foreach {threads}t",
-                lambda a, t=threads: _torch_impl(cls_name, options, a, t, foreach=True))
+                lambda a, t=threads: _torch_impl(cls_name, options, a, t, foreach=True),
+                t_dtype, torch_grad_sets)
 
     # Rounds: each implementation in turn runs a block of k steps on one
     # gradient set (its working set stays warm, as in a training loop), and
     # its time per step in that block is one sample. Rotating through the
     # implementations every round exposes them all to the same machine noise.
     times = {name: [] for name in impls}
+    schedule = []  # (gradient set, steps) of every block, for a replay
 
-    def block(name, grads, k):
-        impl = impls[name]
+    def block(name, which, k):
+        impl, grads = impls[name], impl_grads[name][which]
         if hasattr(impl, "load"):
             impl.load(grads)  # what the model's backward pass would have written
         t0 = time.perf_counter()
@@ -586,26 +729,52 @@ def run_case(rule, dtype, label, budget_s=0.4, with_torch=True):
         return (time.perf_counter() - t0) / k
 
     for name in impls:
-        block(name, grad_sets[0], 1)  # the first step allocates state: not a sample
+        block(name, 0, 1)  # the first step allocates state: not a sample
     # Block length from one warm step each (the first step of torch or of a
     # lazily allocating optimizer can be 10x its usual time): about 2 ms for
     # the fastest, and at least 3 rounds of every implementation in budget_s.
-    warm = {name: block(name, grad_sets[1], 1) for name in impls}
+    warm = {name: block(name, 1, 1) for name in impls}
+    schedule += [(0, 1), (1, 1)]
     fastest, slowest = min(warm.values()), max(warm.values())
     k = max(1, min(int(2e-3 / max(fastest, 1e-9)), 64, int(budget_s / 3 / max(slowest, 1e-9))))
     rounds = 0
     deadline = time.perf_counter() + budget_s
     while rounds < 3 or (rounds < 200 and time.perf_counter() < deadline):
         for name in impls:
-            times[name].append(block(name, grad_sets[(rounds + 1) % 2], k))
+            times[name].append(block(name, (rounds + 1) % 2, k))
+        schedule.append(((rounds + 1) % 2, k))
         rounds += 1
     step_count = 2 + rounds * k
 
-    result = {"rule": rule, "dtype": str(dtype), "case": label, "n": n, "arrays": len(sizes),
+    result = {"rule": rule, "dtype": dtype, "case": label, "n": n, "arrays": len(sizes),
               "steps": step_count, "block_steps": k,
-              "bytes_per_step": streams * dtype.itemsize * n,
-              "working_set_bytes": arrays_touched * dtype.itemsize * n}
-    result.update(check(arrays, impls, p0, max(sizes) if cls.rule.whole_arrays else 0))
+              "param_dtype": p_element, "state_dtype": dtype_elements(dtype)[2],
+              "master_weights": dtype_elements(dtype)[3] is not None,
+              "torch_dtype": t_element if any(x.startswith("torch") for x in impls) else None,
+              "bytes_per_element": moved,
+              "bytes_per_step": moved * n, "working_set_bytes": touched * n}
+    masters = {name: impls[name].masters() for name in ("fastopt", "numpy")}
+    rival = None  # torch's step is the case's own: checked against the reference's params
+    state_element = dtype_elements(dtype)[2]
+    if any(name.startswith("torch") for name in impls) and (
+            p_element, state_element) != (t_element, t_element):
+        start = [p.astype(t_dtype) for p in p0]
+        if masters["numpy"] and state_element == t_element:
+            # torch's float32 step is what the float32 master goes through
+            rival = (masters["numpy"], start)
+        else:
+            # The case's state is stored in another element than torch's
+            # (bf16 state against torch's float32): a different computation.
+            # torch is checked against the NumPy reference run as torch runs
+            # (its element, plain precision) on the same gradients.
+            replay = [p.copy() for p in start]
+            ref_step = _fastopt_impl(cls, options, replay, backend="numpy")
+            for which, steps in schedule:
+                for _ in range(steps):
+                    ref_step(torch_grad_sets[which])
+            rival = (replay, start)
+    result.update(check(arrays, impls, p0, max(sizes) if cls.rule.whole_arrays else 0,
+                        masters=masters, rival=rival))
     result["median_s"] = {name: statistics.median(ts) for name, ts in times.items()}
     result["block_s"] = times
     return result
@@ -615,48 +784,163 @@ def _max_abs_diff(a, b, chunk=1 << 20):
     """max |a - b| in float64, a chunk at a time (no float64 copy of a large case)."""
     worst = 0.0
     for i in range(0, a.size, chunk):
-        d = float(np.max(np.abs(a[i:i + chunk].astype(np.float64) - b[i:i + chunk])))
+        d = float(np.max(np.abs(a[i:i + chunk].astype(np.float64)
+                                - b[i:i + chunk].astype(np.float64))))
         if d != d:
             return d  # NaN: no tolerance accepts it (max() would drop it)
         worst = max(worst, d)
     return worst
 
 
-def check(arrays, impls, p0, summed=0):
-    """Compare every implementation with the NumPy reference after the same steps.
+def _same(got, ref):
+    """Bit for bit (half types: their 16-bit patterns), or equal with NaN where NaN."""
+    if got.dtype != ref.dtype or got.shape != ref.shape:
+        return False
+    if got.dtype.itemsize == 2:
+        return np.array_equal(got.view(np.uint16), ref.view(np.uint16))
+    # equal_nan costs two isnan passes: only when plain equality fails.
+    return np.array_equal(got, ref) or np.array_equal(got, ref, equal_nan=True)
 
-    ``summed``: the elements of the largest array a step sums whole (Adafactor's
-    norms; 0 for an elementwise rule), for the tolerance of torch's own sums.
+
+def spacing(x, element):
+    """The spacing (ulp) of ``element`` numbers at each of ``x`` (a float32/float64 array).
+
+    2**(exponent - MANTISSA_BITS), where x = m 2**exponent with 1 <= m < 2;
+    below the smallest normal number, the subnormals' fixed spacing.
     """
-    def flat_of(name):
-        impl = impls[name]
-        return np.concatenate([np.ravel(a) for a in getattr(impl, "params", arrays[name])])
-    ref = flat_of("numpy")
-    start = np.concatenate([np.ravel(p) for p in p0])
-    scale = _max_abs_diff(ref, start) or 1.0
-    # Other implementations round differently (torch's fused kernels reorder
-    # operations): allow 1e-4 of the total change plus a few units in the last
-    # place of the largest parameter, which dominate after only a few steps.
-    eps = float(np.finfo(ref.dtype).eps)
-    ulps = 4 * eps * float(np.max(np.abs(ref))) if ref.size else 0.0
+    _, exponent = np.frexp(np.maximum(np.abs(x), SMALLEST_NORMAL[element]))
+    return np.ldexp(1.0, exponent - 1 - MANTISSA_BITS[element])
+
+
+# Tolerances of a rival (torch) against the NumPy reference.
+#
+# float32, float64: torch's fused kernels reorder operations; allow RTOL of
+# the total change plus ULPS units in the last place of the largest
+# parameter, which dominate after only a few steps.
+RTOL, ULPS = 1e-4, 4
+# float16, bfloat16: both compute in float32 and round on store, so an
+# element differs only where their float32 results straddle a rounding
+# boundary of the half type. A parameter once apart stays about that far
+# apart (Adam's update does not depend on p): a few of its own ulps. A state
+# element apart (m, v 1 ulp: 2**-8 of itself in bf16) changes its
+# parameter's updates by a fraction of eps while it stays apart, which adds
+# up to a few eps of that parameter's change. So each element may be
+# HALF_ULPS of its own spacing off, plus HALF_RTOL_EPS eps (of the half
+# type) of the total change. The total change alone would not do: a bf16
+# parameter of magnitude 1 is 2**-7 apart after one disagreement, over the
+# whole change of a few steps at lr 1e-3 (0.08 of it observed); ulps of the
+# largest parameter (4% of it in bf16) would let a wrong small parameter,
+# the ones a bf16 step at lr 1e-3 moves, pass unnoticed for many steps.
+# Observed, torch 2.13's fused Adam on AVX2 against fastopt, 1e5 elements:
+# at 50 steps bf16 bit for bit or 1-2 elements 1-2 ulps apart (depending on
+# the gradient sequence); f16 one element 1 ulp apart. Over 2000 steps at
+# 1e5 and 1000 at 1e6, in blocks of 1 to 40 steps on one gradient set: at
+# most 17 elements in 1e6 apart, the worst 10 ulps of itself and 3.3 eps of
+# the change (bf16, 1e6, near zero), i.e. at most 0.31 of this tolerance:
+# over 3x margin.
+HALF_ULPS, HALF_RTOL_EPS = 8, 8
+
+
+def _rival_excess(got, ref, scale, summed=0, chunk=1 << 20):
+    """How far ``got`` is outside the tolerance around ``ref`` (<= 0: within), and max |got-ref|.
+
+    ``got`` and ``ref`` are flat arrays of one element (that of the rival's
+    arrays, which decides the tolerance: see RTOL, HALF_ULPS).
+    """
+    element = got.dtype.name  # (ml_dtypes' bfloat16 too: "bfloat16")
+    eps = 2.0 ** -MANTISSA_BITS[element]
     # torch forms a whole array's sums in the array's precision, whose error
     # grows as sqrt(n) eps (fastopt and the reference sum in double): its
     # Adafactor at 1e7 float32 elements is 3.7e-4 of the total change off the
     # float64 answer, fastopt 1.7e-5. Every element's step carries that error.
-    rtol = 1e-4 + 2 * math.sqrt(summed) * eps
+    summed_rtol = 2 * math.sqrt(summed) * eps
+    half = element in HALF
+    if half:
+        floor = (HALF_RTOL_EPS * eps + summed_rtol) * scale
+    else:
+        largest = max((float(np.max(np.abs(ref[i:i + chunk].astype(np.float64))))
+                       for i in range(0, ref.size, chunk)), default=0.0)
+        floor = (RTOL + summed_rtol) * scale + ULPS * eps * largest
+    excess, err = -math.inf, 0.0
+    for i in range(0, got.size, chunk):
+        g = got[i:i + chunk].astype(np.float64)
+        r = ref[i:i + chunk].astype(np.float64)
+        d = np.abs(g - r)
+        if np.isnan(d).any():
+            return math.nan, math.nan
+        err = max(err, float(np.max(d)))
+        allowed = floor + (HALF_ULPS * spacing(np.maximum(np.abs(g), np.abs(r)), element)
+                           if half else 0.0)
+        excess = max(excess, float(np.max(d - allowed)))
+    return excess, err
+
+
+def within_tolerance(got, ref, start, summed=0):
+    """Whether a rival's (torch's) parameters ``got`` pass the check against ``ref``.
+
+    Parameters
+    ----------
+    got, ref, start : arrays of one shape
+        The rival's result, the NumPy reference's, and where both started
+        (the total change ``max |ref - start|`` scales the tolerance).
+    summed : int
+        Elements of the largest array a step sums whole (0: elementwise).
+
+    Returns
+    -------
+    (bool, float)
+        Whether it is within the tolerance, and its deviation: max |got - ref|
+        over the total change.
+    """
+    got, ref, start = (np.ravel(a) for a in (got, ref, start))
+    scale = _max_abs_diff(ref, start) or 1.0
+    if not got.size:
+        return True, 0.0
+    excess, err = _rival_excess(got, ref, scale, summed)
+    return bool(excess <= 0), err / scale
+
+
+def check(arrays, impls, p0, summed=0, masters=None, rival=None):
+    """Compare every implementation with the NumPy reference after the same steps.
+
+    fastopt's implementations must agree bit for bit, parameters and float32
+    master copies (``masters``: name -> list of arrays); torch's within the
+    tolerance of its element (see RTOL and HALF_ULPS), against ``rival``:
+    ``(reference arrays, start arrays)`` where torch's step is not the case's
+    own (None: the reference's parameters, from ``p0``).
+
+    ``summed``: the elements of the largest array a step sums whole (Adafactor's
+    norms; 0 for an elementwise rule), for the tolerance of torch's own sums.
+    """
+    def flat(parts):
+        return np.concatenate([np.ravel(a) for a in parts])
+
+    def flat_of(name):
+        impl = impls[name]
+        return flat(getattr(impl, "params", arrays[name]))
+    ref = flat_of("numpy")
+    start = flat(p0)
+    scale = _max_abs_diff(ref, start) or 1.0
+    rival_ref, rival_start = (ref, start) if rival is None else (flat(rival[0]), flat(rival[1]))
+    masters = masters or {}
     out = {"max_rel_dev": {}}
     for name in impls:
         got = flat_of(name)
-        exact = not name.startswith("torch")
-        # equal_nan costs two isnan passes: only when plain equality fails.
-        same = np.array_equal(got, ref) or np.array_equal(got, ref, equal_nan=True)
+        if name.startswith("torch"):
+            ok, dev = within_tolerance(got, rival_ref, rival_start, summed)
+            out["max_rel_dev"][name] = dev
+            if not ok:
+                raise AssertionError(f"{name} deviates from the NumPy reference by {dev:.3g}")
+            continue
+        same = _same(got, ref)
         err = 0.0 if same or not got.size else _max_abs_diff(got, ref)
         out["max_rel_dev"][name] = err / scale
-        if exact and not same:
+        if not same:
             raise AssertionError(f"{name} disagrees with the NumPy reference "
                                  f"(rel. dev {err / scale:.3g})")
-        if not exact and not err <= rtol * scale + ulps:
-            raise AssertionError(f"{name} deviates from the NumPy reference by {err / scale:.3g}")
+        if masters.get(name) and not _same(flat(masters[name]), flat(masters["numpy"])):
+            raise AssertionError(f"{name}'s float32 master weights disagree with the NumPy "
+                                 "reference's")
     return out
 
 
@@ -889,12 +1173,22 @@ def legend(columns=None, width=100):
     return "\n".join(lines)
 
 
-def notes(results, llc, llc_source, dram_bytes, probe, load=None):
+def notes(results, llc, llc_source, dram_bytes, probe, load=None, skipped=()):
     """The notes under the table: how times were taken, other load, % bound and instability."""
     threads = _dispatch.config()["num_threads"]
-    out = ["Times: medians of rotating blocks of steps; every implementation checked against the "
-           "NumPy reference (fastopt: bit for bit; torch: within 1e-4 of the total change, plus "
-           "2 sqrt(n) eps where torch sums a whole array of n in its precision)."]
+    rtol = f"{RTOL:.0e}".replace("e-0", "e-")  # 1e-4
+    out = [f"Times: medians of rotating blocks of steps; every implementation checked against the "
+           f"NumPy reference (fastopt: bit for bit, float32 master weights too; torch: within "
+           f"{rtol} of the total change plus {ULPS} ulps of the largest parameter, and 2 "
+           f"sqrt(n) eps where torch sums a whole array of n in its precision; in bf16 and f16 "
+           f"within {HALF_ULPS} ulps of each element plus {HALF_RTOL_EPS} eps of the total "
+           f"change). Where torch's step is not the case's own (bf16 state against its float32 "
+           f"state) it is checked against the NumPy reference run as torch runs; with master "
+           f"weights and float32 state, against the reference's master."]
+    if skipped:
+        out.append("Skipped, ml_dtypes is not installed (pip install ml_dtypes): "
+                   + ", ".join(f"{r} {d.replace('float', 'f')} {c}" for r, d, c in skipped)
+                   + ".")
     if load is not None:
         busy = load["other_cpus"] + load["stolen_cpus"]
         line = (f"Other load: other processes kept {load['other_cpus']:.2f} of the "
@@ -906,10 +1200,10 @@ def notes(results, llc, llc_source, dram_bytes, probe, load=None):
                      "one, and steps split over threads suffer most (a thread that loses its "
                      "core waits out another process's time slice).")
         out.append(line)
-    rule = (f"% bound is shown only where the working set of a step (parameters, gradients "
-            f"and state: arrays x itemsize x elements) is at least {CACHE_FACTOR}x the "
-            f"last-level cache ({_fmt_bytes(llc)}, {llc_source}), i.e. at least "
-            f"{_fmt_bytes(dram_bytes)}: only there must every step stream its bytes from "
+    rule = (f"% bound is shown only where the working set of a step (parameters, gradients, "
+            f"master copies and state: each array's itemsize x elements) is at least "
+            f"{CACHE_FACTOR}x the last-level cache ({_fmt_bytes(llc)}, {llc_source}), i.e. at "
+            f"least {_fmt_bytes(dram_bytes)}: only there must every step stream its bytes from "
             f"memory. Smaller working sets may be served partly from the cache, where no "
             f"memory bound applies (it could read over 100%); for them read ns/elem.")
     if probe is not None and probe.samples:
@@ -959,14 +1253,17 @@ def notes(results, llc, llc_source, dram_bytes, probe, load=None):
 _COLOURS = {"fastopt": "tab:blue", "fastopt flat": "tab:cyan", "numpy": "tab:gray",
             "torch 1t": "tab:orange", "torch 2t": "tab:red",
             "torch foreach 1t": "tab:olive", "torch foreach 2t": "tab:brown"}
-_DTYPE_STYLE = {"float32": ("-", "o"), "float64": ("--", "s")}
+_DTYPE_STYLE = {"float32": ("-", "o"), "float64": ("--", "s"), "bfloat16": (":", "^"),
+                "float16": (":", "v"), "f32+bf16": ("-.", "D"), "bf16+master": ("-.", "P"),
+                "bf16+master+bf16": ("-.", "X")}
 
 
 def plot(results, path):
     """Throughput of every implementation, rule and dtype, if matplotlib is here.
 
     One panel per rule with one-array cases (G elements/s against elements,
-    a line per implementation, float32 solid, float64 dashed), and one panel
+    a line per implementation, float32 solid, float64 dashed, bf16 and f16 dotted, the
+    mixed policies dash-dotted), and one panel
     of bars for the many-array and matrix cases.
 
     Returns
@@ -1093,8 +1390,10 @@ def make_parser():
                         help="only the torch comparison: fastopt.torch vs torch.optim on torch "
                              "models")
     parser.add_argument("--cases", metavar="RULE:DTYPE:SIZE", nargs="+",
-                        help="run only these cases, e.g. adam:float32:1e5 "
-                             "adafactor:float32:1000x1000 sgd:float64:'200 x 16..4096'")
+                        help="run only these cases, e.g. adam:float32:1e5 adam:bfloat16:1e5 "
+                             "adam:f32+bf16:1e7 adafactor:float32:1000x1000 "
+                             "sgd:float64:'200 x 16..4096' (dtypes: " + ", ".join(DTYPES)
+                             + ")")
     return parser
 
 
@@ -1102,8 +1401,9 @@ def _parse_cases(parser, specs):
     cases = []
     for spec in specs:
         parts = spec.split(":", 2)
-        if len(parts) != 3 or parts[0] not in RULES or parts[1] not in ("float32", "float64"):
-            parser.error(f"unknown case {spec!r} (RULE:DTYPE:SIZE, rules {', '.join(RULES)})")
+        if len(parts) != 3 or parts[0] not in RULES or parts[1] not in DTYPES:
+            parser.error(f"unknown case {spec!r} (RULE:DTYPE:SIZE, rules {', '.join(RULES)}; "
+                         f"dtypes {', '.join(DTYPES)})")
         try:
             if sum(model_sizes(parts[2])) < 1:
                 raise ValueError
@@ -1111,6 +1411,11 @@ def _parse_cases(parser, specs):
             parser.error(f"unknown size in case {spec!r}")
         cases.append(tuple(parts))
     return cases
+
+
+def have_bfloat16():
+    """Whether ml_dtypes (NumPy's bfloat16) can be imported; not importing it yet."""
+    return importlib.util.find_spec("ml_dtypes") is not None
 
 
 def _progress(text):
@@ -1129,6 +1434,10 @@ def run(argv=None):
         cases = _parse_cases(parser, args.cases)
     else:
         cases = plan(args.quick, args.full, dram_bytes, available_memory())
+    skipped = []
+    if not have_bfloat16():
+        skipped = [c for c in cases if needs_bfloat16(c[1])]
+        cases = [c for c in cases if not needs_bfloat16(c[1])]
     with_torch = not args.no_torch
     if with_torch:
         try:
@@ -1207,7 +1516,8 @@ def run(argv=None):
     with_flat = any(r["arrays"] > 1 for r in results)
     print(format_table(results, with_flat))
     print("\ncolumns:\n" + legend(table_columns(with_flat)))
-    print("\nnotes:\n" + notes(results, llc, llc_source, dram_bytes, probe, load) + "\n")
+    print("\nnotes:\n" + notes(results, llc, llc_source, dram_bytes, probe, load, skipped)
+          + "\n")
 
     json_path = os.path.abspath(args.json or DEFAULT_JSON)
     with open(json_path, "w") as f:
@@ -1215,6 +1525,8 @@ def run(argv=None):
                    "last_level_cache_bytes": llc, "last_level_cache_source": llc_source,
                    "dram_working_set_bytes": dram_bytes, "bandwidth_gbs": bandwidth,
                    "probe_passes_gbs": probe.samples if probe else [], "other_load": load,
+                   "skipped": [{"rule": r, "dtype": d, "case": c,
+                                "reason": "ml_dtypes is not installed"} for r, d, c in skipped],
                    "results": results}, f, indent=1)
     print(f"saved {json_path}")
     plot_path = os.path.abspath(args.plot or DEFAULT_PLOT)

@@ -207,7 +207,8 @@ class Optimizer:
             label = self._labels(start + k, names[k] if named else None)[0]
             V.check_float_array(label, p, writeable=True, complex_ok=self.rule.complex_ok,
                                 torch_twin=f"fastopt.torch.{type(self).__name__}", half_ok=True)
-            self.precision.check_param(label, _precision.element(V.real_view(p).dtype))
+            self.precision.check_param(label, _precision.element(V.real_view(p).dtype),
+                                       p.dtype.kind == "c")
             labelled.append((label, p))
         if named:
             clash = set(old_names) & set(names)
