@@ -30,8 +30,13 @@ STATE_ELEMENTS = ("float32",) + HALF
 _MASK = (1 << 64) - 1
 
 
+_BFLOAT16 = []  # ml_dtypes.bfloat16's dtype, once imported
+
+
 def bfloat16():
     """ml_dtypes.bfloat16 as a NumPy dtype (ImportError with the fix if it is missing)."""
+    if _BFLOAT16:
+        return _BFLOAT16[0]
     try:
         import ml_dtypes
     except ImportError:
@@ -39,17 +44,27 @@ def bfloat16():
                           "pip install ml_dtypes (or fastopt[half])") from None
     from . import _fastpath
     dtype = np.dtype(ml_dtypes.bfloat16)
-    _fastpath.register_bfloat16(dtype.num)
+    _fastpath.register_bfloat16(dtype.num)  # the fast path knows its arrays from now on
+    _BFLOAT16.append(dtype)
     return dtype
+
+
+# dtype -> element name, for the dtypes seen so far (a step asks per array)
+_ELEMENT_OF = {np.dtype(name): name for name in ("float16", "float32", "float64")}
 
 
 def element(dtype):
     """The element name of a NumPy dtype fastopt can step, else None."""
+    try:
+        return _ELEMENT_OF[dtype]
+    except (KeyError, TypeError):
+        pass
     dtype = np.dtype(dtype)
-    if dtype.kind == "f" and dtype.isnative and dtype.name in ("float16", "float32", "float64"):
-        return dtype.name
+    if dtype in _ELEMENT_OF:
+        return _ELEMENT_OF[dtype]
     if dtype.name == "bfloat16" and dtype.itemsize == 2 and type(dtype).__module__ != "numpy":
-        bfloat16()  # the fast path learns its type number here, once it is in use
+        bfloat16()  # (registers its type number with the fast path)
+        _ELEMENT_OF[dtype] = "bfloat16"
         return "bfloat16"
     return None
 
