@@ -24,7 +24,6 @@ import zipfile
 
 import numpy as np
 
-from . import _precision
 from ._version import __version__
 
 FORMAT = "fastopt-optimizer"
@@ -165,7 +164,7 @@ def _state_dict_from(meta, arrays, path):
         for name, dtype in meta.get("bit_patterns", {}).items():
             if dtype != "bfloat16" or arrays[name].dtype != np.uint16:
                 raise ValueError(f"{name} is no {dtype} bit pattern")
-            arrays[name] = arrays[name].view(_precision.bfloat16())
+            arrays[name] = arrays[name].view(_bfloat16(path))
         for index, keys in meta["state_keys"].items():
             entry = {key: arrays[f"state/{index}/{key}"] for key in keys}
             if index in meta["steps"]:
@@ -177,6 +176,16 @@ def _state_dict_from(meta, arrays, path):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
     return {"state": state, "param_groups": groups}
+
+
+def _bfloat16(path):
+    """ml_dtypes' bfloat16, which NumPy lacks (the optional package, imported when needed)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError(f"{path} holds bfloat16 state; reading it needs ml_dtypes "
+                          "(pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _a(word):

@@ -620,6 +620,9 @@ RULES = (
 
 #: the keyword-only constructor options every class takes (fastopt's own)
 COMMON_KEYWORDS = {"backend": "cython", "skip_nonfinite": False, "flush_denormals": False}
+#: the half-precision keywords every optimizer takes, NumPy's and fastopt.torch's
+PRECISION_KEYWORDS = {"state_dtype": None, "master_weights": False,
+                      "stochastic_rounding": False, "seed": 0}
 
 
 # ------------------------------------------------------------------ look-ups
