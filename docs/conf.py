@@ -61,8 +61,12 @@ nitpicky = False
 autodoc_default_options = {
     "member-order": "bysource",
 }
-# Signatures show the defaults as written, e.g. betas=(0.9, 0.999).
-autodoc_preserve_defaults = True
+# Signatures show the defaults' values (repr), e.g. betas=(0.9, 0.999), as
+# help() does. Not "as written": the optimizers' signatures name the
+# half-precision keywords their source passes on as **precision, and
+# autodoc_preserve_defaults, which reads the defaults from the source, fails
+# on a signature that is not the source's.
+autodoc_preserve_defaults = False
 autodoc_typehints = "none"  # the docstrings describe the types
 
 # fastopt.torch imports torch at module level. torch is optional: where it
