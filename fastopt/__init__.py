@@ -33,6 +33,7 @@ from . import _aliases, kernels, lr_scheduler, reference
 from ._dispatch import get_num_threads, set_num_threads, show_config, simd_level
 from ._version import __version__
 from .flat import FlatParams
+from .sparse import SparseRows
 from .optim import OPTIMIZERS as _OPTIMIZERS, Optimizer, load_optimizer
 from .train import (EarlyStopping, GradientAccumulator, History, accumulate, batches, Batches,
                     batching, clip, clip_grad_norm, clip_grad_value, fit, grad_norm, losses,
@@ -53,7 +54,7 @@ __all__ = [
     # optimizers: every class of the registry (fastopt.optim)
     *_OPTIMIZERS, "Optimizer", "kernels", "reference",
     # layout and runtime
-    "FlatParams", "set_num_threads", "get_num_threads", "show_config", "simd_level",
+    "FlatParams", "SparseRows", "set_num_threads", "get_num_threads", "show_config", "simd_level",
     # training loops
     "batches", "Batches", "clip_grad_norm", "clip_grad_value", "grad_norm",
     "GradientAccumulator", "fit", "History", "EarlyStopping", "lr_range_test", "load_optimizer",

@@ -9,10 +9,13 @@ Python-float hyperparameters combine with float32 arrays in float32 (NumPy 2
 promotion rules), which is how torch.optim computes a float32 step.
 """
 
+import math
+
 import numpy as np
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax", "radam", "adadelta", "rprop",
-           "lion", "asgd", "lamb", "adafactor"]
+           "lion", "asgd", "lamb", "adafactor", "sparse_adam", "rowwise_adagrad", "merge_rows",
+           "sparse_rows_step"]
 
 
 def _lerp(a, b, w):
@@ -64,6 +67,15 @@ def adagrad(p, g, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
     clr = lr / (1 + (step - 1) * lr_decay)
     state_sum[...] = state_sum + g * g
     p[...] = p + (-clr) * g / (np.sqrt(state_sum) + eps)
+
+
+def _adagrad_rows(p, g, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                  eps=1e-10, maximize=False):
+    """Adagrad's update of listed rows, as torch's sparse path forms it: g / std, then * -clr."""
+    g = _effective_grad(p, g, 0.0, maximize)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state_sum[...] = state_sum + g * g
+    p[...] = p + (-clr) * (g / (np.sqrt(state_sum) + eps))
 
 
 def rmsprop(p, g, square_avg, grad_avg=None, momentum_buffer=None, *, step=1, lr=1e-2,
@@ -455,4 +467,65 @@ def half_step(twin, p, g, buffers, master=None, key=None, **kwargs):
     for j, (b, w) in enumerate(zip(buffers, wide)):
         if half(b):
             store_half(w, b, None if key is None else stream_key(key, j + 1))
+    return returned
+
+
+def sparse_adam(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                maximize=False):
+    """Reference for :func:`fastopt.kernels.sparse_adam` (torch.optim.SparseAdam on the listed rows)."""
+    beta1, beta2 = betas
+    g = _effective_grad(p, g, 0.0, maximize)
+    exp_avg[...] = exp_avg + (g - exp_avg) * (1 - beta1)
+    exp_avg_sq[...] = exp_avg_sq + (g * g - exp_avg_sq) * (1 - beta2)
+    step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+    p[...] = p + (-step_size) * (exp_avg / (np.sqrt(exp_avg_sq) + eps))
+
+
+def rowwise_adagrad(p, g, state_sum, *, step=1, lr=1e-2, eps=1e-10, weight_decay=0.0,
+                    maximize=False):
+    """Reference for :func:`fastopt.kernels.rowwise_adagrad`: one accumulator per row of the
+    last axis (``state_sum`` shaped ``p.shape[:-1] + (1,)``), the row's mean of g * g."""
+    g = _effective_grad(p, g, weight_decay, maximize)
+    width = p.shape[-1] if p.ndim else 1
+    mean = _row_sums(np.square(g.reshape(-1, width).astype(np.float64))) / width
+    acc = state_sum.reshape(-1)
+    acc[...] = acc + mean.astype(p.dtype)
+    multiplier = (p.dtype.type(lr) / (np.sqrt(acc) + p.dtype.type(eps)))[:, None]
+    flat = p.reshape(-1, width)
+    flat[...] = flat - multiplier * g.reshape(-1, width)
+
+
+def merge_rows(indices, values):
+    """The distinct rows of a sparse-row gradient and their summed value rows.
+
+    Returns ``(rows, merged)``: the rows in increasing order, and per row its
+    value rows added in position order (the first as it is, then the next one
+    by one), as the kernels' plan adds them (src_c/fastpath/rows.pxi).
+    """
+    indices = np.asarray(indices).astype(np.int64)
+    order = np.argsort(indices, kind="stable")
+    rows, first, counts = np.unique(indices[order], return_index=True, return_counts=True)
+    merged = values[order[first]].copy()
+    for extra in range(1, int(counts.max()) if counts.size else 0):
+        more = counts > extra
+        merged[more] = merged[more] + values[order[first[more] + extra]]
+    return rows, merged
+
+
+def sparse_rows_step(twin, p, indices, values, buffers, **kwargs):
+    """One step of ``twin`` on the rows a sparse-row gradient lists, the others left alone.
+
+    ``buffers``: the rule's state arrays (None: unused), each with p's leading
+    axis. Adagrad's twin is its sparse form (torch's: ``g / std`` first).
+    """
+    if twin is adagrad:
+        twin = _adagrad_rows
+    rows, merged = merge_rows(indices, values)
+    part_p = p[rows]
+    parts = [None if b is None else b[rows] for b in buffers]
+    returned = twin(part_p, merged, *parts, **kwargs)
+    p[rows] = part_p
+    for b, part in zip(buffers, parts):
+        if b is not None:
+            b[rows] = part
     return returned

@@ -42,8 +42,9 @@ import torch
 from . import _fastpath
 from . import _precision
 from . import _validation as V
-from .optim import MODULES, Optimizer
+from .optim import MODULES, Optimizer, rows
 from .optim.rule import Batches, run_lists
+from .sparse import SparseRows, check_rows, plan_rows
 
 _REAL = (torch.float32, torch.float64)
 # Half parameters are computed in float32 and stored rounded to nearest even,
@@ -370,7 +371,41 @@ class _FastoptStep:
 
     # ---------------------------------------------------------- general path
 
+    def _sparse_grad(self, gi, k, p, g, hyper):
+        """A sparse COO gradient of ``p`` as fastopt.SparseRows, planned; its form
+        ("rows" or "dense", fastopt/optim/rows.py). Raises ValueError/TypeError."""
+        name = _name(gi, k, p)
+        form = rows.sparse_form(type(self).__name__, self._rule, hyper, self._fastopt_precision,
+                                f"the gradient of {name}", name, tuple(p.shape))
+        if not (_dense_cpu(p) and p.dtype in _REAL and p.is_contiguous()):
+            raise ValueError(f"{name} has a sparse gradient, which fastopt takes for "
+                             "contiguous float32 or float64 CPU tensors only")
+        if g.sparse_dim() != 1 or g.shape != p.shape or g.dtype != p.dtype or not g.is_cpu:
+            raise ValueError(f"the sparse gradient of {name} must be a CPU COO tensor of the "
+                             "parameter's shape and dtype with one sparse dimension (rows), "
+                             f"as nn.Embedding(sparse=True) makes; got {g.sparse_dim()} sparse "
+                             f"dimension(s), {tuple(g.shape)} {g.dtype}")
+        # (uncoalesced is fine: fastopt merges repeated rows itself, without coalesce)
+        values = g._values()
+        sparse = SparseRows(g._indices()[0].numpy(), (values if values.is_contiguous()
+                                                      else values.contiguous()).numpy())
+        check_rows(f"the gradient of {name}", sparse, name, _view(p))
+        plans = self.__dict__.setdefault("_fastopt_row_plans", {})
+        plan = plans.get(p)
+        if plan is None:
+            plan = plans[p] = _fastpath.RowPlan()
+        plan_rows(plan, f"the gradient of {name}", sparse, name, _view(p))
+        return form, sparse, plan
+
     def _general_step(self):
+        scratch = []  # (plan, zeroed array, values): a sparse gradient merged into zeros
+        try:
+            self._general_step_with(scratch)
+        finally:
+            for plan, dense, values in scratch:  # (only its listed rows were written)
+                plan.scatter(dense, values, True)
+
+    def _general_step_with(self, scratch):
         rule = self._rule
         precision = self._fastopt_precision
         plan = []
@@ -382,11 +417,24 @@ class _FastoptStep:
                 g = p.grad
                 if g is None:
                     continue
+                sparse = None
+                if g.layout is torch.sparse_coo and p.layout is torch.strided:
+                    form, sparse, row_plan = self._sparse_grad(gi, k, p, g, hyper)
+                    if form == "dense":  # the dense step of the gradient, zeros elsewhere
+                        dense = self.__dict__.setdefault("_fastopt_row_dense", {}).get(p)
+                        if dense is None or dense.shape != tuple(p.shape):
+                            dense = np.zeros(tuple(p.shape), _view(p).dtype)
+                            self._fastopt_row_dense[p] = dense
+                        row_plan.scatter(dense, sparse.values)
+                        scratch.append((row_plan, dense, sparse.values))
+                        g, sparse = torch.from_numpy(dense), None
+                    else:
+                        sparse = (sparse, row_plan)
                 state = self.state.get(p, {})
                 if p.is_complex() and not rule.complex_ok:  # torch's error and words
                     raise RuntimeError(f"{type(self).__name__} does not support complex "
                                        "parameters")
-                problem = _check(gi, k, p, g, group.get("fused")) or next(
+                problem = (None if sparse else _check(gi, k, p, g, group.get("fused"))) or next(
                     (why for name, t in state.items()
                      if (why := _check_state(rule, p, name, t, precision))), None)
                 if problem:
@@ -397,7 +445,7 @@ class _FastoptStep:
                     rule.check_scalar_state(hyper, count, {n: float(t) for n, t in state.items()
                                                            if n in rule.scalar_state},
                                             f"state of {_name(gi, k, p)}")
-                members.append((p, g))
+                members.append((p, g, sparse))
             plan.append((group, hyper, needs, members))
         self._check_aliasing()
         # Checked: allocate state, then run one kernel call per group and step count.
@@ -406,7 +454,7 @@ class _FastoptStep:
                                                 for p in group["params"])}
         for group, hyper, needs, members in plan:
             batches = Batches(rule, needs)
-            for p, g in members:
+            for p, g, sparse in members:
                 state = self.state.get(p) or self._init_state(p, group)
                 master = precision.has_master(_ELEMENT[p.dtype])
                 if master and _MASTER not in state:  # laid out as p is
@@ -425,6 +473,14 @@ class _FastoptStep:
                     step_view = _view(state["step"])
                     step_view += 1  # torch's step tensor, through its view
                     count = int(step_view)
+                if sparse is not None:  # the listed rows only
+                    ws = self.__dict__.setdefault("_fastopt_row_ws", _fastpath.Workspace())
+                    rows.run_rows(rule, _view(p), sparse[0], sparse[1],
+                                  [_view(state[n]) if n in names else None
+                                   for n in rule.buffers],
+                                  rule.step_value(count if rule.counts_steps else None, created),
+                                  hyper, self._scalars(hyper, rows.SPARSE_SCALARS), "cython", ws)
+                    continue
                 (p_arr, g_arr, *arrays), back = _operands(
                     p, g, [state[n] for n in names] + ([state[_MASTER]] if master else []),
                     shaped=bool(rule.layouts))
@@ -460,7 +516,8 @@ class _FastoptStep:
             for k, p in enumerate(group["params"]):
                 held.append(_span(p, _name(gi, k, p)))
                 if p.grad is not None:
-                    reads.append(_span(p.grad, f"the gradient of {_name(gi, k, p)}"))
+                    g = p.grad._values() if p.grad.is_sparse else p.grad
+                    reads.append(_span(g, f"the gradient of {_name(gi, k, p)}"))
                 for name, t in self.state.get(p, {}).items():
                     held.append(_span(t, f"state[{name!r}] of {_name(gi, k, p)}"))
         V.check_spans_apart([s for s in held if s], [s for s in reads if s])
@@ -516,6 +573,8 @@ class _FastoptStep:
                 if p.grad is None:
                     slot_of.append(-1)
                     continue
+                if p.grad.layout is not torch.strided:
+                    return None  # (a sparse gradient: the general path's)
                 slot_of.append(len(ps))
                 ps.append(_view(p))
                 gs.append(_view(p.grad))

@@ -12,6 +12,7 @@ cdef enum:
 cdef struct StepScalars:
     # Every rule reads the fields it needs; the others are zero ("off").
     double base_lr       # the group's lr, from which lr is derived each step (at_step)
+    bint sparse_rows     # Adagrad: torch's sparse-gradient form of the update (adagrad.pxi)
     double lr_decay      # Adagrad
     double lr            # SGD, RMSprop: lr.  Adagrad: clr.  Adam: lr / bc1.
     double sign          # -1.0 when maximizing, else 1.0 (multiplying by +-1 is exact)

@@ -21,6 +21,7 @@ The module is one concern per included file (src_c/fastpath/), in this order:
     runner.pxi     the installed compute layer and the thread limit
     workspace.pxi  Workspace
     screen.pxi     screen, gather, regather, commit
+    rows.pxi       RowPlan: a sparse-row gradient as one slot per listed row
     guard.pxi      Guard, the step-wide aliasing check
     scalars.pxi    Scalars and CheckedGroup
     stepper.pxi    fast_step, StepLock, Stepper
@@ -52,6 +53,7 @@ guard
 commit
     Writing the new step counts into the state dicts, after the kernels ran.
 """
+import numpy as np
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.exc cimport PyErr_CheckSignals
@@ -100,6 +102,7 @@ include "fastpath/cpu.pxi"
 include "fastpath/runner.pxi"
 include "fastpath/workspace.pxi"
 include "fastpath/screen.pxi"
+include "fastpath/rows.pxi"
 include "fastpath/guard.pxi"
 include "fastpath/scalars.pxi"
 include "fastpath/stepper.pxi"

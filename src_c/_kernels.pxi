@@ -17,7 +17,7 @@
 # element never depends on how the elements are split).
 
 from cpython.pycapsule cimport PyCapsule_New
-from cython.parallel cimport parallel, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport fabs, fabsf, sqrt, sqrtf
 from libc.stdlib cimport malloc, free

@@ -12,7 +12,7 @@ and the tests. Adding a rule is a new module here plus its row in
 """
 from .. import checkpoint
 from . import (adadelta, adafactor, adagrad, adam, adamax, asgd, lamb, lion, nadam, radam, rmsprop,
-               rprop, sgd)
+               rowwise_adagrad, rprop, sgd, sparse_adam)
 from .optimizer import Optimizer
 from .rule import Rule
 
@@ -20,7 +20,7 @@ __all__ = ["RULES", "FUNCTIONS", "OPTIMIZERS", "Optimizer", "Rule", "load_optimi
 
 #: The rule modules, in the order the public API lists them.
 MODULES = (sgd, adagrad, rmsprop, adam, nadam, adamax, radam, adadelta, rprop, asgd, lion, lamb,
-           adafactor)
+           adafactor, sparse_adam, rowwise_adagrad)
 
 #: rule name -> Rule
 RULES = {m.RULE.name: m.RULE for m in MODULES}

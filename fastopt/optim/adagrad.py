@@ -6,6 +6,10 @@ Per element (g after ``maximize`` and weight decay), with
     sum = sum + g * g                    (starts at initial_accumulator_value)
     p = p - clr * g / (sqrt(sum) + eps)
 
+Sparse-row gradients (fastopt.SparseRows) update only the listed rows, as
+torch's sparse path does, which forms the last line as
+``p + (-clr) * (g / (sqrt(sum) + eps))``; weight decay refuses them.
+
 The fused loop and its per-step scalars: src_c/rules/adagrad.pxi.
 """
 from .. import _validation as V
@@ -15,6 +19,13 @@ from .optimizer import PARAMS_DOC, Optimizer
 from .rule import Rule, apply
 
 __all__ = ["RULE", "adagrad", "Adagrad"]
+
+
+def _sparse_form(h):
+    if h["weight_decay"] != 0:
+        raise ValueError("weight_decay is not compatible with sparse gradients (as in "
+                         "torch.optim.Adagrad): set it to 0 or pass dense gradients")
+    return "rows"
 
 
 RULE = Rule(
@@ -28,6 +39,7 @@ RULE = Rule(
     consts=lambda h: dict(h),
     initial={"sum": "initial_accumulator_value"},
     state_hyper={"initial_accumulator_value": V.nonnegative},
+    sparse=_sparse_form,
 )
 
 

@@ -21,6 +21,8 @@ from .. import reference
 from .. import checkpoint
 from .._watched import ParamGroup, State
 from ..flat import packed_like
+from ..sparse import SparseRows, check_rows
+from . import rows
 from .rule import Batches, run_lists, run_workspace
 
 BACKENDS = ("cython", "numpy")
@@ -308,38 +310,53 @@ class Optimizer:
         """Every rule on each parameter with a gradient, its gradient and its state."""
         names = self._flat_names()
         for index, (p, g) in enumerate(zip(self._flat_params(), grads)):
-            if g is None:
-                continue
-            p_label, g_label = self._labels(index, None if names is None else names[index])
-            state = self.state.get(index)
-            V.check_float_array(p_label, p, writeable=True, complex_ok=self.rule.complex_ok,
-                                half_ok=True)
+            if g is not None:
+                self._check_one(index, p, g, names)
+
+    def _check_one(self, index, p, g, names):
+        """The rules on parameter ``index``, its gradient ``g`` (an array or a
+        fastopt.SparseRows) and its state."""
+        p_label, g_label = self._labels(index, None if names is None else names[index])
+        state = self.state.get(index)
+        V.check_float_array(p_label, p, writeable=True, complex_ok=self.rule.complex_ok,
+                            half_ok=True)
+        if isinstance(g, SparseRows):
+            check_rows(g_label, g, p_label, p)
+            g_label, g = f"{g_label}.values", g.values
+        else:
             V.check_float_array(g_label, g, writeable=False, complex_ok=self.rule.complex_ok,
                                 half_ok=True)
             V.check_like(g_label, g, p_label, p)
-            V.check_no_overlap(g_label, g, {p_label: p})
-            if state is None:
+        V.check_no_overlap(g_label, g, {p_label: p})
+        if state is None:
+            return
+        if not isinstance(state, dict):
+            raise TypeError(f"state[{index}] must be a dict, got {type(state).__name__}")
+        if "step" in state:
+            V.stored_step(f"state[{index}]['step']", state["step"])
+        checked = {p_label: p}
+        p_element = _precision.element(V.real_view(p).dtype)
+        for name in self._held_buffers():
+            if state.get(name) is None:
                 continue
-            if not isinstance(state, dict):
-                raise TypeError(f"state[{index}] must be a dict, got {type(state).__name__}")
-            if "step" in state:
-                V.stored_step(f"state[{index}]['step']", state["step"])
-            checked = {p_label: p}
-            p_element = _precision.element(V.real_view(p).dtype)
-            for name in self._held_buffers():
-                if state.get(name) is None:
-                    continue
-                label = f"state[{index}][{name!r}]"
-                V.check_float_array(label, state[name], writeable=True, complex_ok=True,
-                                    half_ok=True)
-                if name == MASTER:
-                    _check_master(label, state[name], p_label, p, self.precision, p_element)
-                else:
-                    self.rule.check_buffer(label, state[name], name, p_label, p,
-                                           self._state_dtype(p))
-                V.check_no_overlap(label, state[name], checked)
-                V.check_no_overlap(g_label, g, {label: state[name]})
-                checked[label] = state[name]
+            label = f"state[{index}][{name!r}]"
+            V.check_float_array(label, state[name], writeable=True, complex_ok=True,
+                                half_ok=True)
+            if name == MASTER:
+                _check_master(label, state[name], p_label, p, self.precision, p_element)
+            else:
+                self.rule.check_buffer(label, state[name], name, p_label, p,
+                                       self._state_dtype(p))
+            V.check_no_overlap(label, state[name], checked)
+            V.check_no_overlap(g_label, g, {label: state[name]})
+            checked[label] = state[name]
+
+    def _check_groups(self):
+        """Each param group is a dict whose "params" is a list."""
+        for gi, group in enumerate(self.param_groups):
+            if not isinstance(group, dict) or type(group.get("params")) is not list:
+                raise TypeError(f"param_groups[{gi}] must be a dict whose 'params' is a list "
+                                f"of arrays, got {type(group).__name__}")
 
     def _plan(self, grads):
         """Validate everything a step touches.
@@ -349,10 +366,7 @@ class Optimizer:
         This runs on every step: it avoids any work per parameter in Python.
         """
         groups = self.param_groups
-        for gi, group in enumerate(groups):
-            if not isinstance(group, dict) or type(group.get("params")) is not list:
-                raise TypeError(f"param_groups[{gi}] must be a dict whose 'params' is a list "
-                                f"of arrays, got {type(group).__name__}")
+        self._check_groups()
         grads = self._align(grads, sum([len(group["params"]) for group in groups]))
         rule = self.rule
         counts_steps = rule.counts_steps
@@ -482,15 +496,28 @@ class Optimizer:
     def _step(self, grads):
         # The fast path declined. If it was made before a rebind, replace it.
         self._fast = None
+        if isinstance(grads, (list, tuple, dict)) and any(
+                isinstance(g, SparseRows) for g in (grads.values() if isinstance(grads, dict)
+                                                    else grads)):
+            rows.step(self, grads)
+            return
         grads, plan = self._plan(grads)
+        self._run_plan(grads, plan)
+
+    def _run_plan(self, grads, plan, also=()):
+        """Run a validated step (``_plan``'s result): every group's kernels.
+
+        With ``skip_nonfinite``, a NaN or Inf in ``grads`` or in the arrays
+        ``also`` (sparse-row values) skips the step: returns False, else True.
+        """
         if self.skip_nonfinite:
-            present = [g for g in grads if g is not None]
+            present = [g for g in grads if g is not None] + list(also)
             if present:
                 ws = _fastpath.Workspace()
                 ws.fill(present, present, ())
                 if _fastpath.grad_stats(ws)[1]:
                     self.skipped_steps += 1
-                    return
+                    return False
         # Everything is valid: from here on nothing raises.
         rule = self.rule
         for gi, (checked, start, stop, gathered, step) in enumerate(plan):
@@ -503,6 +530,7 @@ class Optimizer:
                     run_workspace(rule, self._workspaces[gi], False, checked.scalars)
             else:
                 self._step_group(self.param_groups[gi]["params"], grads, start, stop, checked)
+        return True
 
     def _step_group(self, params, grads, start, stop, checked):
         """The general path: lazy state, uneven steps, missing gradients."""

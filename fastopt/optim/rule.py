@@ -24,11 +24,14 @@ LAYOUTS = {
     "rows": lambda shape: shape[:-1] + (1,) if len(shape) >= 2 else None,
     "cols": lambda shape: shape[:-2] + (1,) + shape[-1:] if len(shape) >= 2 else None,
     "vector": lambda shape: shape if len(shape) < 2 else None,
+    # one number per row of the last axis (RowWiseAdagrad): (..., 1); a 0-d
+    # parameter is a row of one
+    "row_sums": lambda shape: shape[:-1] + (1,) if len(shape) >= 1 else shape,
 }
 
 #: How the fast path's screen (src_c/fastpath/screen.pxi) knows the layouts:
 #: a group's ``needs`` carries, per buffer, 0 (unused) or its layout's code.
-LAYOUT_CODES = {"like": 1, "rows": 2, "cols": 3, "vector": 4}
+LAYOUT_CODES = {"like": 1, "rows": 2, "cols": 3, "vector": 4, "row_sums": 5}
 
 
 class Rule(NamedTuple):
@@ -78,6 +81,13 @@ class Rule(NamedTuple):
     #: False: complex parameters are refused (torch.optim.Adafactor's rule
     #: depends on the shape, which a real view would change)
     complex_ok: bool = True
+    #: how the rule takes a fastopt.SparseRows gradient: None, it refuses one;
+    #: else hyper -> "rows" (its kernel runs on the listed rows only, each
+    #: with its summed value rows: src_c/fastpath/rows.pxi) or "dense" (the
+    #: options move unlisted rows too, as SGD's momentum does: the step is the
+    #: dense one of the gradient with zeros elsewhere); it raises ValueError
+    #: for options that refuse sparse gradients (Adagrad's weight decay)
+    sparse: Callable = None
 
     def buffer_shape(self, name, shape):
         """The shape of buffer ``name`` for a parameter of ``shape``; None: it has none."""

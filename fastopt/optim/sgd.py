@@ -35,6 +35,8 @@ RULE = Rule(
     twin=reference.sgd,
     consts=lambda h: dict(h),  # every hyperparameter is a field as it is
     check=_check_sgd,
+    # momentum and weight decay move rows the gradient does not list
+    sparse=lambda h: "rows" if h["momentum"] == 0 and h["weight_decay"] == 0 else "dense",
 )
 
 

@@ -38,7 +38,8 @@ cdef inline bint same_layout(cnp.ndarray a, cnp.ndarray b):
 # LAYOUT_CODES): 0, the options do not use it; LIKE_P, shaped like the
 # parameter; ROWS (..., R, 1) and COLS (..., 1, C), the factors of a
 # parameter (..., R, C); VECTOR, like a parameter of fewer than 2 dimensions
-# (and absent for a matrix). A shaped layout (ROWS and up) reads the
+# (and absent for a matrix); ROW_SUMS (..., 1), one number per row of the last
+# axis (a 0-d parameter: like it). A shaped layout (ROWS and up) reads the
 # parameter's shape, which a complex array's real view changes: such a rule
 # (Adafactor) takes no complex parameter.
 cdef enum:
@@ -46,6 +47,7 @@ cdef enum:
     ROWS = 2
     COLS = 3
     VECTOR = 4
+    ROW_SUMS = 5
 
 
 cdef inline bint layout_applies(int layout, int nd) noexcept:
@@ -66,14 +68,15 @@ cdef inline bint fits(cnp.ndarray b, cnp.ndarray p, int layout):
         return same_layout(b, p)
     if not layout_applies(layout, nd):
         return False
-    if layout == VECTOR:
+    if layout == VECTOR or (layout == ROW_SUMS and nd == 0):
         return same_layout(b, p)
     if cnp.PyArray_TYPE(b) != cnp.PyArray_TYPE(p) or cnp.PyArray_NDIM(b) != nd:
         return False
     db = cnp.PyArray_DIMS(b)
     dp = cnp.PyArray_DIMS(p)
     for d in range(nd):
-        if (d == nd - 1 and layout == ROWS) or (d == nd - 2 and layout == COLS):
+        if ((d == nd - 1 and (layout == ROWS or layout == ROW_SUMS))
+                or (d == nd - 2 and layout == COLS)):
             if db[d] != 1:
                 return False
         elif db[d] != dp[d]:

@@ -3,7 +3,8 @@
 # see src_c/rules/table.py for the contract every rule file fulfils.
 
 cdef inline void adagrad_loop(floating* p, const floating* g, floating* state_sum,
-                              Py_ssize_t n, const StepScalars* s, bint decay) noexcept nogil:
+                              Py_ssize_t n, const StepScalars* s, bint decay,
+                              bint sparse_rows) noexcept nogil:
     cdef floating sign = <floating>s.sign
     cdef floating wd = <floating>s.weight_decay
     cdef floating neg_clr = <floating>(-s.lr)
@@ -16,15 +17,23 @@ cdef inline void adagrad_loop(floating* p, const floating* g, floating* state_su
             gi = gi + wd * p[i]
         acc = state_sum[i] + gi * gi
         state_sum[i] = acc
-        p[i] = p[i] + neg_clr * gi / (root(acc) + eps)
+        if sparse_rows:
+            # torch's sparse path divides first and scales after (param.add_
+            # with alpha=-clr): the same value, rounded differently
+            p[i] = p[i] + neg_clr * (gi / (root(acc) + eps))
+        else:
+            p[i] = p[i] + neg_clr * gi / (root(acc) + eps)
 
 
 cdef void adagrad_kernel(floating* p, const floating* g, floating** bufs,
                          Py_ssize_t n, const StepScalars* s) noexcept nogil:
-    if s.weight_decay != 0:
-        adagrad_loop(p, g, bufs[0], n, s, True)
+    # (weight decay and sparse rows never meet: torch refuses the pair)
+    if s.sparse_rows:
+        adagrad_loop(p, g, bufs[0], n, s, False, True)
+    elif s.weight_decay != 0:
+        adagrad_loop(p, g, bufs[0], n, s, True, False)
     else:
-        adagrad_loop(p, g, bufs[0], n, s, False)
+        adagrad_loop(p, g, bufs[0], n, s, False, False)
 
 
 cdef inline void adagrad_at_step(StepScalars* s, Py_ssize_t step, bint first_step) noexcept nogil:

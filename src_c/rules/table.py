@@ -63,6 +63,8 @@ RULES = (
     ("asgd", "asgd", 3),
     ("lamb", "lamb", 6),
     ("adafactor", "adafactor", 8),
+    ("sparse_adam", "sparse_adam", 5),
+    ("rowwise_adagrad", "rowwise_adagrad", 4),
     ("stream", "passes", 2),
     ("axpy", "passes", 1),
     ("scale", "passes", 1),
@@ -76,11 +78,12 @@ RULES = (
 REDUCES = {"lamb": 2}
 
 # The rules whose update needs a whole parameter and its shape (Adafactor's
-# factored second moment): the runner hands <name>_slot one parameter at a
-# time, with the threads a parameter of its size is worth.
+# factored second moment, RowWiseAdagrad's per-row means): the runner hands
+# <name>_slot one parameter (or one listed row) at a time, with the threads a
+# slot of its size is worth.
 # They run on the native storage kinds (float32, float64); the staged kinds
 # wait for a staged form of <name>_slot.
-SLOTWISE = ("adafactor",)
+SLOTWISE = ("adafactor", "rowwise_adagrad")
 
 # Storage kinds: (name, dtype of params and grads, dtype of the state, mode).
 # A kind's id is its row number. The fastopt/_precision.py policy picks one per
