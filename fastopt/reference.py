@@ -14,8 +14,7 @@ import math
 import numpy as np
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "adamax", "radam", "adadelta", "rprop",
-           "lion", "asgd", "lamb", "adafactor", "sparse_adam", "rowwise_adagrad", "merge_rows",
-           "sparse_rows_step"]
+           "lion", "asgd", "lamb", "adafactor", "sparse_adam", "rowwise_adagrad"]
 
 
 def _lerp(a, b, w):
@@ -487,6 +486,8 @@ def rowwise_adagrad(p, g, state_sum, *, step=1, lr=1e-2, eps=1e-10, weight_decay
     last axis (``state_sum`` shaped ``p.shape[:-1] + (1,)``), the row's mean of g * g."""
     g = _effective_grad(p, g, weight_decay, maximize)
     width = p.shape[-1] if p.ndim else 1
+    if p.size == 0:
+        return
     mean = _row_sums(np.square(g.reshape(-1, width).astype(np.float64))) / width
     acc = state_sum.reshape(-1)
     acc[...] = acc + mean.astype(p.dtype)

@@ -41,6 +41,7 @@ LAYOUTS = MappingProxyType({
     "rows": lambda shape: tuple(shape[:-1]) + (1,) if len(shape) >= 2 else None,
     "cols": lambda shape: tuple(shape[:-2]) + (1, shape[-1]) if len(shape) >= 2 else None,
     "vector": lambda shape: tuple(shape) if len(shape) < 2 else None,
+    "row_sums": lambda shape: tuple(shape[:-1]) + (1,) if len(shape) >= 1 else tuple(shape),
 })
 
 
@@ -108,6 +109,10 @@ class Class(NamedTuple):
     #: the optax function whose rule it follows (optax.<optax>), for the rules
     #: torch.optim lacks; their parity is against optax (tests/test_optax_parity.py)
     optax: str = None
+    #: True: its torch.optim counterpart takes sparse gradients only
+    #: (SparseAdam), so the dense sweeps against torch leave it out and
+    #: tests/test_sparse.py holds it to torch on sparse ones
+    sparse_only: bool = False
 
 
 class Rule(NamedTuple):
@@ -616,6 +621,61 @@ RULES = (
         shapes=((1, 1), (3, 5), (17, 33), (2, 3, 4, 5), (1, 70000), (70000, 1), (300, 301)),
         complex_ok=False,
     ),
+    Rule(
+        name="sparse_adam",
+        kernel="sparse_adam",
+        step_arg="step",
+        options={"lr": "nonneg", "betas": "betas", "eps": "positive", "maximize": "flag"},
+        buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq", values="squares")),
+        classes=(
+            Class("SparseAdam", torch="SparseAdam", sparse_only=True,
+                  defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False),
+                  cases=({"lr": 0.01},
+                         {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True}),
+                  scenario=(
+                      {"lr": 0.01},
+                      {"lr": 0.003, "betas": (0.8, 0.99)},
+                      [(11, 0, "lr", 0.005),
+                       (21, 1, "eps", 1e-6),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.01},
+        option_sets=(
+            {},
+            {"maximize": True, "betas": (0.5, 0.6), "eps": 1e-3},
+        ),
+    ),
+    Rule(
+        name="rowwise_adagrad",
+        kernel="rowwise_adagrad",
+        step_arg="step",
+        options={"lr": "nonneg", "eps": "positive", "weight_decay": "nonneg", "maximize": "flag"},
+        buffers=(Buffer("sum", arg="state_sum", values="squares",
+                        start="initial_accumulator_value", layout="row_sums"),),
+        class_options={"initial_accumulator_value": "nonneg"},
+        classes=(
+            Class("RowWiseAdagrad", torch=None,
+                  defaults=dict(lr=1e-2, eps=1e-10, weight_decay=0.0,
+                                initial_accumulator_value=0.0, maximize=False),
+                  cases=({"lr": 0.1},
+                         {"lr": 0.1, "weight_decay": 0.01, "initial_accumulator_value": 0.1,
+                          "maximize": True}),
+                  scenario=(
+                      {"lr": 0.1},
+                      {"lr": 0.05, "weight_decay": 0.01},
+                      [(11, 0, "lr", 0.05),
+                       (21, 1, "eps", 1e-6),
+                       (31, 0, "maximize", True)])),
+        ),
+        sweep={"lr": 0.1},
+        option_sets=(
+            {},
+            {"weight_decay": 0.05, "maximize": True, "eps": 1e-3},
+        ),
+        shapes=((1,), (7,), (3, 5), (17, 33), (2, 3, 4), (1, 70000), (70000, 1)),
+        whole_arrays=True,
+        complex_ok=False,
+    ),
 )
 
 #: the keyword-only constructor options every class takes (fastopt's own)
@@ -646,8 +706,8 @@ def class_names():
 
 
 def torch_class_names():
-    """The classes with a torch.optim counterpart (the others follow optax)."""
-    return [c.name for c in classes() if c.torch]
+    """The classes with a torch.optim counterpart that takes dense gradients."""
+    return [c.name for c in classes() if c.torch and not c.sparse_only]
 
 
 def optax_class_names():
@@ -824,8 +884,8 @@ def class_cases():
 
 
 def torch_class_cases():
-    """:func:`class_cases` of the classes torch.optim has too."""
-    return [case for case in class_cases() if case[1].torch]
+    """:func:`class_cases` of the classes torch.optim has too (for dense gradients)."""
+    return [case for case in class_cases() if case[1].torch and not case[1].sparse_only]
 
 
 def _resolve(cases, module):

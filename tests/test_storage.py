@@ -109,14 +109,15 @@ def test_bfloat16_store_matches_ml_dtypes():
 def stored_state(rule_name, hyper, n, rng, dtype):
     bufs = []
     for buf, needed in zip(spec.rule(rule_name).buffers, spec.needs(rule_name, hyper)):
+        size = int(np.prod(buf.shape_for((n,))))  # (RowWiseAdagrad's: one for the row)
         if not needed:
             bufs.append(None)
         elif buf.values == "squares":
-            bufs.append((0.01 + rng.random(n)).astype(dtype))
+            bufs.append((0.01 + rng.random(size)).astype(dtype))
         elif buf.values == "small":
-            bufs.append((0.1 * rng.random(n) - 0.05).astype(dtype))
+            bufs.append((0.1 * rng.random(size) - 0.05).astype(dtype))
         else:
-            bufs.append(rng.standard_normal(n).astype(dtype))
+            bufs.append(rng.standard_normal(size).astype(dtype))
     return bufs
 
 

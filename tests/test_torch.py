@@ -139,12 +139,17 @@ def test_parameters_fastopt_cannot_serve_are_refused(make, message):
     assert torch.equal(ok, torch.zeros(3)) and len(opt.state) == 0  # nothing changed
 
 
-def test_sparse_grads_are_refused():
+def test_sparse_grads_are_refused_where_fastopt_cannot_take_them():
+    # (rows of a sparse gradient, for the rules that take them: tests/test_sparse.py)
     p = torch.zeros(5, requires_grad=True)
-    opt = ft.SGD([p], lr=0.1)
     p.grad = torch.zeros(5).to_sparse()
-    with pytest.raises(ValueError, match="sparse gradient"):
-        opt.step()
+    with pytest.raises(TypeError, match="is sparse, but Adam takes dense gradients only"):
+        ft.Adam([p]).step()
+    q = torch.zeros(2, 3, requires_grad=True)
+    q.grad = torch.ones(2, 3).to_sparse()  # two sparse dimensions: not rows
+    with pytest.raises(ValueError, match="one sparse dimension"):
+        ft.SGD([q], lr=0.1).step()
+    assert not p.any() and not q.any()
 
 
 # ------------------------------------------------------------- fast path
@@ -236,14 +241,16 @@ def test_fast_path_refuses_what_the_general_path_refuses():
     snapshot = [p.detach().clone() for p in mine]
     state = copy.deepcopy(a.state_dict())
     bad = {
-        "sparse gradient": lambda: torch.zeros(mine[1].shape, dtype=torch.float64).to_sparse(),
-        "shares memory with": lambda: mine[0].detach()[:12].view(3, 4),
-        "shares memory with ": lambda: a.state[mine[0]]["exp_avg_sq"][:12].view(3, 4),
+        "dense gradients only": (TypeError, lambda: torch.zeros(
+            mine[1].shape, dtype=torch.float64).to_sparse(1)),
+        "shares memory with": (ValueError, lambda: mine[0].detach()[:12].view(3, 4)),
+        "shares memory with ": (ValueError,
+                                lambda: a.state[mine[0]]["exp_avg_sq"][:12].view(3, 4)),
     }
-    for message, make in bad.items():
+    for message, (error, make) in bad.items():
         mine[0].grad = torch.ones_like(mine[0])
         mine[1].grad = make()
-        with pytest.raises(ValueError, match=message.strip()):
+        with pytest.raises(error, match=message.strip()):
             a.step()
         assert all(torch.equal(p, q) for p, q in zip(mine, snapshot)), message
         assert float(a.state[mine[0]]["step"]) == state["state"][0]["step"]

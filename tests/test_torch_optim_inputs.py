@@ -41,8 +41,13 @@ def _model(seed=0):
             torch.nn.Parameter(torch.randn(10, dtype=torch.float64))]
 
 
+#: torch.optim classes that take sparse gradients only (their runs get rows of one)
+SPARSE_ONLY = {"SparseAdam"}
+
+
 def _run(cls, kwargs, steps=12):
     params = _model()
+    sparse = cls.__name__ in SPARSE_ONLY
     start = [p.detach().clone() for p in params]
     opt = cls(params, **copy.deepcopy(kwargs))  # a tensor lr is the run's own
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
@@ -50,6 +55,8 @@ def _run(cls, kwargs, steps=12):
     for step in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+            if sparse:  # every row listed, as a sparse COO gradient (uncoalesced is fine too)
+                p.grad = p.grad.to_sparse(1)
         if step % 5 == 2:
             params[1].grad = None  # a parameter without a gradient this step
         opt.step()
@@ -57,11 +64,11 @@ def _run(cls, kwargs, steps=12):
     return start, [p.detach() for p in params], opt
 
 
-def _assert_matches(mine, theirs):
+def _assert_matches(mine, theirs, rtol=RTOL):
     (start, a, opt_a), (_, b, opt_b) = mine, theirs
     for p0, x, y in zip(start, a, b):
         scale = float((y - p0).abs().max())
-        assert float((x - y).abs().max()) <= RTOL * scale
+        assert float((x - y).abs().max()) <= rtol * scale
     for p, q in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
         assert opt_a.state[p].keys() == opt_b.state[q].keys()
 
@@ -76,8 +83,14 @@ def test_the_suites_configurations_are_found():
 @pytest.mark.parametrize("case", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_matches_torchs_for_loop(case):
     _, name, kwargs = case
+    loop = {} if name in SPARSE_ONLY else {"foreach": False}  # (SparseAdam has one loop)
+    rtol = RTOL
+    if name in SPARSE_ONLY and isinstance(kwargs.get("lr"), torch.Tensor):
+        # torch's SparseAdam forms lr * sqrt(bc2) / bc1 as a tensor of the lr's
+        # dtype (float32 here), fastopt in double: they differ by its rounding
+        rtol = 4 * torch.finfo(kwargs["lr"].dtype).eps
     _assert_matches(_run(getattr(ft, name), kwargs),
-                    _run(getattr(torch.optim, name), {**kwargs, "foreach": False}))
+                    _run(getattr(torch.optim, name), {**kwargs, **loop}), rtol)
 
 
 FUSED = [c for c in CONFIGS

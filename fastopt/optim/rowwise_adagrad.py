@@ -35,6 +35,7 @@ RULE = Rule(
     state_hyper={"initial_accumulator_value": V.nonnegative},
     layouts={"sum": "row_sums"},
     complex_ok=False,  # a real view would make a row twice as long
+    whole_arrays=True,  # its rows are each array's own: packing arrays would join them
     sparse=lambda h: "rows",
 )
 

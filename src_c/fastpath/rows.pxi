@@ -56,7 +56,7 @@ cdef class RowPlan:
         cdef Py_ssize_t** arrays[5]
         cdef void* grown
         cdef int k
-        if n <= self.capacity:
+        if n <= self.capacity and self.order != NULL:  # (n = 0 still needs starts[0])
             return 0
         arrays[0] = &self.order
         arrays[1] = &self.keys
