@@ -89,7 +89,12 @@ def _full_buffers(cls_name, options, shape):
 #: name -> (optimizer class, options, streams, arrays): every class of the
 #: registry at its defaults (SGD at lr=0.01), and SGD with momentum; Adam first.
 RULES = {}
+#: the embedding-table rules: timed on sparse rows by bench/sparse_rows.py, not here
+#: (torch's SparseAdam refuses dense gradients)
+SPARSE_ROW_CLASSES = ("SparseAdam", "RowWiseAdagrad")
 for _name in OPTIMIZERS:
+    if _name in SPARSE_ROW_CLASSES:
+        continue
     RULES[_name.lower()] = _case_rule(_name, {"lr": 0.01} if _name == "SGD" else {})
     if _name == "SGD":
         RULES["sgd-momentum"] = _case_rule("SGD", {"lr": 0.01, "momentum": 0.9})
