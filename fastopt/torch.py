@@ -35,6 +35,7 @@ torch.amp.GradScaler's contract, as torch's fused optimizers do. Only this
 module imports torch.
 """
 import inspect
+import math
 
 import numpy as np
 import torch
@@ -216,6 +217,25 @@ def _operands(p, g, buffers, shaped=False):
     return arrays, back
 
 
+def _row_operands(p, buffers, rows_shape, write_back):
+    """``p`` and its state ``buffers`` (None: unused) as the arrays a sparse-row step
+    runs on: contiguous, those of ``p``'s shape viewed as ``rows_shape``. A tensor
+    that is not contiguous is stepped through a copy, appended to ``write_back``."""
+    arrays = []
+    for i, t in enumerate((p, *buffers)):
+        if t is None:
+            arrays.append(None)
+            continue
+        t = t.detach()
+        if not t.is_contiguous():
+            copy = t.contiguous()
+            write_back.append((t, copy))
+            t = copy
+        a = _view(t)
+        arrays.append(a.reshape(rows_shape) if a.shape == tuple(p.shape) else a)
+    return arrays
+
+
 def _value(where, v):
     """A hyperparameter as the kernels read it: a float for a one-element CPU tensor.
 
@@ -373,29 +393,48 @@ class _FastoptStep:
 
     def _sparse_grad(self, gi, k, p, g, hyper):
         """A sparse COO gradient of ``p`` as fastopt.SparseRows, planned; its form
-        ("rows" or "dense", fastopt/optim/rows.py). Raises ValueError/TypeError."""
+        ("rows" or "dense", fastopt/optim/rows.py). Raises ValueError/TypeError.
+
+        Rows are along the leading axis, as nn.Embedding(sparse=True) makes
+        them. A gradient with more sparse dimensions (``tensor.to_sparse()``
+        makes one per dimension) lists single elements: its first sparse
+        dimensions are read as one flattened axis, over which the rows are
+        planned; the rows rules are elementwise, so this changes nothing but
+        the bookkeeping. The plan's ``rows_shape`` is that view of ``p``.
+        """
         name = _name(gi, k, p)
-        form = rows.sparse_form(type(self).__name__, self._rule, hyper, self._fastopt_precision,
-                                f"the gradient of {name}", name, tuple(p.shape))
-        if not (_dense_cpu(p) and p.dtype in _REAL and p.is_contiguous()):
+        form = rows.sparse_form(
+            type(self).__name__, self._rule, hyper, self._fastopt_precision,
+            f"the gradient of {name}", name, tuple(p.shape))
+        if not (_dense_cpu(p) and p.dtype in _REAL):
             raise ValueError(f"{name} has a sparse gradient, which fastopt takes for "
-                             "contiguous float32 or float64 CPU tensors only")
-        if g.sparse_dim() != 1 or g.shape != p.shape or g.dtype != p.dtype or not g.is_cpu:
+                             "float32 or float64 CPU tensors only")
+        if g.shape != p.shape or g.dtype != p.dtype or not g.is_cpu:
             raise ValueError(f"the sparse gradient of {name} must be a CPU COO tensor of the "
-                             "parameter's shape and dtype with one sparse dimension (rows), "
-                             f"as nn.Embedding(sparse=True) makes; got {g.sparse_dim()} sparse "
-                             f"dimension(s), {tuple(g.shape)} {g.dtype}")
+                             f"parameter's shape and dtype; got {tuple(g.shape)} {g.dtype} "
+                             f"on {g.device}")
+        depth = g.sparse_dim()
+        if depth > 1 and self._rule.layouts:
+            raise ValueError(f"the sparse gradient of {name} has {depth} sparse dimensions, but "
+                             f"{type(self).__name__} keeps per-row state: it needs one sparse "
+                             "dimension (rows), as nn.Embedding(sparse=True) makes")
+        rows_shape = (math.prod(p.shape[:depth]),) + tuple(p.shape[depth:])
         # (uncoalesced is fine: fastopt merges repeated rows itself, without coalesce)
+        indices = g._indices().numpy()
+        indices = (indices[0] if depth == 1
+                   else np.ravel_multi_index(tuple(indices), tuple(p.shape[:depth])))
         values = g._values()
-        sparse = SparseRows(g._indices()[0].numpy(), (values if values.is_contiguous()
-                                                      else values.contiguous()).numpy())
-        check_rows(f"the gradient of {name}", sparse, name, _view(p))
+        values = (values if values.is_contiguous() else values.contiguous()).numpy()
+        sparse = SparseRows(indices, values)
+        # The checks read only the shape and dtype of the parameter's row view.
+        shaped = np.broadcast_to(np.zeros((), _view(p).dtype), rows_shape)
+        check_rows(f"the gradient of {name}", sparse, name, shaped)
         plans = self.__dict__.setdefault("_fastopt_row_plans", {})
         plan = plans.get(p)
         if plan is None:
             plan = plans[p] = _fastpath.RowPlan()
-        plan_rows(plan, f"the gradient of {name}", sparse, name, _view(p))
-        return form, sparse, plan
+        plan_rows(plan, f"the gradient of {name}", sparse, name, shaped)
+        return form, sparse, (plan, rows_shape)
 
     def _general_step(self):
         scratch = []  # (plan, zeroed array, values): a sparse gradient merged into zeros
@@ -419,17 +458,18 @@ class _FastoptStep:
                     continue
                 sparse = None
                 if g.layout is torch.sparse_coo and p.layout is torch.strided:
-                    form, sparse, row_plan = self._sparse_grad(gi, k, p, g, hyper)
+                    form, sparse, (row_plan, rows_shape) = self._sparse_grad(gi, k, p, g, hyper)
                     if form == "dense":  # the dense step of the gradient, zeros elsewhere
                         dense = self.__dict__.setdefault("_fastopt_row_dense", {}).get(p)
                         if dense is None or dense.shape != tuple(p.shape):
                             dense = np.zeros(tuple(p.shape), _view(p).dtype)
                             self._fastopt_row_dense[p] = dense
-                        row_plan.scatter(dense, sparse.values)
-                        scratch.append((row_plan, dense, sparse.values))
+                        flat = dense.reshape(rows_shape)  # (a view: dense is contiguous)
+                        row_plan.scatter(flat, sparse.values)
+                        scratch.append((row_plan, flat, sparse.values))
                         g, sparse = torch.from_numpy(dense), None
                     else:
-                        sparse = (sparse, row_plan)
+                        sparse = (sparse, row_plan, rows_shape)
                 state = self.state.get(p, {})
                 if p.is_complex() and not rule.complex_ok:  # torch's error and words
                     raise RuntimeError(f"{type(self).__name__} does not support complex "
@@ -473,11 +513,13 @@ class _FastoptStep:
                     step_view = _view(state["step"])
                     step_view += 1  # torch's step tensor, through its view
                     count = int(step_view)
-                if sparse is not None:  # the listed rows only
+                if sparse is not None:  # the listed rows only, of contiguous row views
                     ws = self.__dict__.setdefault("_fastopt_row_ws", _fastpath.Workspace())
-                    rows.run_rows(rule, _view(p), sparse[0], sparse[1],
-                                  [_view(state[n]) if n in names else None
-                                   for n in rule.buffers],
+                    g_rows, row_plan, rows_shape = sparse
+                    p_rows, *buffers = _row_operands(
+                        p, [state[n] if n in names else None for n in rule.buffers],
+                        rows_shape, write_back)
+                    rows.run_rows(rule, p_rows, g_rows, row_plan, buffers,
                                   rule.step_value(count if rule.counts_steps else None, created),
                                   hyper, self._scalars(hyper, rows.SPARSE_SCALARS), "cython", ws)
                     continue
@@ -623,6 +665,12 @@ class _FastoptStep:
                            if isinstance(v, torch.Tensor) and k != "step"}
                      for pid, entry in state_dict.get("state", {}).items()}
         super().load_state_dict(state_dict)
+        for state in self.state.values():
+            # A plain-number step (torch's SparseAdam keeps an int) becomes the float32
+            # tensor fastopt counts in place, as torch's Adam.__setstate__ makes it.
+            step = state.get("step") if isinstance(state, dict) else None  # (hooks add others)
+            if isinstance(step, (int, float)) and not isinstance(step, bool):
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
         if saved:
             ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
             params = [p for group in self.param_groups for p in group["params"]]

@@ -647,11 +647,15 @@ ALIAS_KINDS = ("g_is_p", "g_view_p", "g_overlaps_p", "buf_is_p", "buf_is_g", "bu
 
 
 def _overlapping_pair(values_a, values_b, shift):
-    """Two C-contiguous arrays in one buffer, the second starting ``shift`` elements on."""
-    n = values_a.size
-    buf = np.zeros(n + shift, values_a.dtype)
-    a = buf[:n].reshape(values_a.shape)
-    b = buf[shift:shift + n].reshape(values_a.shape)
+    """Two C-contiguous arrays in one buffer, the second starting ``shift`` elements on.
+
+    The two may differ in shape (RowWiseAdagrad's row sums are smaller than the
+    gradient); whether they really overlap is judged later by np.shares_memory.
+    """
+    na, nb = values_a.size, values_b.size
+    buf = np.zeros(max(na, shift + nb), values_a.dtype)
+    a = buf[:na].reshape(values_a.shape)
+    b = buf[shift:shift + nb].reshape(values_b.shape)
     b[...] = values_b
     a[...] = values_a
     return a, b

@@ -370,3 +370,66 @@ def test_fastopt_torch_refuses_a_sparse_gradient_where_its_rule_does():
             opt.step()
         layer.weight.grad = None
     assert torch.equal(layer.weight.detach(), before)
+
+
+def _element_sparse_run(module, name, kwargs, layout, steps=5):
+    """``name`` on a 3-D parameter whose gradients list single elements
+    (``to_sparse()``: one sparse dimension per axis), the parameter laid out
+    as ``layout`` ("contiguous" or "transposed", a non-contiguous view)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    base = torch.randn(4, 6, 5, dtype=torch.float64)
+    if layout == "transposed":
+        base = torch.empty_strided(base.shape, (1, 4, 24), dtype=base.dtype).copy_(base)
+    p = torch.nn.Parameter(base)
+    opt = getattr(module, name)([p], **kwargs)
+    rng = np.random.default_rng(5)
+    for _ in range(steps):
+        dense = torch.from_numpy(rng.standard_normal(p.shape) * (rng.random(p.shape) < 0.3))
+        p.grad = dense.to_sparse()  # only the nonzero elements, 3 sparse dimensions
+        opt.step()
+    return p.detach().clone(), opt
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("case", TORCH_CASES,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
+                              for n, kw in TORCH_CASES])
+def test_fastopt_torch_takes_element_sparse_gradients_of_any_layout_as_torch(case, layout):
+    """PyTorch's own suite feeds ``grad.to_sparse()`` to non-contiguous params: such a
+    gradient updates exactly the elements it lists, as torch.optim does, and the
+    update lands in the caller's (strided) tensor."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    name, kwargs = case
+    mine, opt = _element_sparse_run(ft, name, kwargs, layout)
+    # (torch's SGD with momentum fails on the strided view: its reference is the contiguous run)
+    theirs, _ = _element_sparse_run(torch.optim, name, kwargs, "contiguous")
+    assert float((mine - theirs).abs().max()) <= 1e-12 * float(theirs.abs().max())
+    if layout == "transposed":
+        assert not opt.param_groups[0]["params"][0].is_contiguous()
+
+
+def test_fastopt_torch_rowwise_adagrad_refuses_element_sparse_gradients():
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    opt = ft.RowWiseAdagrad([p], lr=0.1)
+    p.grad = torch.eye(4, 3).to_sparse()
+    with pytest.raises(ValueError, match="2 sparse dimensions.*per-row state"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4, 3)) and not opt.state
+
+
+def test_fastopt_torch_sparse_adam_loads_torchs_integer_step():
+    """torch's SparseAdam counts ``state['step']`` as a Python int; a state_dict that
+    holds one loads and steps on as if the count were fastopt's own tensor."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    mine, theirs = (_embedding_run(m, "SparseAdam", {"lr": 0.01}, torch.float64, steps=3)
+                    for m in (ft, torch.optim))
+    assert isinstance(theirs[1].state[next(iter(theirs[1].state))]["step"], int)
+    opt = mine[1]
+    opt.load_state_dict(theirs[1].state_dict())
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert isinstance(state["step"], torch.Tensor) and float(state["step"]) == 3.0
