@@ -433,6 +433,17 @@ def store_half(x, out, key=None, start=0):
     out.reshape(-1).view(np.uint16)[...] = convert(flat, bits)
 
 
+def ema(avg, p, weight, key=None):
+    """The weight average's twin: ``avg = lerp(avg, p, weight)`` (torch's
+    get_ema_multi_avg_fn with weight = 1 - decay). A half average is computed in
+    float32 and stored rounded (``key``: stochastically, from that stream)."""
+    if avg.dtype.itemsize == 2:
+        store_half(_lerp(avg.astype(np.float32), p.astype(np.float32), weight), avg,
+                   None if key is None else stream_key(key, 0))
+    else:
+        avg[...] = _lerp(avg, p, weight)
+
+
 def half_step(twin, p, g, buffers, master=None, key=None, **kwargs):
     """One step of ``twin`` on arrays of any storage, as the kernels take it.
 

@@ -34,6 +34,7 @@ ignored (every fastopt step is a fused one), and ``fused=True`` honours
 torch.amp.GradScaler's contract, as torch's fused optimizers do. Only this
 module imports torch.
 """
+import contextlib
 import inspect
 import math
 
@@ -43,7 +44,7 @@ import torch
 from . import _fastpath
 from . import _precision
 from . import _validation as V
-from .optim import MODULES, Optimizer, rows
+from .optim import MODULES, Optimizer, guards, rows
 from .optim.rule import Batches, run_lists
 from .sparse import SparseRows, check_rows, plan_rows
 
@@ -102,6 +103,8 @@ def _check(gi, k, p, g, fused):
 def _check_state(rule, p, name, t, precision=None):
     """Why state tensor ``name`` of ``p`` cannot be updated in place under ``rule``, or None."""
     precision = precision or _PLAIN
+    if name == guards.EMA:
+        return None  # (a weight average: _FastoptStep._fastopt_guard_checks)
     if name == _MASTER and precision.has_master(_ELEMENT.get(p.dtype)):
         if not (isinstance(t, torch.Tensor) and _dense_cpu(t) and t.dtype is torch.float32
                 and t.shape == p.shape) or _overlaps_itself(t):
@@ -360,8 +363,14 @@ class _FastoptStep:
         self._fastopt_fast = None
         with torch.no_grad():
             self._general_step()
-        self._fastopt_fast = self._gather()
+        if not self._fastopt_guarded:  # (the guards are the general path's)
+            self._fastopt_fast = self._gather()
         return loss
+
+    @property
+    def _fastopt_guarded(self):
+        return (getattr(self, "max_grad_norm", None) is not None
+                or getattr(self, "ema_decay", None) is not None)
 
     def _amp_contract(self):
         """Read what torch.amp.GradScaler hands a fused optimizer; False: skip this step.
@@ -385,9 +394,11 @@ class _FastoptStep:
         return True
 
     def _scalars(self, hyper, extra=None):
-        """The group's kernel scalars, with this step's gradient scale."""
-        return self._rule.scalars(hyper, extra={**self.__dict__.get("_fastopt_scale", {}),
-                                                **(extra or {})})
+        """The group's kernel scalars, with this step's gradient scale and clipping."""
+        scalars = self._rule.scalars(hyper, extra={**self.__dict__.get("_fastopt_scale", {}),
+                                                   **(extra or {})})
+        coef = self.__dict__.get("_fastopt_coef", 1.0)
+        return scalars if coef == 1.0 else scalars.scaled(coef)
 
     # ---------------------------------------------------------- general path
 
@@ -441,8 +452,94 @@ class _FastoptStep:
         try:
             self._general_step_with(scratch)
         finally:
+            self._fastopt_coef = 1.0
             for plan, dense, values in scratch:  # (only its listed rows were written)
                 plan.scatter(dense, values, True)
+        if self.__dict__.get("ema_decay") is not None:
+            self._fastopt_average()
+
+    def _fastopt_guard_checks(self, plan):
+        """Before anything changes: each weight average fits its parameter; with
+        ``max_grad_norm``, the step's norm (one pass) and its clipping coefficient."""
+        if self.__dict__.get("ema_decay") is not None:
+            for gi, group in enumerate(self.param_groups):
+                for k, p in enumerate(group["params"]):
+                    avg = self.state.get(p, {}).get(guards.EMA)
+                    if avg is not None and not (
+                            isinstance(avg, torch.Tensor) and _dense_cpu(avg)
+                            and avg.dtype == p.dtype and avg.shape == p.shape
+                            and not _overlaps_itself(avg)):
+                        raise ValueError(f"{_name(gi, k, p)} has state[{guards.EMA!r}] that is "
+                                         "no CPU tensor of its dtype and shape")
+        self._fastopt_coef = 1.0
+        max_norm = self.__dict__.get("max_grad_norm")
+        if max_norm is None:
+            return
+        arrays, kinds = [], []
+        for group, hyper, needs, members in plan:
+            for p, g, sparse in members:
+                if sparse is not None:
+                    raise ValueError(f"{type(self).__name__}(max_grad_norm=...) clips dense "
+                                     "gradients only: a sparse gradient's norm is not formed")
+                t = g.detach()
+                t = torch.view_as_real(t) if t.is_complex() else t
+                arrays.append(_view(t if t.is_contiguous() else t.contiguous()))
+                kinds.append(_PLAIN.kind(_ELEMENT[p.dtype]))
+        scale = self.__dict__.get("_fastopt_scale", {}).get("grad_scale", 1.0)
+        norm, _ = guards.grad_norm(arrays, scale, kinds)
+        self.last_grad_norm = norm
+        self._fastopt_coef = guards.coefficient(norm, max_norm)
+
+    def _fastopt_average(self):
+        """The weight average's pass over every parameter: a copy on its first step."""
+        precision = self._fastopt_precision
+        avgs, params, keys, elements = [], [], [], []
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p] if p in self.state else None
+                avg = None if state is None else state.get(guards.EMA)
+                if avg is None:
+                    self.state.setdefault(p, {})[guards.EMA] = p.detach().clone(
+                        memory_format=torch.preserve_format)
+                elif p.is_contiguous() and avg.is_contiguous():
+                    avgs.append(_view(avg))
+                    params.append(_view(p))
+                    element = _ELEMENT[p.dtype]
+                    elements.append(element)
+                    keys.append(precision.round_key(int(state.get("step", 0)), index)
+                                if precision.stochastic_rounding and element in _precision.HALF
+                                else None)
+                else:  # (a strided pair: torch's own lerp, as get_ema_multi_avg_fn's)
+                    avg.lerp_(p.detach(), 1.0 - self.ema_decay)
+                index += 1
+        guards.average(avgs, params, self.ema_decay, "cython", keys, elements)
+
+    def ema_params(self):
+        """The weight averages (``ema_decay``) aligned with the parameters in group
+        order: tensors (the optimizer's own), None before a parameter's first step."""
+        if self.__dict__.get("ema_decay") is None:
+            raise ValueError(f"{type(self).__name__} keeps no weight average: make it with "
+                             "ema_decay=...")
+        return [self.state[p].get(guards.EMA) if p in self.state else None
+                for group in self.param_groups for p in group["params"]]
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """A context in which every parameter holds its weight average (evaluation);
+        the parameters' own values come back on exit, an exception included."""
+        pairs = [(p, avg) for p, avg in zip((p for group in self.param_groups
+                                             for p in group["params"]), self.ema_params())
+                 if avg is not None]
+        with torch.no_grad():
+            saved = [p.detach().clone() for p, _ in pairs]
+            try:
+                for p, avg in pairs:
+                    p.copy_(avg)
+                yield self
+            finally:
+                for (p, _), own in zip(pairs, saved):
+                    p.copy_(own)
 
     def _general_step_with(self, scratch):
         rule = self._rule
@@ -488,6 +585,7 @@ class _FastoptStep:
                 members.append((p, g, sparse))
             plan.append((group, hyper, needs, members))
         self._check_aliasing()
+        self._fastopt_guard_checks(plan)
         # Checked: allocate state, then run one kernel call per group and step count.
         write_back = []  # (tensor, the contiguous copy stepped for it)
         index_of = {p: i for i, p in enumerate(p for group in self.param_groups
@@ -676,7 +774,8 @@ class _FastoptStep:
             params = [p for group in self.param_groups for p in group["params"]]
             for pid, p in zip(ids, params):
                 for k, v in saved.get(pid, {}).items():
-                    dtype = torch.float32 if k == _MASTER else _state_dtype(precision, p)
+                    dtype = (torch.float32 if k == _MASTER else p.dtype if k == guards.EMA
+                             else _state_dtype(precision, p))
                     self.state[p][k] = v.to(dtype=dtype, copy=True)
         self._fastopt_fast = None  # the state tensors were replaced
 
@@ -706,9 +805,10 @@ def _torch_twin(cls, twins):
     torch_cls = getattr(torch.optim, cls.__name__)
     return type(cls.__name__, (base, torch_cls), {
         "__doc__": f"torch.optim.{cls.__name__}, stepped by fastopt's fused kernel.\n\n"
-                   "    Besides torch's options, the keyword-only half-precision ones of "
+                   "    Besides torch's options, the keyword-only ones of "
                    f"fastopt.{cls.__name__}:\n    state_dtype, master_weights, "
-                   "stochastic_rounding and seed.\n",
+                   "stochastic_rounding, seed (half precision), max_grad_norm and\n"
+                   "    ema_decay (step guards).\n",
         "__module__": __name__,
         "__init__": _with_precision(torch_cls.__init__),
         "_rule": cls.rule,
@@ -717,17 +817,26 @@ def _torch_twin(cls, twins):
     })
 
 
+#: fastopt's keyword-only options of every fastopt.torch class, with their defaults:
+#: the half-precision ones and the step guards (fastopt/optim/guards.py)
+_OPTIONS = {**_precision.Precision()._asdict(), "max_grad_norm": None, "ema_decay": None}
+
+
 def _with_precision(init):
-    """``init`` (a torch optimizer's constructor) with fastopt's half-precision keywords."""
+    """``init`` (a torch optimizer's constructor) with fastopt's keyword-only options."""
     def __init__(self, params, *args, state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0, **kwargs):
+                 stochastic_rounding=False, seed=0, max_grad_norm=None, ema_decay=None,
+                 **kwargs):
         options = _precision.check(state_dtype, master_weights, stochastic_rounding, seed)
+        step_guards = guards.check(max_grad_norm, ema_decay)
         init(self, params, *args, **kwargs)
         self._fastopt_init(options)
+        self.max_grad_norm, self.ema_decay = step_guards
+        self.last_grad_norm = None
 
     sig = inspect.signature(init)
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-             for name, default in _precision.Precision()._asdict().items()]
+             for name, default in _OPTIONS.items()]
     params = list(sig.parameters.values())
     tail = [p for p in params if p.kind is p.VAR_KEYWORD]
     __init__.__signature__ = sig.replace(parameters=[
@@ -752,7 +861,7 @@ def _torch_style(cls):
     numpy_sig = inspect.signature(cls.__init__)
     sig = numpy_sig.replace(parameters=[  # (the half-precision keywords: added below)
         p for name, p in numpy_sig.parameters.items()
-        if name not in ("self",) + _NUMPY_ONLY + _precision.Precision._fields])
+        if name not in ("self",) + _NUMPY_ONLY + tuple(_OPTIONS)])
     rule = cls.rule
 
     def __init__(self, params, *args, **kwargs):
@@ -770,7 +879,7 @@ def _torch_style(cls):
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         *sig.parameters.values(),
         *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-          for name, default in _precision.Precision()._asdict().items())])
+          for name, default in _OPTIONS.items())])
     return type(cls.__name__, (_FastoptStep, torch.optim.Optimizer), {
         "__doc__": (f"{cls.__name__} for torch tensors: fastopt.{cls.__name__}'s rule in a "
                     "torch.optim.Optimizer.\n\n    torch.optim has no such class; this one "

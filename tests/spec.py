@@ -683,6 +683,10 @@ COMMON_KEYWORDS = {"backend": "cython", "skip_nonfinite": False, "flush_denormal
 #: the half-precision keywords every optimizer takes, NumPy's and fastopt.torch's
 PRECISION_KEYWORDS = {"state_dtype": None, "master_weights": False,
                       "stochastic_rounding": False, "seed": 0}
+#: the step guards every optimizer takes (fastopt/optim/guards.py; tests/test_guards.py)
+GUARD_KEYWORDS = {"max_grad_norm": None, "ema_decay": None}
+#: fastopt's keyword-only options of every class, NumPy's and fastopt.torch's, in order
+OPTION_KEYWORDS = {**PRECISION_KEYWORDS, **GUARD_KEYWORDS}
 
 
 # ------------------------------------------------------------------ look-ups

@@ -51,7 +51,7 @@ def test_case_table_covers_every_optax_class_and_option():
         sig = inspect.signature(getattr(fastopt, name))
         options = {k for k in sig.parameters  # (the precision keywords: test_precision.py)
                    if k not in ("params", "backend", "skip_nonfinite", "flush_denormals",
-                                *spec.PRECISION_KEYWORDS)}
+                                *spec.OPTION_KEYWORDS)}
         used = {k for _, opt, kw in mog.CASES if opt == name for k, v in kw.items()
                 if mg.call_kwargs({k: v})[k] != sig.parameters[k].default}
         assert {} in [kw for _, opt, kw in mog.CASES if opt == name], name

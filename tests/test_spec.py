@@ -110,7 +110,7 @@ def test_constructor_defaults_are_the_specs(name):
     assert options == [(k, typed(v)) for k, v in c.defaults.items() if k not in c.keyword_only]
     keywords = {p.name: typed(p.default) for p in params if p.kind is p.KEYWORD_ONLY}
     wanted = {**{k: c.defaults[k] for k in c.keyword_only}, **spec.COMMON_KEYWORDS,
-              **spec.PRECISION_KEYWORDS}
+              **spec.OPTION_KEYWORDS}
     assert keywords == {k: typed(v) for k, v in wanted.items()}
 
 

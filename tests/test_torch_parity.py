@@ -163,7 +163,7 @@ def test_case_table_covers_every_option():
         # (the half-precision options: tests/test_precision.py's and test_torch_half.py's)
         options = {k for k, v in sig.parameters.items()
                    if k not in ("params", "backend", "skip_nonfinite", "flush_denormals",
-                                *spec.PRECISION_KEYWORDS)}
+                                *spec.OPTION_KEYWORDS)}
         used = set()
         for _, opt, kwargs in mg.CASES:
             if opt == name:

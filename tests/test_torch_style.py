@@ -110,7 +110,7 @@ def test_state_dict_round_trip_continues_the_same_run(name):
 def test_constructor_is_the_numpy_ones_without_fastopts_own_options(name):
     numpy_sig = inspect.signature(getattr(fastopt, name))
     want = [p for p in numpy_sig.parameters.values() if p.name not in spec.COMMON_KEYWORDS]
-    assert [p.name for p in want[-4:]] == list(spec.PRECISION_KEYWORDS)
+    assert [p.name for p in want[-6:]] == list(spec.OPTION_KEYWORDS)
     assert list(inspect.signature(getattr(ft, name)).parameters.values()) == want
     assert issubclass(getattr(ft, name), torch.optim.Optimizer)
     p = torch.zeros(3, requires_grad=True)

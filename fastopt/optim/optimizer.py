@@ -9,6 +9,7 @@ A step runs in two phases. First every input is validated - the structure of
 array - without touching anything. Only then is state allocated and are the
 kernels run, so a step that raises has modified no parameter and no state.
 """
+import contextlib
 import inspect
 import numbers
 
@@ -22,7 +23,7 @@ from .. import checkpoint
 from .._watched import ParamGroup, State
 from ..flat import packed_like
 from ..sparse import SparseRows, check_rows
-from . import rows
+from . import guards, rows
 from .rule import Batches, run_lists, run_workspace
 
 BACKENDS = ("cython", "numpy")
@@ -31,7 +32,8 @@ BACKENDS = ("cython", "numpy")
 _NO_GRADS = object()
 # The attributes an optimizer's Stepper is bound to (see Optimizer.__setattr__).
 _STEPPER_INPUTS = frozenset({"_lock", "param_groups", "state", "_workspaces", "_guard",
-                             "backend", "skip_nonfinite", "rule", "precision"})
+                             "backend", "skip_nonfinite", "rule", "precision",
+                             "max_grad_norm", "ema_decay"})
 #: the state key of a half parameter's float32 copy under master_weights
 MASTER = "master_param"
 
@@ -58,7 +60,7 @@ PARAMS_DOC = """params : list of ndarray, dict or list of dict
         modes (x86; restored after every call): subnormal values, which make
         each operation 10-20x slower, count as zero. Off by default, because
         results then differ from torch.optim's in the subnormal range.
-    """ + _precision.DOC
+    """ + _precision.DOC + "\n    " + guards.DOC
 
 
 def _split_groups(params):
@@ -120,11 +122,12 @@ class Optimizer:
         if len(kept) < len(sig.parameters):
             init.__signature__ = sig.replace(parameters=kept + [
                 inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-                for name, default in _precision.Precision()._asdict().items()])
+                for name, default in [*_precision.Precision()._asdict().items(),
+                                      ("max_grad_norm", None), ("ema_decay", None)]])
 
     def __init__(self, params, defaults, *, backend="cython", skip_nonfinite=False,
                  flush_denormals=False, state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, max_grad_norm=None, ema_decay=None):
         V.choice("backend", backend, BACKENDS)
         #: the half-precision options (fastopt/_precision.py), fixed at construction
         self.precision = _precision.check(state_dtype, master_weights, stochastic_rounding, seed)
@@ -132,6 +135,9 @@ class Optimizer:
         self.backend = backend
         self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
         self.skipped_steps = 0  # steps skipped for NaN/Inf gradients
+        # the step guards (fastopt/optim/guards.py): clipping and the weight average
+        self.max_grad_norm, self.ema_decay = guards.check(max_grad_norm, ema_decay)
+        self.last_grad_norm = None  # each step's gradient norm before clipping
         self.flush_denormals = V.flag("flush_denormals", flush_denormals)
         # step() from two threads on one optimizer would race on its
         # workspaces and state; they take turns instead.
@@ -344,6 +350,8 @@ class Optimizer:
                                 half_ok=True)
             if name == MASTER:
                 _check_master(label, state[name], p_label, p, self.precision, p_element)
+            elif name == guards.EMA:
+                guards.check_average(label, state[name], p_label, p)
             else:
                 self.rule.check_buffer(label, state[name], name, p_label, p,
                                        self._state_dtype(p))
@@ -416,7 +424,8 @@ class Optimizer:
 
     def _held_buffers(self):
         """The state arrays a parameter may hold: the rule's buffers and its master copy."""
-        return self.rule.buffers + ((MASTER,) if self.precision.master_weights else ())
+        return (self.rule.buffers + ((MASTER,) if self.precision.master_weights else ())
+                + ((guards.EMA,) if self.ema_decay is not None else ()))
 
     def _state_dtype(self, p):
         """The dtype of ``p``'s state buffers under this optimizer's precision."""
@@ -479,7 +488,7 @@ class Optimizer:
         return _fastpath.Stepper(lock, bindings, self.param_groups, self.state, self._workspaces,
                                  self._guard, self.rule.buffers, self.rule.counts_steps,
                                  enabled=(self.backend == "cython" and not self.skip_nonfinite
-                                          and self.precision.plain),
+                                          and self.precision.plain and not self._guarded),
                                  scalar_names=tuple(self.rule.scalar_state))
 
     def __setattr__(self, name, value):
@@ -493,49 +502,127 @@ class Optimizer:
             if lock is not None:
                 lock.bindings += 1
 
+    @property
+    def _guarded(self):
+        """Whether a step guard (clipping, the weight average) is on: the general path's."""
+        return self.max_grad_norm is not None or self.ema_decay is not None
+
     def _step(self, grads):
         # The fast path declined. If it was made before a rebind, replace it.
         self._fast = None
         if isinstance(grads, (list, tuple, dict)) and any(
                 isinstance(g, SparseRows) for g in (grads.values() if isinstance(grads, dict)
                                                     else grads)):
-            rows.step(self, grads)
-            return
-        grads, plan = self._plan(grads)
-        self._run_plan(grads, plan)
+            ran = rows.step(self, grads)
+        else:
+            grads, plan = self._plan(grads)
+            ran = self._run_plan(grads, plan)
+        if ran and self.ema_decay is not None:
+            self._average()
 
     def _run_plan(self, grads, plan, also=()):
         """Run a validated step (``_plan``'s result): every group's kernels.
 
         With ``skip_nonfinite``, a NaN or Inf in ``grads`` or in the arrays
         ``also`` (sparse-row values) skips the step: returns False, else True.
+        With ``max_grad_norm``, the same pass gives the norm and the kernels
+        read the gradients clipped (fastopt/optim/guards.py).
         """
-        if self.skip_nonfinite:
-            present = [g for g in grads if g is not None] + list(also)
-            if present:
-                ws = _fastpath.Workspace()
-                ws.fill(present, present, ())
-                if _fastpath.grad_stats(ws)[1]:
-                    self.skipped_steps += 1
-                    return False
+        coef = 1.0
+        if self.ema_decay is not None:
+            self._check_averages(grads)
+        if self.skip_nonfinite or self.max_grad_norm is not None:
+            norm, nonfinite = guards.grad_norm([g for g in grads if g is not None] + list(also))
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = norm
+                coef = guards.coefficient(norm, self.max_grad_norm)
+            if nonfinite and self.skip_nonfinite:
+                self.skipped_steps += 1
+                return False
         # Everything is valid: from here on nothing raises.
         rule = self.rule
         for gi, (checked, start, stop, gathered, step) in enumerate(plan):
+            scalars = checked.scalars if coef == 1.0 else checked.scalars.scaled(coef)
             if gathered and self.backend == "cython":
                 # Every parameter has its state at the same step: one kernel call.
                 if rule.counts_steps:
-                    run_workspace(rule, self._workspaces[gi], step + 1, checked.scalars)
+                    run_workspace(rule, self._workspaces[gi], step + 1, scalars)
                     _fastpath.commit_steps(self._workspaces[gi], step + 1)
                 else:
-                    run_workspace(rule, self._workspaces[gi], False, checked.scalars)
+                    run_workspace(rule, self._workspaces[gi], False, scalars)
             else:
-                self._step_group(self.param_groups[gi]["params"], grads, start, stop, checked)
+                self._step_group(self.param_groups[gi]["params"], grads, start, stop, checked,
+                                 scalars, coef)
         return True
 
-    def _step_group(self, params, grads, start, stop, checked):
-        """The general path: lazy state, uneven steps, missing gradients."""
-        hyper, kernel_hyper, needs, scalars = (checked.hyper, checked.kernel_hyper,
-                                               checked.needs, checked.scalars)
+    def _check_averages(self, grads):
+        """Every parameter's weight average, if it has one, before a step runs (the
+        averaging pass touches every parameter, stepped or not)."""
+        names = self._flat_names()
+        for index, p in enumerate(self._flat_params()):
+            state = self.state.get(index)
+            avg = state.get(guards.EMA) if isinstance(state, dict) else None
+            if avg is not None:
+                p_label, _ = self._labels(index, None if names is None else names[index])
+                guards.check_average(f"state[{index}][{guards.EMA!r}]", avg, p_label, p)
+        self._check_aliasing(grads)  # (the fast path's C check knows no averages)
+
+    def _average(self):
+        """The weight average's pass over every parameter: a copy on its first step."""
+        avgs, params, keys = [], [], []
+        precision = self.precision
+        for index, p in enumerate(self._flat_params()):
+            state = self.state.setdefault(index, {})
+            if state.get(guards.EMA) is None:
+                state[guards.EMA] = np.array(p, copy=True, order="C")
+                continue
+            avgs.append(state[guards.EMA])
+            params.append(p)
+            keys.append(precision.round_key(state.get("step", 0), index)
+                        if precision.stochastic_rounding and p.dtype.itemsize == 2 else None)
+        guards.average(avgs, params, self.ema_decay, self.backend, keys)
+
+    def ema_params(self):
+        """The weight averages (``ema_decay``), aligned with the parameters in group order.
+
+        Returns
+        -------
+        list of ndarray or None
+            Each parameter's average (the optimizer's own array: copy it to
+            keep it), None before its first step.
+        """
+        if self.ema_decay is None:
+            raise ValueError(f"{type(self).__name__} keeps no weight average: make it with "
+                             "ema_decay=...")
+        return [s.get(guards.EMA) if isinstance(s := self.state.get(i), dict) else None
+                for i in range(len(self._flat_params()))]
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """A context in which every parameter holds its weight average (for evaluation).
+
+        The parameters' own values are put back on exit, an exception
+        included. Parameters without an average yet keep their values.
+        """
+        pairs = [(p, avg) for p, avg in zip(self._flat_params(), self.ema_params())
+                 if avg is not None]
+        with self._lock:
+            saved = [p.copy() for p, _ in pairs]
+            try:
+                for p, avg in pairs:
+                    np.copyto(p, avg)
+                yield self
+            finally:
+                for (p, _), own in zip(pairs, saved):
+                    np.copyto(p, own)
+
+    def _step_group(self, params, grads, start, stop, checked, scalars=None, coef=1.0):
+        """The general path: lazy state, uneven steps, missing gradients.
+
+        ``scalars``: the group's, with clipping's coefficient ``coef`` in them.
+        """
+        hyper, kernel_hyper, needs = checked.hyper, checked.kernel_hyper, checked.needs
+        scalars = checked.scalars if scalars is None else scalars
         rule = self.rule
         # New state buffers of the group are allocated together, packed back
         # to back (fastopt.flat.packed_like), so a step streams through them.
@@ -578,13 +665,14 @@ class Optimizer:
         for step_value, values, ps, gs, buffer_lists, owners, storage in batches:
             if rule.scalar_state:
                 new_values = rule.advance_scalars(scalars, kernel_hyper, step_value, values)
-            self._run(ps, gs, buffer_lists, step_value, kernel_hyper, scalars, values, storage)
+            self._run(ps, gs, buffer_lists, step_value, kernel_hyper, scalars, values, storage,
+                      coef)
             if rule.scalar_state:
                 for state in owners:
                     state.update(new_values)
 
     def _run(self, params, grads, buffer_lists, step_value, kernel_hyper, scalars, values,
-             storage=None):
+             storage=None, coef=1.0):
         if self.backend == "cython":
             run_lists(self.rule, params, grads, buffer_lists, step_value, kernel_hyper, scalars,
                       storage)
@@ -593,7 +681,8 @@ class Optimizer:
             buffers = [None if lst is None or lst[i] is None else V.real_view(lst[i])
                        for lst in buffer_lists]
             master, key = (None, None) if storage is None else (storage[1][i], storage[2][i])
-            reference.half_step(self.rule.twin, V.real_view(p), V.real_view(g), buffers,
+            g = V.real_view(g) if coef == 1.0 else guards.scaled_grad(V.real_view(g), coef)
+            reference.half_step(self.rule.twin, V.real_view(p), g, buffers,
                                 master, key, **{self.rule.step_arg: step_value}, **values,
                                 **kernel_hyper)
 
@@ -685,6 +774,13 @@ class Optimizer:
                         raise ValueError(f"{where} must be a float array of shape {p.shape}, "
                                          f"got {value.dtype} {value.shape}")
                     restored[key] = np.array(value, dtype=np.float32, order="C", copy=True)
+                    continue
+                if key == guards.EMA:
+                    if value.shape != p.shape or (value.dtype.kind not in "fc" and
+                                                  _precision.element(value.dtype) is None):
+                        raise ValueError(f"{where} must be a float array of shape {p.shape}, "
+                                         f"got {value.dtype} {value.shape}")
+                    restored[key] = _precision.cast(value, p.dtype)
                     continue
                 shape = self.rule.buffer_shape(key, p.shape)
                 if shape is None:

@@ -31,7 +31,14 @@ SPARSE_SCALARS = {"sparse_rows": True}
 
 
 def step(opt, grads):
-    """Take ``opt``'s step (under its lock) for gradients of which some are SparseRows."""
+    """Take ``opt``'s step (under its lock) for gradients of which some are SparseRows.
+
+    Returns False if ``skip_nonfinite`` skipped it, else True.
+    """
+    if opt.max_grad_norm is not None:
+        raise ValueError(f"{type(opt).__name__}(max_grad_norm=...) clips dense gradients only: "
+                         "a SparseRows gradient's norm is not formed (clip its values, or "
+                         "pass it dense)")
     opt._check_groups()
     grads = opt._align(grads, sum(len(group["params"]) for group in opt.param_groups))
     rule = opt.rule
@@ -79,9 +86,10 @@ def step(opt, grads):
         # (the sparse values stay clear of every parameter and state buffer)
         opt._check_aliasing([g.values if isinstance(g, SparseRows) else g for g in grads])
         if not opt._run_plan(checked_grads, plan, also=values):
-            return
+            return False
         for index, gi, checked in rows:
             _step_rows(opt, index, params[index], grads[index], plans[index], checked)
+        return True
     finally:
         for index in dense:
             if index in scratch:

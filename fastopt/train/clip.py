@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import _fastpath
 from .. import _validation as V
+from ..optim.guards import norm_pass as _stats
 
 __all__ = ["clip_grad_norm", "clip_grad_value", "grad_norm"]
 
@@ -33,27 +34,6 @@ def _as_list(grads, writeable):
     if writeable:
         V.check_distinct_params(list(zip((n for n, g in named if g is not None), arrays)))
     return arrays
-
-
-def _stats(arrays):
-    ws = _fastpath.Workspace()
-    ws.fill(arrays, arrays, ())
-    sumsq, nonfinite = _fastpath.grad_stats(ws)
-    norm = math.sqrt(sumsq)
-    if math.isinf(norm) and not nonfinite:
-        norm = _scaled_norm(arrays)
-    return ws, norm, nonfinite
-
-
-def _scaled_norm(arrays):
-    """The norm of finite arrays whose sum of squares overflows a double.
-
-    Squares of |g| > ~1.3e154 overflow; dividing by the largest magnitude
-    first keeps every square <= 1. Rare, so plain NumPy (with temporaries).
-    """
-    top = max(float(np.max(np.abs(a))) for a in arrays if a.size)
-    total = math.fsum(float(np.sum(np.square(np.asarray(a, np.float64) / top))) for a in arrays)
-    return top * math.sqrt(total)  # inf only if the norm itself exceeds float64
 
 
 def grad_norm(grads):

@@ -57,6 +57,19 @@ cdef class Scalars:
         self.s.flush_denormals = flush_denormals
         self.s.one = 1.0  # (read by the kernels as a value the compiler cannot see)
 
+    def scaled(self, double factor):
+        """A copy whose kernels multiply every gradient by ``factor`` as well.
+
+        Gradient clipping's coefficient, folded into the sign the kernels
+        already multiply by: for grad_scale 1 the product is exact, so the
+        kernel's ``g * coef`` rounds once, as torch's ``grad.mul_(coef)``.
+        """
+        cdef Scalars out = Scalars.__new__(Scalars)
+        out.rule = self.rule
+        out.s = self.s
+        out.s.sign = self.s.sign * factor
+        return out
+
     def values(self, Py_ssize_t step=1, bint first_step=False):
         """The scalars a kernel would get at ``step`` (for tests and debugging)."""
         cdef StepScalars s = self.s
@@ -148,6 +161,14 @@ def axpy(Workspace ws, double a):
     memset(&s, 0, sizeof(s))
     s.lr = a
     ws.run(RULE_AXPY, &s, 0, False)
+
+
+def ema(Workspace ws, double weight):
+    """p = lerp(p, g, weight) over a loaded workspace (p: the averages, g: the params)."""
+    cdef StepScalars s
+    memset(&s, 0, sizeof(s))
+    s.lr = weight
+    ws.run(RULE_EMA, &s, 0, False)
 
 
 def scale(Workspace ws, double a):

@@ -48,7 +48,8 @@ _common.pxd; docs/adding_a_rule.rst lists the Python side.
 import pathlib
 
 # (name, file in src_c/rules/, cost). Optimizer rules first, then the passes
-# (bandwidth probe, gradient accumulation, clipping) that share the runner.
+# (bandwidth probe, gradient accumulation, clipping, the weight average) that share
+# the runner.
 RULES = (
     ("sgd", "sgd", 1),
     ("adagrad", "adagrad", 4),
@@ -68,6 +69,7 @@ RULES = (
     ("stream", "passes", 2),
     ("axpy", "passes", 1),
     ("scale", "passes", 1),
+    ("ema", "passes", 1),
 )
 
 # The reducing rules -> how many sums per parameter their pass 0 adds up
