@@ -70,7 +70,8 @@ extensions = [
         [f"src_c/_kernels_{level}.pyx"],
         extra_compile_args=BASE_FLAGS + OPENMP + ISA_FLAGS[level],
         extra_link_args=OPENMP_LINK,
-        include_dirs=COMMON["include_dirs"],
+        # src_c: pool.h, the thread pool the compute layer's loops run on.
+        include_dirs=COMMON["include_dirs"] + ["src_c"],
         # Recorded in the module, for fastopt.show_config().
         define_macros=COMMON["define_macros"] + [
             ("FASTOPT_ISA", f'"{level}"'),

@@ -109,9 +109,15 @@ def config():
         "num_threads": get_num_threads(),
         "openmp": info["openmp"],
         "omp_max_threads": info["omp_max_threads"],
+        "thread_pool": info["thread_pool"],
         "compiler": info["compiler"],
         "flags": info["flags"],
     }
+
+
+def pool_stats():
+    """The active level's thread pool: jobs, jobs run in parallel, stalls (pool.h)."""
+    return _active["module"].pool_stats()
 
 
 def show_config():

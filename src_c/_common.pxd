@@ -97,6 +97,13 @@ cdef struct Slot:
     char* master
     bint stochastic
     unsigned long long round_key
+    # The step guard ema_decay fused into the update (a plain float32/float64
+    # slot only): avg, an array like p, moves towards the updated p by
+    # avg_weight = 1 - decay, block by block right after the rule, while p is
+    # still in the cache. NULL: no average here (the optimizer may run its
+    # own pass).
+    char* avg
+    double avg_weight
 
 
 # The compute layer's entries. runner: run `rule` over `count` slots, splitting

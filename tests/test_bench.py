@@ -743,3 +743,37 @@ def test_plot_draws_half_cases_in_their_own_style(monkeypatch, tmp_path):
     assert {line.get_linestyle() for line in adam.get_lines()} == {"-", ":", "-."}
     labels = [t.get_text() for t in figures[0].axes[1].get_yticklabels()]
     assert labels == ["adam bf16\n200 x 16..4096"]
+
+
+# ------------------------------------------------------------ bench --guards
+
+def test_guards_bench_checks_then_times_every_implementation():
+    from fastopt._cli import bench_guards
+    res = bench_guards.run_case("3000", [1000, 2000], budget_s=0.01, with_torch=HAVE_TORCH)
+    names = ["step", "clip", "clip+ema"] + (["torch clip", "torch clip+ema"] if HAVE_TORCH else [])
+    assert list(res["median_s"]) == names
+    assert all(t > 0 for t in res["median_s"].values()) and res["elements"] == 3000
+    table = bench_guards.format_table([res])
+    assert "clip+ema / step" in table and "3000" in table
+
+
+def test_guards_bench_refuses_a_result_off_the_reference():
+    from fastopt._cli import bench_guards
+    want = [np.linspace(-1, 1, 100_000)]
+    off = [want[0].copy()]
+    off[0][10] += 1e-3                                  # one element: fastopt allows none
+    with pytest.raises(AssertionError, match="clip: parameters"):
+        bench_guards._check("clip", off, want, "parameters")
+    bench_guards._check("torch clip", off, want, "parameters")  # torch: a few sign flips
+    off[0][:] += 1e-3                                   # all of them: nobody may
+    with pytest.raises(AssertionError, match="torch clip"):
+        bench_guards._check("torch clip", off, want, "parameters")
+
+
+def test_guards_bench_cli_writes_its_json(tmp_path, monkeypatch):
+    from fastopt._cli import bench_guards
+    monkeypatch.setattr(bench_guards, "cases", lambda: [("2000", [2000])])
+    path = tmp_path / "g.json"
+    assert main(["bench", "--guards", "--quick", "--no-torch", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["results"][0]["case"] == "2000"

@@ -233,6 +233,112 @@ def test_a_bad_average_in_the_state_fails_the_step_before_anything_changes():
     assert np.array_equal(p, before[0]) and int(opt.state[0]["step"]) == 1
 
 
+def _warm(n_params=4, steps=3):
+    """An Adam with ema_decay past its first steps: the averages' checks are cached."""
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal(5) for _ in range(n_params)]
+    opt = fastopt.Adam(params, lr=0.1, max_grad_norm=1.0, ema_decay=0.9)
+    grads = [rng.standard_normal(5) for _ in range(n_params)]
+    for _ in range(steps):
+        opt.step(grads)
+    assert opt.__dict__.get("_ema_cache") is not None  # the path under test
+    return opt, params, grads
+
+
+def _unchanged(opt, params, action, error, match):
+    before = ([p.copy() for p in params], [a.copy() for a in opt.ema_params()],
+              [int(opt.state[i]["step"]) for i in range(len(params))])
+    with pytest.raises(error, match=match):
+        action()
+    assert all(np.array_equal(a, b) for a, b in zip(params, before[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(opt.ema_params(), before[1]))
+    assert [int(opt.state[i]["step"]) for i in range(len(params))] == before[2]
+
+
+def test_a_gradient_sharing_an_average_is_refused_on_a_cached_step():
+    opt, params, grads = _warm()
+    alias = list(grads)
+    alias[2] = opt.ema_params()[0]   # the average the step writes
+    _unchanged(opt, params, lambda: opt.step(alias), ValueError, "shares memory")
+
+
+def test_an_average_swapped_for_a_view_of_a_parameter_is_refused():
+    opt, params, grads = _warm()
+    opt.state[1][guards.EMA] = params[3]   # an edit: the cache is not trusted
+    _unchanged(opt, params, lambda: opt.step(grads), ValueError, "shares memory")
+
+
+def test_a_replaced_parameter_is_averaged_from_its_new_memory():
+    opt, params, grads = _warm()
+    fresh = np.full(5, 7.0)
+    opt.param_groups[0]["params"][0] = fresh   # not a state edit: the identity check sees it
+    avg = opt.ema_params()[0].copy()
+    opt.step(grads)
+    assert np.allclose(opt.ema_params()[0], avg + 0.1 * (fresh - avg))
+
+
+@pytest.mark.parametrize("copy", ["deepcopy", "load_state_dict"])
+def test_a_copy_or_a_reload_averages_as_the_original(copy):
+    import copy as copy_module
+    opt, params, grads = _warm()
+    if copy == "deepcopy":
+        other = copy_module.deepcopy(opt)
+        other_params = [p for g in other.param_groups for p in g["params"]]
+    else:
+        other_params = [p.copy() for p in params]
+        other = fastopt.Adam(other_params, lr=0.1, max_grad_norm=1.0, ema_decay=0.9)
+        other.load_state_dict(copy_module.deepcopy(opt.state_dict()))
+    for _ in range(2):
+        opt.step(grads)
+        other.step(grads)
+    for a, b in zip(opt.ema_params() + params, other.ema_params() + other_params):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cls, kwargs", [(fastopt.Adam, {"weight_decay": 0.1}),
+                                         (fastopt.SGD, {"momentum": 0.9}),
+                                         (fastopt.Lamb, {}), (fastopt.Adafactor, {})],
+                         ids=["adam", "sgd", "lamb-reducing", "adafactor-slotwise"])
+def test_the_average_fused_into_the_update_has_the_bits_of_its_own_pass(
+        cls, kwargs, threads, monkeypatch):
+    """From the third step the kernels move each block of an average right after
+    the block of the update (Slot.avg; a reducing or slotwise rule in a pass
+    after it): the same bits as the separate pass, at any thread count."""
+    from fastopt.optim.optimizer import Optimizer
+    rng = np.random.default_rng(3)
+    shapes = [(100_003,), (37, 29), (4096,), (1,)]     # odd sizes, past a 2048 block
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(5)]
+    fused_calls = []
+    real = Optimizer._fuse_averages
+
+    def recording(self, plan):
+        if not getattr(self, "_record", False):
+            return ()   # the reference: the averages in their own pass
+        out = real(self, plan)
+        fused_calls.append(bool(out))
+        return out
+
+    monkeypatch.setattr(Optimizer, "_fuse_averages", recording)
+    before = fastopt.get_num_threads()
+    fastopt.set_num_threads(threads)
+    try:
+        results = []
+        for record in (True, False):
+            params = [p.copy() for p in start]
+            opt = cls(params, lr=1e-2, max_grad_norm=5.0, ema_decay=0.9, **kwargs)
+            object.__setattr__(opt, "_record", record)
+            for g in grads:
+                opt.step(g)
+            results.append(params + [a.copy() for a in opt.ema_params()])
+    finally:
+        fastopt.set_num_threads(before)
+    assert fused_calls[2:] == [True] * 3, fused_calls   # steps 3-5 fused
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 def test_ema_params_without_ema_decay_is_an_error():
     with pytest.raises(ValueError, match="ema_decay"):
         fastopt.SGD([np.zeros(2)], lr=0.1).ema_params()

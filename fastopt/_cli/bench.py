@@ -58,8 +58,9 @@ import fastopt
 
 from .. import _dispatch, _fastpath, _plotting, _precision
 from ..optim import OPTIMIZERS
-from . import bench_torch
-from .measure import SPREAD_LIMIT, block_spread, fmt_ratio as _fmt_ratio, header
+from . import bench_guards, bench_torch
+from .measure import (MANY_LARGE, MANY_SMALL, SPREAD_LIMIT, block_spread, fmt_ratio as _fmt_ratio,
+                      header, model_shapes, model_sizes)
 
 def _case_rule(cls_name, options):
     """``(class name, options, memory streams per element, arrays)`` of a bench rule.
@@ -174,8 +175,6 @@ def traffic(rule, label, shape=None):
     return read + written, p + g + master + used * state
 
 
-MANY_SMALL = "200 x 16..4096"
-MANY_LARGE = "200 x 64..262144"
 #: one matrix: the case of a rule whose state is factored over rows and
 #: columns (Adafactor), timed beside its vectors
 MATRIX = "1000x1000"
@@ -272,28 +271,6 @@ MARKS = [
     ("-", "not measured (torch not installed or not used) or not meaningful (% bound of a "
           "cache-resident case)"),
 ]
-
-
-def model_shapes(label):
-    """Array shapes of a case: one matrix "RxC", else those of model_sizes."""
-    if "x" in label and " " not in label:
-        return [tuple(int(d) for d in label.split("x"))]
-    return [(n,) for n in model_sizes(label)]
-
-
-def model_sizes(label):
-    """Array sizes of a case: one array of n ("1e5"), one matrix ("1000x1000": its size),
-    or 200 log-uniform sizes (seed 0)."""
-    if "x" in label and " " not in label:
-        return [int(np.prod(model_shapes(label)[0]))]
-    if label == MANY_SMALL:
-        lo, hi = 16, 4096
-    elif label == MANY_LARGE:
-        lo, hi = 64, 262144
-    else:
-        return [int(float(label))]
-    rng = np.random.default_rng(0)
-    return [int(x) for x in np.exp(rng.uniform(np.log(lo), np.log(hi), 200)).round()]
 
 
 def working_set_bytes(rule, dtype, n):
@@ -1397,6 +1374,10 @@ def make_parser():
     parser.add_argument("--torch", action="store_true",
                         help="only the torch comparison: fastopt.torch vs torch.optim on torch "
                              "models")
+    parser.add_argument("--guards", action="store_true",
+                        help="only the step guards: Adam with max_grad_norm and ema_decay "
+                             "against the bare step and torch's clip_grad_norm_ + fused step + "
+                             "AveragedModel (writes ./fastopt-bench-guards.json)")
     parser.add_argument("--cases", metavar="RULE:DTYPE:SIZE", nargs="+",
                         help="run only these cases, e.g. adam:float32:1e5 adam:bfloat16:1e5 "
                              "adam:f32+bf16:1e7 adafactor:float32:1000x1000 "
@@ -1436,6 +1417,8 @@ def run(argv=None):
     args = parser.parse_args(argv)
     if args.torch:
         return bench_torch.run_cli(args)
+    if args.guards:
+        return bench_guards.run_cli(args)
     llc, llc_source = last_level_cache()
     dram_bytes = CACHE_FACTOR * llc
     if args.cases:

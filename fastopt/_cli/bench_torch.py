@@ -12,12 +12,10 @@ rounding alone, whichever two implementations are compared.
 import importlib.util
 import json
 import os
-import statistics
 import sys
-import time
 
 from .. import _dispatch
-from .measure import SPREAD_LIMIT, block_spread, fmt_ratio, header
+from .measure import SPREAD_LIMIT, block_spread, fmt_ratio, header, rotating_medians
 
 CHECKED_STEPS = 10
 DEFAULT_JSON = "fastopt-bench-torch.json"
@@ -63,22 +61,6 @@ def _runner(torch, name, run):
     return on_one_thread
 
 
-def _time(runners, budget_s, block, blocks=None):
-    """Medians per step and the steps run; every block's time into ``blocks`` if given."""
-    times = {} if blocks is None else blocks
-    times.update({name: [] for name in runners})
-    deadline = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < 3 or time.perf_counter() < deadline:
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(block):
-                run()
-            times[name].append((time.perf_counter() - t0) / block)
-        rounds += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}, rounds * block
-
-
 def _warm_up_and_check(models, runners, what):
     for run in runners.values():
         for _ in range(CHECKED_STEPS):
@@ -122,7 +104,7 @@ def run_torch(budget_s=1.0, spreads=None):
         models[name], runners[name] = model, _runner(torch, name, opt.step)
     _warm_up_and_check(models, runners, "optimizer steps")
     blocks = {}
-    medians, _ = _time(runners, budget_s, block=5, blocks=blocks)
+    medians, _ = rotating_medians(runners, budget_s, block=5, blocks=blocks)
     n_tensors = len(list(base.parameters()))
     rows.append((f"optimizer step, {n_tensors} tensors", medians))
     _record_spreads(spreads, rows[-1][0], blocks)
@@ -142,7 +124,7 @@ def run_torch(budget_s=1.0, spreads=None):
         models[name], runners[name] = model, _runner(torch, name, train_step)
     _warm_up_and_check(models, runners, "training steps")
     blocks = {}
-    medians, _ = _time(runners, budget_s, block=5, blocks=blocks)
+    medians, _ = rotating_medians(runners, budget_s, block=5, blocks=blocks)
     rows.append(("training step, MLP 64-128-128-10, batch 256", medians))
     _record_spreads(spreads, rows[-1][0], blocks)
     return rows

@@ -6,11 +6,17 @@ Both benches import this module; neither imports the other's internals.
 """
 import os
 import platform
+import statistics
+import time
 
 import numpy as np
 
 from .. import _dispatch
 from .._version import __version__
+
+#: the many-array cases: 200 arrays of log-uniform sizes in these ranges
+MANY_SMALL = "200 x 16..4096"
+MANY_LARGE = "200 x 64..262144"
 
 # Block-time spread (interquartile range / median) beyond which a time is
 # unstable. On a quiet 2-core VM the spread stays below 0.15 for nearly every
@@ -77,3 +83,58 @@ def header(with_torch):
     return (f"fastopt {__version__} | SIMD {config['simd_level']} | threads "
             f"{config['num_threads']} (OpenMP {'on' if config['openmp'] else 'off'}) | "
             f"numpy {np.__version__} | {torch_part} | {machine}" + (f" ({name})" if name else ""))
+
+
+def rotating_medians(runners, budget_s, block, blocks=None):
+    """Time implementations side by side, in rotating rounds of blocks of steps.
+
+    Parameters
+    ----------
+    runners : dict
+        Implementation name -> a function taking one step.
+    budget_s : float
+        Seconds of rounds, after at least 3 of them.
+    block : int
+        Steps per block; a block's time / block is one sample.
+    blocks : dict, optional
+        Filled with name -> the per-step time of every block.
+
+    Returns
+    -------
+    (dict, int)
+        Name -> median seconds per step, and the steps each one ran.
+    """
+    times = {} if blocks is None else blocks
+    times.update({name: [] for name in runners})
+    deadline = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < 3 or time.perf_counter() < deadline:
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                run()
+            times[name].append((time.perf_counter() - t0) / block)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}, rounds * block
+
+
+def model_shapes(label):
+    """Array shapes of a case: one matrix "RxC", else those of model_sizes."""
+    if "x" in label and " " not in label:
+        return [tuple(int(d) for d in label.split("x"))]
+    return [(n,) for n in model_sizes(label)]
+
+
+def model_sizes(label):
+    """Array sizes of a case: one array of n ("1e5"), one matrix ("1000x1000": its size),
+    or 200 log-uniform sizes (seed 0)."""
+    if "x" in label and " " not in label:
+        return [int(np.prod(model_shapes(label)[0]))]
+    if label == MANY_SMALL:
+        lo, hi = 16, 4096
+    elif label == MANY_LARGE:
+        lo, hi = 64, 262144
+    else:
+        return [int(float(label))]
+    rng = np.random.default_rng(0)
+    return [int(x) for x in np.exp(rng.uniform(np.log(lo), np.log(hi), 200)).round()]

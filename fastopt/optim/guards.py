@@ -18,7 +18,11 @@ the extra work inside its step:
     gradient is written: unlike ``clip_grad_norm_``, the caller's gradients
     are left as they were. ``last_grad_norm`` is the norm before clipping.
 ``ema_decay``
-    After the update every parameter's average moves towards it,
+    After the update every parameter's average moves towards it (in the
+    same pass as the update, block by block while the parameter is in the
+    cache, when every group runs as one plain float32/float64 kernel call
+    and the averages' checks are cached; else in a pass of its own, which
+    gives the same bits),
     ``avg = lerp(avg, p, 1 - decay)`` (``get_ema_multi_avg_fn``); the first
     step makes it a copy (``AveragedModel``'s first ``update_parameters``).
     Every parameter of every group is averaged each step, with a gradient or
@@ -140,17 +144,34 @@ def average(avgs, params, decay, backend, keys=None, elements=None):
     """
     if not avgs:
         return
-    weight = 1.0 - decay
+    if backend == "numpy":
+        weight = 1.0 - decay
+        keys = _stream_keys(keys, len(avgs))
+        for a, p, key in zip(avgs, params, keys):
+            reference.ema(V.real_view(a), V.real_view(p), weight, key)
+        return
+    run_average(average_workspace(avgs, params, keys, elements), decay)
+
+
+def _stream_keys(keys, count):
+    return [None if k is None else _precision._splitmix64(k ^ _EMA_STREAM)
+            for k in (keys or [None] * count)]
+
+
+def average_workspace(avgs, params, keys=None, elements=None):
+    """The averaging pass over ``avgs`` and ``params`` (see :func:`average`), loaded
+    for :func:`run_average`; the averages are its protected spans, for
+    ``_fastpath.averages_clear``. It holds raw pointers: keep the arrays alive."""
     avgs = [V.real_view(a) for a in avgs]
     params = [V.real_view(p) for p in params]
     elements = elements or [_precision.element(p.dtype) for p in params]
-    keys = [None if k is None else _precision._splitmix64(k ^ _EMA_STREAM)
-            for k in (keys or [None] * len(avgs))]
-    if backend == "numpy":
-        for a, p, key in zip(avgs, params, keys):
-            reference.ema(a, p, weight, key)
-        return
     kinds = [_precision.Precision().kind(e) for e in elements]
     ws = _fastpath.Workspace()
-    ws.fill(avgs, params, (), kinds, None, keys)
-    _fastpath.ema(ws, weight)
+    ws.fill(avgs, params, (), kinds, None, _stream_keys(keys, len(avgs)))
+    ws.protect_arrays(avgs)
+    return ws
+
+
+def run_average(ws, decay):
+    """One averaging pass over a workspace of :func:`average_workspace`."""
+    _fastpath.ema(ws, 1.0 - decay)

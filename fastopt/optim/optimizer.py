@@ -12,6 +12,7 @@ kernels run, so a step that raises has modified no parameter and no state.
 import contextlib
 import inspect
 import numbers
+import operator
 
 import numpy as np
 
@@ -530,7 +531,7 @@ class Optimizer:
         """
         coef = 1.0
         if self.ema_decay is not None:
-            self._check_averages(grads)
+            self._check_averages(grads, all(entry[3] for entry in plan))
         if self.skip_nonfinite or self.max_grad_norm is not None:
             norm, nonfinite = guards.grad_norm([g for g in grads if g is not None] + list(also))
             if self.max_grad_norm is not None:
@@ -539,7 +540,41 @@ class Optimizer:
             if nonfinite and self.skip_nonfinite:
                 self.skipped_steps += 1
                 return False
-        # Everything is valid: from here on nothing raises.
+        # Everything is valid: from here on nothing raises. (A sparse-row step
+        # updates its rows after this: its averages wait for _average.)
+        fused = () if also else self._fuse_averages(plan)
+        try:
+            self._run_groups(grads, plan, coef)
+        finally:
+            for gi in fused:
+                self._workspaces[gi].clear_averages()
+        if fused:
+            object.__setattr__(self, "_ema_ready", None)  # done: _average has nothing left
+            object.__setattr__(self, "_ema_fused", True)
+        return True
+
+    def _fuse_averages(self, plan):
+        """Hand the averages to the kernels (``Slot.avg``), when ``_check_averages``
+        cleared them and every group runs as one plain float32/float64 kernel
+        call: then each block of a parameter's average moves right after the
+        block of the update, while it is in the cache. All groups or none (a
+        half-fused step would average some parameters twice); returns the
+        groups' indices."""
+        ready = self.__dict__.get("_ema_ready")
+        if (ready is None or self.flush_denormals or self.backend != "cython"
+                or not all(entry[3] for entry in plan)):
+            return ()
+        avgs, weight, done = ready[1], 1.0 - self.ema_decay, []
+        for gi, (_, start, stop, _, _) in enumerate(plan):
+            if not self._workspaces[gi].set_averages(avgs[start:stop], weight):
+                for other in done:
+                    self._workspaces[other].clear_averages()
+                return ()
+            done.append(gi)
+        return done
+
+    def _run_groups(self, grads, plan, coef):
+        """Every group's kernels (``_run_plan``'s second half: all is validated)."""
         rule = self.rule
         for gi, (checked, start, stop, gathered, step) in enumerate(plan):
             scalars = checked.scalars if coef == 1.0 else checked.scalars.scaled(coef)
@@ -553,22 +588,59 @@ class Optimizer:
             else:
                 self._step_group(self.param_groups[gi]["params"], grads, start, stop, checked,
                                  scalars, coef)
-        return True
 
-    def _check_averages(self, grads):
+    def _check_averages(self, grads, gathered=False):
         """Every parameter's weight average, if it has one, before a step runs (the
-        averaging pass touches every parameter, stepped or not)."""
+        averaging pass touches every parameter, stepped or not).
+
+        ``gathered``: every group's workspace was loaded by this step's plan.
+        Then, while the state reports no edit and the parameters are the same
+        objects as at the last full check, the averages are known good and
+        only their overlaps with this step's arrays are checked, in C; the
+        averaging pass's workspace is reused (``_ema_ready``: it and the
+        averages in parameter order).
+        """
+        object.__setattr__(self, "_ema_ready", None)
+        params = self._flat_params()
+        cache = self.__dict__.get("_ema_cache")
+        if (gathered and cache is not None and cache[0] is self.state
+                and cache[1] == self.state.version and len(cache[2]) == len(params)
+                and all(map(operator.is_, cache[2], params))
+                and _fastpath.averages_clear(cache[3], self._workspaces, len(self.param_groups))):
+            object.__setattr__(self, "_ema_ready", (cache[3], cache[4]))
+            return
+        object.__setattr__(self, "_ema_cache", None)
         names = self._flat_names()
-        for index, p in enumerate(self._flat_params()):
+        avgs = []
+        for index, p in enumerate(params):
             state = self.state.get(index)
             avg = state.get(guards.EMA) if isinstance(state, dict) else None
             if avg is not None:
                 p_label, _ = self._labels(index, None if names is None else names[index])
                 guards.check_average(f"state[{index}][{guards.EMA!r}]", avg, p_label, p)
+            avgs.append(avg)
         self._check_aliasing(grads)  # (the fast path's C check knows no averages)
+        # Every average there and rounded to nearest (no per-step keys): the
+        # pass can be loaded once and reused while nothing changes.
+        if (self.backend == "cython" and params and all(a is not None for a in avgs)
+                and not (self.precision.stochastic_rounding
+                         and any(p.dtype.itemsize == 2 for p in params))):
+            ws = guards.average_workspace(avgs, params)
+            # (state, its version, the params, the pass, the averages it points into)
+            object.__setattr__(self, "_ema_cache",
+                               (self.state, self.state.version, list(params), ws, avgs))
+            object.__setattr__(self, "_ema_ready", (ws, avgs))
 
     def _average(self):
         """The weight average's pass over every parameter: a copy on its first step."""
+        if self.__dict__.get("_ema_fused"):
+            object.__setattr__(self, "_ema_fused", False)  # the kernels moved them
+            return
+        ready = self.__dict__.get("_ema_ready")
+        if ready is not None:
+            object.__setattr__(self, "_ema_ready", None)
+            guards.run_average(ready[0], self.ema_decay)
+            return
         avgs, params, keys = [], [], []
         precision = self.precision
         for index, p in enumerate(self._flat_params()):
@@ -804,6 +876,9 @@ class Optimizer:
         state = dict(self.__dict__)
         del state["_lock"]  # locks do not pickle; a copy gets its own
         del state["_fast"]  # bound to this optimizer's objects
+        state.pop("_ema_cache", None)  # raw pointers into this optimizer's arrays
+        state.pop("_ema_ready", None)
+        state.pop("_ema_fused", None)
         return state
 
     def __setstate__(self, state):

@@ -112,3 +112,41 @@ cdef bint guard_clear(Guard guard, list workspaces, Py_ssize_t ngroups) except -
                 return False
         ws.grads_clear = True
     return True
+
+
+def averages_clear(Workspace averages, list workspaces, Py_ssize_t ngroups):
+    """Whether a step's weight averages are apart from everything else it touches.
+
+    ``averages`` holds the averages as its protected spans (protect_arrays);
+    ``workspaces`` are the step's gathered groups. True when no two averages
+    overlap and none overlaps a parameter, a state buffer or a gradient of
+    those groups (each a binary search in the sorted averages). False means
+    that Python must find and name the overlap. Sorts ``averages``' spans in
+    place (they are a set).
+    """
+    cdef Py_ssize_t gi, k
+    cdef Workspace ws
+    cdef Slot* slot
+    cdef Guard sorted_averages = Guard()
+    qsort(averages.protect, averages.nprotect, sizeof(Span), span_order)
+    for k in range(1, averages.nprotect):
+        if averages.protect[k].start < averages.protect[k - 1].end:
+            return False
+    # A Guard over the averages' spans alone (borrowed: the Guard frees only
+    # what it allocated, and this one is emptied before it goes).
+    sorted_averages.spans = averages.protect
+    sorted_averages.count = averages.nprotect
+    try:
+        for gi in range(ngroups):
+            ws = <Workspace>workspaces[gi]
+            for k in range(ws.nprotect):
+                if not sorted_averages.clear_of(ws.protect[k].start, ws.protect[k].end):
+                    return False
+            for k in range(ws.count):
+                slot = &ws.slots[k]
+                if not sorted_averages.clear_of(slot.g, slot.g + slot.size * P_ITEMSIZE[slot.storage]):
+                    return False
+        return True
+    finally:
+        sorted_averages.spans = NULL
+        sorted_averages.count = 0

@@ -231,6 +231,7 @@ cdef class RowPlan:
             slot.master = NULL
             slot.stochastic = False
             slot.round_key = 0
+            slot.avg = NULL
             ws.total += width
         ws.count = self.distinct
 

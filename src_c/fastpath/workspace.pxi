@@ -61,6 +61,32 @@ cdef class Workspace:
             self.protect[self.nprotect].end = end
             self.nprotect += 1
 
+    def set_averages(self, list avgs, double weight):
+        """Fuse the weight average into the next runs: slot k's average is avgs[k].
+
+        The averages are validated arrays like their parameters, apart from
+        every array of the step (fastopt/optim/optimizer.py checks). Returns
+        False, changing nothing, unless there is one per slot and every slot
+        is plain float32/float64 (a staged kind keeps its own pass).
+        """
+        cdef Py_ssize_t k
+        if len(avgs) != self.count:
+            return False
+        for k in range(self.count):
+            if (self.slots[k].storage != STORAGE_F32 and self.slots[k].storage != STORAGE_F64
+                    or elements(<cnp.ndarray>avgs[k]) != self.slots[k].size):
+                return False
+        for k in range(self.count):
+            self.slots[k].avg = <char*>cnp.PyArray_DATA(<cnp.ndarray>avgs[k])
+            self.slots[k].avg_weight = weight
+        return True
+
+    def clear_averages(self):
+        """Undo set_averages: the slots hold no average pointers."""
+        cdef Py_ssize_t k
+        for k in range(self.count):
+            self.slots[k].avg = NULL
+
     def __reduce__(self):
         # Scratch space only: a copy (deepcopy, pickle) starts empty.
         return (Workspace, ())
@@ -93,6 +119,7 @@ cdef class Workspace:
         slot.master = NULL
         slot.stochastic = False
         slot.round_key = 0
+        slot.avg = NULL
         self.total += slot.size
         self.count += 1
 
