@@ -308,6 +308,15 @@ class _FastoptStep:
         hyper.update(self._fixed)
         return hyper
 
+    #: what a copy (deepcopy, pickle) carries besides torch's defaults, state and
+    #: param_groups: the precision options and the step guards
+    _FASTOPT_ATTRS = ("_fastopt_options", "max_grad_norm", "ema_decay", "last_grad_norm")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._FASTOPT_ATTRS if k in self.__dict__})
+        return state
+
     @property
     def _fastopt_precision(self):
         """The half-precision options (fastopt/_precision.py) this optimizer was made with."""

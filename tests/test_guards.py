@@ -462,3 +462,30 @@ def test_fastopt_torch_guards_on_strided_params():
         b.step()
     assert torch.equal(p.detach(), q.detach())
     assert torch.equal(a.ema_params()[0], b.ema_params()[0])
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_fastopt_torch_copies_keep_the_guards_and_the_precision(how):
+    """torch's Optimizer.__getstate__ keeps defaults, state and param_groups only:
+    fastopt.torch's copies also carry its options, so a copy steps as the original."""
+    import copy
+    import pickle
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16))]
+    params[0].grad = torch.randn(5, dtype=torch.bfloat16) * 10
+    opt = ft.Adam(params, lr=0.1, max_grad_norm=1.0, ema_decay=0.9, state_dtype="float32")
+    opt.step()
+    opt.step()
+    other = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert (other.max_grad_norm, other.ema_decay, other.last_grad_norm) == (
+        1.0, 0.9, opt.last_grad_norm)
+    assert other._fastopt_precision == opt._fastopt_precision
+    copied = [p for g in other.param_groups for p in g["params"]]
+    copied[0].grad = params[0].grad.clone()
+    opt.step()
+    other.step()
+    assert torch.equal(copied[0], params[0])
+    assert torch.equal(other.ema_params()[0], opt.ema_params()[0])
+    assert other.state[copied[0]]["exp_avg"].dtype == torch.float32
