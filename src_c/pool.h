@@ -150,10 +150,11 @@ static Py_ssize_t fastopt_pool_claim(uint32_t gen, double *fastest) {
 static void *fastopt_pool_worker(void *arg) {
     int id = (int)(intptr_t)arg;
     uint32_t seen = FASTOPT_GEN(__atomic_load_n(&fastopt_pool.word, __ATOMIC_ACQUIRE));
+    int spin = FASTOPT_POOL_SPIN;
     for (;;) {
         int i;
         uint32_t gen = seen;
-        for (i = 0; i < FASTOPT_POOL_SPIN && gen == seen; i++) {
+        for (i = 0; i < spin && gen == seen; i++) {
             /* Past the first spins, give the core away at each turn: when
                cores are oversubscribed this worker may share one with the
                caller, and a plain spin would keep the caller off its core. */
@@ -175,8 +176,12 @@ static void *fastopt_pool_worker(void *arg) {
         seen = gen;
         /* A stale limit (from a later job) only makes this worker skip or
            try a generation whose chunks its claim then refuses. */
-        if (id < __atomic_load_n(&fastopt_pool.limit, __ATOMIC_ACQUIRE))
+        if (id < __atomic_load_n(&fastopt_pool.limit, __ATOMIC_ACQUIRE)) {
             fastopt_pool_claim(gen, NULL);
+            spin = FASTOPT_POOL_SPIN;
+        } else {
+            spin = 0;   /* not taking part (fewer threads now): back to sleep at once */
+        }
     }
     return NULL;
 }
@@ -211,9 +216,15 @@ static int fastopt_pool_grow(int n) {
         if (pthread_atfork(NULL, NULL, fastopt_pool_after_fork) != 0) return fastopt_pool.workers;
         fastopt_pool.atfork = 1;
     }
-    /* Workers take no signals: Python handles them on the main thread. */
+    /* Workers take no asynchronous signals: Python handles them on the main
+       thread. A fault in a worker (SIGSEGV, SIGBUS, SIGFPE, SIGILL) still
+       reaches it, so that faulthandler can report it. */
     sigset_t all, saved;
     sigfillset(&all);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
     pthread_sigmask(SIG_SETMASK, &all, &saved);
     pthread_attr_t attr;
     pthread_attr_init(&attr);

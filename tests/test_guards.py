@@ -268,6 +268,39 @@ def test_an_average_swapped_for_a_view_of_a_parameter_is_refused():
     _unchanged(opt, params, lambda: opt.step(grads), ValueError, "shares memory")
 
 
+def _read_only(a):
+    a.flags.writeable = False
+
+
+def _reshaped(a):
+    a.shape = (5, 1)
+
+
+def _retyped(a):
+    a.dtype = np.int64
+
+
+@pytest.mark.parametrize("edit", [_read_only, _reshaped, _retyped],
+                         ids=["read-only", "reshaped", "retyped"])
+def test_an_average_changed_in_place_is_refused_on_a_cached_step(edit):
+    """An array can change without an edit of the state: the cached step sees it too."""
+    opt, params, grads = _warm()
+    edit(opt.state[0][guards.EMA])
+    before = [p.copy() for p in params]
+    with pytest.raises((TypeError, ValueError), match=r"state\[0\]\['ema_param'\]"):
+        opt.step(grads)
+    assert all(np.array_equal(a, b) for a, b in zip(params, before))
+
+
+def test_after_switching_to_the_numpy_backend_the_averages_are_numpys(monkeypatch):
+    opt, params, grads = _warm()
+    opt.backend = "numpy"
+    calls = []
+    monkeypatch.setattr(guards, "run_average", lambda *a: calls.append(a))
+    opt.step(grads)
+    assert calls == []   # the cached C pass is not used
+
+
 def test_a_replaced_parameter_is_averaged_from_its_new_memory():
     opt, params, grads = _warm()
     fresh = np.full(5, 7.0)

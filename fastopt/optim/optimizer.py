@@ -603,10 +603,11 @@ class Optimizer:
         object.__setattr__(self, "_ema_ready", None)
         params = self._flat_params()
         cache = self.__dict__.get("_ema_cache")
-        if (gathered and cache is not None and cache[0] is self.state
-                and cache[1] == self.state.version and len(cache[2]) == len(params)
-                and all(map(operator.is_, cache[2], params))
-                and _fastpath.averages_clear(cache[3], self._workspaces, len(self.param_groups))):
+        if (gathered and self.backend == "cython" and cache is not None
+                and cache[0] is self.state and cache[1] == self.state.version
+                and len(cache[2]) == len(params) and all(map(operator.is_, cache[2], params))
+                and _fastpath.averages_clear(cache[3], cache[4], cache[2], self._workspaces,
+                                             len(self.param_groups))):
             object.__setattr__(self, "_ema_ready", (cache[3], cache[4]))
             return
         object.__setattr__(self, "_ema_cache", None)

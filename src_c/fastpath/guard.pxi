@@ -114,20 +114,39 @@ cdef bint guard_clear(Guard guard, list workspaces, Py_ssize_t ngroups) except -
     return True
 
 
-def averages_clear(Workspace averages, list workspaces, Py_ssize_t ngroups):
-    """Whether a step's weight averages are apart from everything else it touches.
+def averages_clear(Workspace averages, list avgs, list params, list workspaces,
+                   Py_ssize_t ngroups):
+    """Whether a step's weight averages are still those ``averages`` was loaded
+    with, and apart from everything else the step touches.
 
-    ``averages`` holds the averages as its protected spans (protect_arrays);
-    ``workspaces`` are the step's gathered groups. True when no two averages
-    overlap and none overlaps a parameter, a state buffer or a gradient of
-    those groups (each a binary search in the sorted averages). False means
-    that Python must find and name the overlap. Sorts ``averages``' spans in
-    place (they are a set).
+    ``averages``: the averaging pass (slot k: avgs[k] moved towards
+    params[k]), with the averages as its protected spans (protect_arrays);
+    ``workspaces``: the step's gathered groups. True when every average and
+    parameter is the same usable memory as when the pass was loaded (an
+    array can be made read-only, reshaped, retyped or resized in place
+    without an edit of the state), no two averages overlap, and none
+    overlaps a parameter, a state buffer or a gradient of those groups (each
+    a binary search in the sorted averages). False means that Python must
+    check everything again and name what is wrong. Sorts ``averages``' spans
+    in place (they are a set).
     """
     cdef Py_ssize_t gi, k
     cdef Workspace ws
     cdef Slot* slot
+    cdef cnp.ndarray a, p
     cdef Guard sorted_averages = Guard()
+    if len(avgs) != averages.count or len(params) != averages.count:
+        return False
+    for k in range(averages.count):
+        slot = &averages.slots[k]
+        if not usable(avgs[k], True) or not usable(params[k], True):
+            return False
+        a = <cnp.ndarray>avgs[k]
+        p = <cnp.ndarray>params[k]
+        if (<char*>cnp.PyArray_DATA(a) != slot.p or <char*>cnp.PyArray_DATA(p) != slot.g
+                or elements(a) != slot.size or storage_of(cnp.PyArray_TYPE(p)) != slot.storage
+                or not same_layout(a, p)):
+            return False
     qsort(averages.protect, averages.nprotect, sizeof(Span), span_order)
     for k in range(1, averages.nprotect):
         if averages.protect[k].start < averages.protect[k - 1].end:
