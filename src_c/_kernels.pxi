@@ -92,15 +92,20 @@ ctypedef fused floating:
 # for Adam, 16k for SGD with momentum and 32k for plain SGD.
 cdef Py_ssize_t parallel_min_work = 32768
 
-# Chunks: about CHUNKS_PER_THREAD per thread, so that a thread the OS
-# deschedules holds back little work, and at least MIN_CHUNK_WORK work units
-# each, so that claiming one costs little next to running it. Chunk edges fall
-# on multiples of 16 elements (64 bytes of float32): two threads rarely write
-# the same cache line.
+# Chunks: up to chunks_per_thread per thread, and at least min_chunk_work
+# work units each (set_chunking changes both). More chunks than threads let a
+# thread that runs late do less than its share; few and large ones keep the
+# claims (a compare-and-swap on a line two cores write) and the uneven end
+# cheap: measured side by side on 2 cores, 16 chunks of 16k units cost Adam
+# at 1e5 elements about 7% against 4 of 64k, and bench/contention.py gives
+# the same tail under a hog either way (a stall costs an OS time slice,
+# whatever the chunk). The count is a multiple of the threads, so that
+# threads running alike end together. Chunk edges fall on multiples of 16
+# elements (64 bytes of float32): two threads rarely write the same cache line.
 cdef enum:
     SPLIT_ALIGN = 16
-    CHUNKS_PER_THREAD = 16
-    MIN_CHUNK_WORK = 16384
+cdef Py_ssize_t chunks_per_thread = 4
+cdef Py_ssize_t min_chunk_work = 65536
 
 # Fixed-order sums (the gradient statistics, the reducing rules' pass 0): the
 # elements are cut into blocks of STATS_BLOCK, each summed in double with
@@ -261,18 +266,26 @@ cdef int step_threads(int rule, Py_ssize_t total, int max_threads) noexcept nogi
     return threads
 
 
+cdef Py_ssize_t chunk_count(Py_ssize_t work, int threads) noexcept nogil:
+    """Chunks for `work` units: a multiple of threads, up to chunks_per_thread
+    each while every chunk keeps min_chunk_work."""
+    cdef Py_ssize_t per_thread = work // (min_chunk_work * threads)
+    if per_thread > chunks_per_thread:
+        per_thread = chunks_per_thread
+    return threads * (per_thread if per_thread > 1 else 1)
+
+
 cdef Py_ssize_t element_grain(int rule, Py_ssize_t total, int threads) noexcept nogil:
-    """Elements per chunk (see CHUNKS_PER_THREAD)."""
-    cdef Py_ssize_t grain = total // (threads * CHUNKS_PER_THREAD)
-    if grain * RULE_COST[rule] < MIN_CHUNK_WORK:
-        grain = MIN_CHUNK_WORK // RULE_COST[rule]
+    """Elements per chunk (see chunks_per_thread), a multiple of SPLIT_ALIGN."""
+    cdef Py_ssize_t count = chunk_count(total * RULE_COST[rule], threads)
+    cdef Py_ssize_t grain = (total + count - 1) // count
     return (grain + SPLIT_ALIGN - 1) // SPLIT_ALIGN * SPLIT_ALIGN
 
 
 cdef Py_ssize_t block_grain(Py_ssize_t nblocks, int threads) noexcept nogil:
     """Blocks (of STATS_BLOCK elements) per chunk."""
-    cdef Py_ssize_t grain = nblocks // (threads * CHUNKS_PER_THREAD)
-    return grain if grain > 1 else 1
+    cdef Py_ssize_t count = chunk_count(nblocks * STATS_BLOCK, threads)
+    return (nblocks + count - 1) // count
 
 
 # A task of the pool: one job's items [lo, hi). Each sets the thread's
@@ -706,3 +719,14 @@ def set_parallel_min_work(Py_ssize_t work):
 
 def get_parallel_min_work():
     return parallel_min_work
+
+
+def set_chunking(Py_ssize_t per_thread, Py_ssize_t min_work):
+    """Chunks per thread (at most) and the least work (elements x rule cost) in one."""
+    global chunks_per_thread, min_chunk_work
+    chunks_per_thread = max(per_thread, 1)
+    min_chunk_work = max(min_work, 1)
+
+
+def get_chunking():
+    return chunks_per_thread, min_chunk_work

@@ -6,14 +6,19 @@
  * only when the hog's time slice ends, and a 25 us step takes 4-8 ms
  * (bench/contention.py measures it).
  *
- * Here the work is cut into more chunks than threads. A generation word
- * (gen:32 | nchunks:16 | next:16) is the whole protocol: the caller publishes
- * a job by storing a new word, and every thread - the caller included, which
- * starts at once - claims the next chunk with one compare-and-swap. The
- * caller waits only for chunks that were claimed: a worker that wakes after
- * the last chunk is gone finds the generation spent and goes back to sleep,
- * and nobody waited for it. A chunk's result never depends on who ran it, so
- * the bits are those of one thread.
+ * Here the work is cut into a few chunks per thread, and each thread taking
+ * part (the caller is share 0, worker i share i + 1) owns a contiguous share
+ * of them: the same share every step, so that what a thread wrote last step
+ * is still in its core's cache. Each share is one word on its own cache line,
+ * gen:32 | lo:16 | hi:16: its owner claims chunk lo from the front, and a
+ * thread done with its own share steals chunk hi - 1 from the back of the
+ * others', each with one compare-and-swap. The caller publishes a job by
+ * storing the shares and then the job word (gen:32 | nchunks:16 | parts:16),
+ * and starts at once; it waits only for chunks that were claimed: a worker
+ * that wakes late finds its share taken and goes back to sleep, and nobody
+ * waited for it. A claim names its generation, so a thread still looking at
+ * an old job can never take a chunk of a new one. A chunk's result never
+ * depends on who ran it, so the bits are those of one thread.
  *
  * Even so, a worker that the OS preempts in the middle of a chunk holds that
  * chunk for the other process's whole time slice (milliseconds), and Linux
@@ -83,13 +88,12 @@ static struct {
     pthread_mutex_t lock;          /* guards sleeping and waking */
     pthread_cond_t wake;           /* workers wait here for a job */
     pthread_cond_t finished;       /* the caller waits here for claimed chunks */
-    uint64_t word;                 /* gen:32 | nchunks:16 | next:16 (atomic) */
+    uint64_t word;                 /* gen:32 | nchunks:16 | parts:16 (atomic) */
     Py_ssize_t done;               /* chunks finished this generation (atomic) */
     int sleepers;                  /* workers asleep on `wake` (atomic) */
     int waiting;                   /* the caller is asleep on `finished` (atomic) */
     int busy;                      /* a job is running (atomic) */
     int workers;                   /* started; only the caller that holds busy starts more */
-    int limit;                     /* workers with an id below it take part */
     int atfork;                    /* the fork handler is registered */
     /* The caller that holds busy alone reads and writes these. */
     int backoff;                   /* serial jobs after the last stall */
@@ -101,9 +105,16 @@ static struct {
     Py_ssize_t total, grain;
 } fastopt_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
+/* The shares of the job: share s is chunks [lo, hi) (atomic), one cache
+   line each, so that claims in one share do not slow the others. */
+static struct {
+    uint64_t word;                 /* gen:32 | lo:16 | hi:16 */
+    char pad[64 - sizeof(uint64_t)];
+} fastopt_shares[FASTOPT_POOL_MAX_WORKERS + 1] __attribute__((aligned(64)));
+
 #define FASTOPT_GEN(w) ((uint32_t)((w) >> 32))
-#define FASTOPT_NCHUNKS(w) ((Py_ssize_t)(((w) >> 16) & 0xffff))
-#define FASTOPT_NEXT(w) ((Py_ssize_t)((w) & 0xffff))
+#define FASTOPT_HIGH(w) ((Py_ssize_t)(((w) >> 16) & 0xffff))   /* nchunks, or a share's lo */
+#define FASTOPT_LOW(w) ((Py_ssize_t)((w) & 0xffff))            /* parts, or a share's hi */
 
 static double fastopt_pool_now(void) {
     struct timespec t;
@@ -111,21 +122,40 @@ static double fastopt_pool_now(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* Claim and run chunks of generation gen until none is left; returns how many.
+/* Take one chunk of share s of generation gen: its owner from the front,
+   any other thread from the back. Returns the chunk, or -1 if none is left. */
+static Py_ssize_t fastopt_pool_take(int s, uint32_t gen, int owner) {
+    uint64_t *share = &fastopt_shares[s].word;
+    uint64_t w = __atomic_load_n(share, __ATOMIC_ACQUIRE);
+    for (;;) {
+        Py_ssize_t lo = FASTOPT_HIGH(w), hi = FASTOPT_LOW(w);
+        if (FASTOPT_GEN(w) != gen || lo >= hi)
+            return -1;
+        if (__atomic_compare_exchange_n(share, &w, owner ? w + (1u << 16) : w - 1, 1,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return owner ? lo : hi - 1;
+        /* w now holds the current word */
+    }
+}
+
+/* Run chunks of generation gen, which has nchunks chunks in `parts` shares:
+   share `me` first, then the others' until none is left; returns how many.
    Whoever finishes the last chunk wakes the caller if it sleeps. The caller
    passes `fastest` and gets the shortest time a whole chunk took it. */
-static Py_ssize_t fastopt_pool_claim(uint32_t gen, double *fastest) {
-    Py_ssize_t ran = 0;
+static Py_ssize_t fastopt_pool_claim(uint32_t gen, int me, int parts, Py_ssize_t nchunks,
+                                     double *fastest) {
+    Py_ssize_t ran = 0, chunk;
     double t0 = 0.0, t1;
-    uint64_t w = __atomic_load_n(&fastopt_pool.word, __ATOMIC_ACQUIRE);
-    for (;;) {
-        if (FASTOPT_GEN(w) != gen || FASTOPT_NEXT(w) >= FASTOPT_NCHUNKS(w))
-            return ran;
-        if (!__atomic_compare_exchange_n(&fastopt_pool.word, &w, w + 1, 1,
-                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            continue;   /* w now holds the current word */
+    int i = 0;
+    while (i < parts) {
+        int s = (me + i) % parts;
+        chunk = fastopt_pool_take(s, gen, i == 0);
+        if (chunk < 0) {
+            i++;
+            continue;
+        }
         /* The job cannot change while a chunk of it is outstanding. */
-        Py_ssize_t lo = FASTOPT_NEXT(w) * fastopt_pool.grain;
+        Py_ssize_t lo = chunk * fastopt_pool.grain;
         Py_ssize_t hi = lo + fastopt_pool.grain;
         if (hi > fastopt_pool.total) hi = fastopt_pool.total;
         if (fastest) t0 = fastopt_pool_now();
@@ -137,19 +167,20 @@ static Py_ssize_t fastopt_pool_claim(uint32_t gen, double *fastest) {
         ran++;
         /* Sequentially consistent, like the caller's store of `waiting`
            before its check of `done`: one of the two sees the other. */
-        if (__atomic_add_fetch(&fastopt_pool.done, 1, __ATOMIC_SEQ_CST) == FASTOPT_NCHUNKS(w) &&
+        if (__atomic_add_fetch(&fastopt_pool.done, 1, __ATOMIC_SEQ_CST) == nchunks &&
             __atomic_load_n(&fastopt_pool.waiting, __ATOMIC_SEQ_CST)) {
             pthread_mutex_lock(&fastopt_pool.lock);
             pthread_cond_signal(&fastopt_pool.finished);
             pthread_mutex_unlock(&fastopt_pool.lock);
         }
-        w = __atomic_load_n(&fastopt_pool.word, __ATOMIC_ACQUIRE);
     }
+    return ran;
 }
 
 static void *fastopt_pool_worker(void *arg) {
-    int id = (int)(intptr_t)arg;
-    uint32_t seen = FASTOPT_GEN(__atomic_load_n(&fastopt_pool.word, __ATOMIC_ACQUIRE));
+    int me = (int)(intptr_t)arg + 1;   /* share 0 is the caller's */
+    uint64_t w = __atomic_load_n(&fastopt_pool.word, __ATOMIC_ACQUIRE);
+    uint32_t seen = FASTOPT_GEN(w);
     int spin = FASTOPT_POOL_SPIN;
     for (;;) {
         int i;
@@ -160,7 +191,8 @@ static void *fastopt_pool_worker(void *arg) {
                caller, and a plain spin would keep the caller off its core. */
             if (i < FASTOPT_POOL_SPIN / 8) fastopt_relax();
             else sched_yield();
-            gen = FASTOPT_GEN(__atomic_load_n(&fastopt_pool.word, __ATOMIC_ACQUIRE));
+            w = __atomic_load_n(&fastopt_pool.word, __ATOMIC_ACQUIRE);
+            gen = FASTOPT_GEN(w);
         }
         if (gen == seen) {
             pthread_mutex_lock(&fastopt_pool.lock);
@@ -168,16 +200,15 @@ static void *fastopt_pool_worker(void *arg) {
                reads sleepers (both sequentially consistent), so either it
                signals or this thread sees the new word. */
             __atomic_fetch_add(&fastopt_pool.sleepers, 1, __ATOMIC_SEQ_CST);
-            while ((gen = FASTOPT_GEN(__atomic_load_n(&fastopt_pool.word, __ATOMIC_SEQ_CST))) == seen)
+            while ((gen = FASTOPT_GEN(w = __atomic_load_n(&fastopt_pool.word, __ATOMIC_SEQ_CST))) == seen)
                 pthread_cond_wait(&fastopt_pool.wake, &fastopt_pool.lock);
             __atomic_fetch_sub(&fastopt_pool.sleepers, 1, __ATOMIC_SEQ_CST);
             pthread_mutex_unlock(&fastopt_pool.lock);
         }
         seen = gen;
-        /* A stale limit (from a later job) only makes this worker skip or
-           try a generation whose chunks its claim then refuses. */
-        if (id < __atomic_load_n(&fastopt_pool.limit, __ATOMIC_ACQUIRE)) {
-            fastopt_pool_claim(gen, NULL);
+        /* The shares were stored before the word that names them. */
+        if (me < FASTOPT_LOW(w)) {
+            fastopt_pool_claim(gen, me, (int)FASTOPT_LOW(w), FASTOPT_HIGH(w), NULL);
             spin = FASTOPT_POOL_SPIN;
         } else {
             spin = 0;   /* not taking part (fewer threads now): back to sleep at once */
@@ -245,7 +276,7 @@ static int fastopt_pool_grow(int n) {
 static void fastopt_pool_run(int threads, Py_ssize_t total, Py_ssize_t grain,
                              fastopt_task_t task, void *ctx) {
     Py_ssize_t nchunks, mine, spins = 0;
-    int expected = 0, helpers;
+    int expected = 0, helpers, parts, s;
     double start, elapsed, fastest = -1.0;
     if (grain < 1) grain = 1;
     nchunks = (total + grain - 1) / grain;
@@ -272,18 +303,25 @@ static void fastopt_pool_run(int threads, Py_ssize_t total, Py_ssize_t grain,
     fastopt_pool.ctx = ctx;
     fastopt_pool.total = total;
     fastopt_pool.grain = grain;
-    __atomic_store_n(&fastopt_pool.limit, threads - 1, __ATOMIC_RELAXED);
+    parts = (helpers < threads - 1 ? helpers : threads - 1) + 1;   /* more may run from before */
+    if (parts > nchunks) parts = (int)nchunks;
     __atomic_store_n(&fastopt_pool.done, 0, __ATOMIC_RELAXED);
     uint32_t gen = FASTOPT_GEN(fastopt_pool.word) + 1;
+    for (s = 0; s < parts; s++) {
+        uint64_t lo = (uint64_t)(s * nchunks / parts), hi = (uint64_t)((s + 1) * nchunks / parts);
+        __atomic_store_n(&fastopt_shares[s].word, ((uint64_t)gen << 32) | (lo << 16) | hi,
+                         __ATOMIC_RELAXED);
+    }
     start = fastopt_pool_now();
-    __atomic_store_n(&fastopt_pool.word, ((uint64_t)gen << 32) | ((uint64_t)nchunks << 16),
+    __atomic_store_n(&fastopt_pool.word,
+                     ((uint64_t)gen << 32) | ((uint64_t)nchunks << 16) | (uint64_t)parts,
                      __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&fastopt_pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
         pthread_mutex_lock(&fastopt_pool.lock);
         pthread_cond_broadcast(&fastopt_pool.wake);
         pthread_mutex_unlock(&fastopt_pool.lock);
     }
-    mine = fastopt_pool_claim(gen, &fastest);
+    mine = fastopt_pool_claim(gen, 0, parts, nchunks, &fastest);
     fastopt_pool.chunks += (uint64_t)nchunks;
     fastopt_pool.mine += (uint64_t)mine;
     /* Only chunks that a running (or just preempted) worker claimed are left.

@@ -2,7 +2,11 @@
 
 * A step large enough to run in parallel does: the pool counts the job, its
   chunks, and the chunks the calling thread ran itself (it works too).
-* Chunks never change a result: 1, 2 and 3 threads give the bits of one.
+* Chunks never change a result: 1, 2 and 3 threads, and chunkings from one
+  chunk per thread to thousands of tiny ones (threads then steal from each
+  other's shares), give the bits of one.
+* A job's chunks are a multiple of its threads (even shares), at most
+  chunks_per_thread each.
 * Steps from several Python threads at once (the pool runs one job at a
   time; the others run on their own thread) give the bits of serial steps.
 * A forked child starts with no workers and steps in parallel correctly.
@@ -30,6 +34,15 @@ def threads():
     before = fastopt.get_num_threads()
     yield fastopt.set_num_threads
     fastopt.set_num_threads(before)
+
+
+@pytest.fixture
+def chunking():
+    """set_chunking on the active level for the test; restored after it."""
+    module = _dispatch._active["module"]
+    before = module.get_chunking()
+    yield module.set_chunking
+    module.set_chunking(*before)
 
 
 def adam_run(n, steps, seed=0):
@@ -91,6 +104,48 @@ def test_thread_count_never_changes_the_bits(threads):
         results.append(adam_run(N, steps=4)[0])
     for other in results[1:]:
         np.testing.assert_array_equal(other.view(np.uint32), results[0].view(np.uint32))
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_chunks_are_even_shares(threads, count):
+    if _dispatch.config()["thread_pool"] != "pthreads":
+        pytest.skip("the OpenMP fallback keeps no counts")
+    threads(count)
+    # A step runs on at most OpenMP's limit too (threadpoolctl's lands there).
+    count = min(count, _dispatch.config()["omp_max_threads"])
+    per_thread, _ = _dispatch._active["module"].get_chunking()
+    for _ in range(50):     # a job after a stall runs serially: find a parallel one
+        before = _dispatch.pool_stats()
+        adam_run(N, steps=1)
+        delta = {key: value - before[key] for key, value in _dispatch.pool_stats().items()}
+        if delta["parallel"]:
+            break
+    else:
+        pytest.skip("every job ran serially (the pool is backing off on a busy machine)")
+    assert delta["chunks"] % count == 0 and delta["chunks"] <= count * per_thread, delta
+
+
+@pytest.mark.parametrize("per_thread, min_work", [(1, 1), (64, 1), (4096, 1)])
+def test_chunking_never_changes_the_bits(threads, chunking, per_thread, min_work):
+    def run():
+        # Adam (one elementwise pass) and Lamb with clipping (block sums of
+        # the gradient and of the update, then the update): every pool job.
+        rng = np.random.default_rng(0)
+        params = [rng.standard_normal(N).astype(np.float32) for _ in range(2)]
+        adam = fastopt.Adam(params[:1], lr=1e-2, weight_decay=0.1)
+        lamb = fastopt.Lamb(params[1:], lr=1e-2, max_grad_norm=1.0)
+        for _ in range(3):
+            adam.step([rng.standard_normal(N).astype(np.float32)])
+            lamb.step([rng.standard_normal(N).astype(np.float32)])
+        return params
+
+    threads(1)
+    want = run()
+    chunking(per_thread, min_work)
+    for count in (2, 3):
+        threads(count)
+        for got, ref in zip(run(), want):
+            np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
 def test_steps_from_several_python_threads_at_once(threads):
