@@ -527,10 +527,13 @@ cdef void run_slotwise(int rule, const Slot* slots, Py_ssize_t count, const Step
 
 cdef inline void sumsq_piece(const floating* x, Py_ssize_t n, double* acc,
                              double* bad) noexcept nogil:
-    """Add x's squares into acc[0..LANES) (element i into lane i % LANES), and x * 0 into bad."""
+    """Add x's squares into acc[0..LANES) (element i into lane i % LANES); bad's
+    lanes turn NaN once any element is NaN or infinite."""
     cdef Py_ssize_t i, j, base
     cdef double v
     cdef Py_ssize_t whole = n - n % LANES
+    # (acc alone cannot say it: a float64 square may overflow to inf in a
+    # finite gradient, and a block's lanes run on across pieces.)
     for i in range(whole // LANES):
         base = i * LANES
         for j in range(LANES):
@@ -543,19 +546,97 @@ cdef inline void sumsq_piece(const floating* x, Py_ssize_t n, double* acc,
         bad[i - whole] = bad[i - whole] + v * 0.0
 
 
+# Two blocks' sums of squares side by side: each lane's sum is a chain of
+# dependent adds, so one block keeps few adds in flight and the pass runs
+# below a read's bandwidth; two independent blocks double them. gcc does not
+# vectorize the two-array form on its own, hence the explicit vectors; every
+# version adds element i into lane i % 8 (a multiply, then an add: no FMA),
+# as lane_sumsq does, so the bits are the same at every level.
+cdef extern from *:
+    """
+    #if defined(__AVX__)
+    #include <immintrin.h>
+    #elif defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
+    static inline void fastopt_sumsq_pair(const float* x, const float* y, long n,
+                                          double* sx, double* sy) {
+        double a[8], b[8];
+        long i;
+        int j;
+    #if defined(__AVX__)
+        __m256d a0 = _mm256_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, v;
+        for (i = 0; i + 8 <= n; i += 8) {
+            v = _mm256_cvtps_pd(_mm_loadu_ps(x + i));     a0 = _mm256_add_pd(a0, _mm256_mul_pd(v, v));
+            v = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4)); a1 = _mm256_add_pd(a1, _mm256_mul_pd(v, v));
+            v = _mm256_cvtps_pd(_mm_loadu_ps(y + i));     b0 = _mm256_add_pd(b0, _mm256_mul_pd(v, v));
+            v = _mm256_cvtps_pd(_mm_loadu_ps(y + i + 4)); b1 = _mm256_add_pd(b1, _mm256_mul_pd(v, v));
+        }
+        _mm256_storeu_pd(a, a0); _mm256_storeu_pd(a + 4, a1);
+        _mm256_storeu_pd(b, b0); _mm256_storeu_pd(b + 4, b1);
+    #elif defined(__SSE2__)
+        __m128d ax[4], bx[4], v;
+        for (j = 0; j < 4; j++) ax[j] = bx[j] = _mm_setzero_pd();
+        for (i = 0; i + 8 <= n; i += 8) {
+            for (j = 0; j < 4; j++) {
+                v = _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd((const double*)(x + i + 2 * j))));
+                ax[j] = _mm_add_pd(ax[j], _mm_mul_pd(v, v));
+                v = _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd((const double*)(y + i + 2 * j))));
+                bx[j] = _mm_add_pd(bx[j], _mm_mul_pd(v, v));
+            }
+        }
+        for (j = 0; j < 4; j++) { _mm_storeu_pd(a + 2 * j, ax[j]); _mm_storeu_pd(b + 2 * j, bx[j]); }
+    #else
+        for (j = 0; j < 8; j++) a[j] = b[j] = 0.0;
+        for (i = 0; i + 8 <= n; i += 8)
+            for (j = 0; j < 8; j++) {
+                double v = (double)x[i + j], w = (double)y[i + j];
+                a[j] = a[j] + v * v;
+                b[j] = b[j] + w * w;
+            }
+    #endif
+        *sx = 0.0;
+        *sy = 0.0;
+        for (j = 0; j < 8; j++) {
+            *sx += a[j];
+            *sy += b[j];
+        }
+    }
+    """
+    # sx, sy = the sums of squares of x[0..n), y[0..n) (n a multiple of 8),
+    # in lane_sumsq's order from zero
+    void fastopt_sumsq_pair(const float* x, const float* y, long n, double* sx,
+                            double* sy) noexcept nogil
+
+
 cdef void stats_blocks(const Slot* slots, Py_ssize_t count, Py_ssize_t total,
                        Py_ssize_t k0, Py_ssize_t k1, double* sums, double* bads) noexcept nogil:
     """Blocks k0..k1-1: sums[k] = sum of squares, bads[k] = NaN if any non-finite."""
-    cdef Py_ssize_t i = 0, offset = 0, k, pos, stop, end, j, m
+    cdef Py_ssize_t i = 0, offset = 0, k = k0, pos, stop, end, j, m
     cdef int elem
     cdef float block[STAGE]
     cdef double acc[LANES]
     cdef double bad[LANES]
-    for k in range(k0, k1):
+    cdef const float* x
+    while k < k1:
+        pos = k * STATS_BLOCK
+        while offset + slots[i].size <= pos:  # the slot holding pos (skips empty ones)
+            offset += slots[i].size
+            i += 1
+        if (k + 1 < k1 and P_ELEM[slots[i].storage] == ELEM_F32
+                and pos + 2 * STATS_BLOCK <= offset + slots[i].size):
+            # Two whole blocks of one float32 gradient (the common case). A
+            # float32 square cannot overflow double, so a block's sum is
+            # non-finite exactly when an element is: no second sum for bads.
+            x = <const float*>slots[i].g + (pos - offset)
+            fastopt_sumsq_pair(x, x + STATS_BLOCK, STATS_BLOCK, &sums[k], &sums[k + 1])
+            bads[k] = sums[k] * 0.0
+            bads[k + 1] = sums[k + 1] * 0.0
+            k += 2
+            continue
         for j in range(LANES):
             acc[j] = 0.0
             bad[j] = 0.0
-        pos = k * STATS_BLOCK
         stop = pos + STATS_BLOCK if pos + STATS_BLOCK < total else total
         while pos < stop:
             while offset + slots[i].size <= pos:  # the slot holding pos (skips empty ones)
@@ -581,6 +662,7 @@ cdef void stats_blocks(const Slot* slots, Py_ssize_t count, Py_ssize_t total,
         for j in range(LANES):
             sums[k] += acc[j]
             bads[k] += bad[j]
+        k += 1
 
 
 cdef struct StatsJob:

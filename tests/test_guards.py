@@ -147,6 +147,15 @@ def test_the_norm_survives_squares_beyond_float64():
     np.testing.assert_allclose(p, [-0.6, -0.8, 0.0], rtol=1e-12)
 
 
+def test_squares_beyond_float64_beside_a_float32_param_are_not_non_finite():
+    # One block of the norm pass holds both: the float64 lanes overflow to
+    # inf, the float32 element after them is finite, and nothing is skipped.
+    params = [np.zeros(3), np.zeros(1, np.float32)]
+    opt = fastopt.SGD(params, lr=1.0, max_grad_norm=1.0, skip_nonfinite=True)
+    opt.step([np.array([3e200, 4e200, 0.0]), np.ones(1, np.float32)])
+    assert opt.skipped_steps == 0 and opt.last_grad_norm == pytest.approx(5e200, rel=1e-15)
+
+
 def test_the_norm_and_the_step_have_the_same_bits_for_any_thread_count():
     rng = np.random.default_rng(7)
     n = 3_000_001
@@ -166,6 +175,35 @@ def test_the_norm_and_the_step_have_the_same_bits_for_any_thread_count():
     for norm, p, avg in results[1:]:
         assert norm == results[0][0]
         assert np.array_equal(p, results[0][1]) and np.array_equal(avg, results[0][2])
+
+
+@pytest.mark.parametrize("sizes", [[5 * 8192 + 13], [2 * 8192, 3, 3 * 8192 + 7, 100]])
+def test_the_norm_has_the_same_bits_at_every_simd_level_and_in_the_reference(sizes):
+    # Whole float32 blocks are summed two at a time, in explicit vectors
+    # (src_c/_kernels.pxi, fastopt_sumsq_pair); each keeps its own lane order.
+    from fastopt import _dispatch, reference
+    from test_dispatch import RUNNABLE
+    rng = np.random.default_rng(3)
+    grads = [(rng.standard_normal(n) * 7).astype(np.float32) for n in sizes]
+    saved = _dispatch.config()["simd_level"]
+    norms = {}
+    try:
+        for level in RUNNABLE:
+            _dispatch.select_simd(level)
+            for bad in (None, np.inf, np.nan):
+                g = [x.copy() for x in grads]
+                if bad is not None:
+                    g[0][8192 + 5] = bad    # in the second block of a pair
+                opt = fastopt.SGD([np.zeros_like(x) for x in g], lr=0.1, max_grad_norm=1.0)
+                opt.step(g)
+                norms[level, bad] = opt.last_grad_norm
+    finally:
+        _dispatch.select_simd(saved)
+    for level in RUNNABLE:
+        assert norms[level, None] == norms[RUNNABLE[0], None], level
+        assert norms[level, np.inf] == math.inf and math.isnan(norms[level, np.nan]), level
+    if len(sizes) == 1:
+        assert norms[RUNNABLE[0], None] == math.sqrt(reference._fixed_order_sumsq(grads[0]))
 
 
 def test_checkpoints_and_state_dicts_carry_the_averages(tmp_path):
