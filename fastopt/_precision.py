@@ -151,6 +151,29 @@ class Precision(NamedTuple):
         """The constructor keywords that make this policy (for checkpoints)."""
         return dict(self._asdict())
 
+    def policy(self):
+        """This policy as the fast path applies it (a ``_fastpath.Policy``), None
+        for the default; made once per distinct policy."""
+        if self.plain:
+            return None
+        made = _POLICIES.get(self)
+        if made is None:
+            from . import _fastpath
+            rows = [None] * len(_fastpath.STORAGE_IDS)
+            for name in ELEMENTS:
+                try:
+                    state_type = numpy_dtype(self.state_element(name)).num
+                except ImportError:
+                    continue  # (no ml_dtypes: no bfloat16 array can reach a step)
+                rows[_fastpath.STORAGE_IDS[(name, name)]] = (
+                    self.kind(name), state_type, self.has_master(name),
+                    self.rounds_stochastically(name))
+            made = _POLICIES[self] = _fastpath.Policy(rows, self.seed, self.stochastic_rounding)
+        return made
+
+
+_POLICIES = {}  # Precision -> its _fastpath.Policy
+
 
 def _splitmix64(x):
     # Sebastiano Vigna's SplitMix64 finaliser: a 64-bit mix of a counter.

@@ -20,6 +20,7 @@ The module is one concern per included file (src_c/fastpath/), in this order:
     cpu.pxi        which optional kernel builds the CPU runs
     runner.pxi     the installed compute layer and the thread limit
     workspace.pxi  Workspace
+    policy.pxi     Policy: the half-precision options per parameter dtype
     screen.pxi     screen, gather, regather, commit
     rows.pxi       RowPlan: a sparse-row gradient as one slot per listed row
     guard.pxi      Guard, the step-wide aliasing check
@@ -101,6 +102,7 @@ include "fastpath/rule_ids.pxi"
 include "fastpath/cpu.pxi"
 include "fastpath/runner.pxi"
 include "fastpath/workspace.pxi"
+include "fastpath/policy.pxi"
 include "fastpath/screen.pxi"
 include "fastpath/rows.pxi"
 include "fastpath/guard.pxi"

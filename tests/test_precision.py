@@ -40,7 +40,7 @@ from fastopt.optim import OPTIMIZERS
 import spec  # tests/spec.py
 
 LEVELS = [lvl for lvl in _dispatch.built_levels() if lvl in _dispatch.cpu_levels()]
-STAGE = 256  # src_c/storage.pxi's staging block
+STAGE = 1024  # src_c/storage.pxi's staging block
 #: parameter shapes of the sweeps: odd tails around the block, matrices for
 #: Adafactor's factored path, and a last one whose gradient holds NaN and Inf
 SHAPES = [(1,), (STAGE - 1,), (STAGE + 1,), (1000 + 17,), (17, 33), (3, 300), (300,)]
@@ -103,6 +103,12 @@ def assert_same_state(got, want, what):
             else:
                 assert got[index][key] == value, f"{where}: {got[index][key]!r} != {value!r}"
 
+
+def assert_same_run(params, want_params, opt, want_opt, what):
+    """Two runs' parameters (assert_same) and optimizer states (assert_same_state)."""
+    for i, (a, b) in enumerate(zip(params, want_params)):
+        assert_same(a, b, f"{what}: params[{i}]")
+    assert_same_state(opt.state, want_opt.state, what)
 
 def random_like(rng, shape, dt, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dt)
@@ -293,6 +299,56 @@ def test_master_weights_leave_float32_and_float64_parameters_alone():
         assert opt.state[0]["exp_avg"].dtype == dt
         assert_same(p, q, str(dt))
         assert_same_state(opt.state, plain.state, str(dt))
+
+
+
+# ------------------------------------------------------ the warm step in C
+
+@pytest.mark.parametrize("rule", [("Adam", {"lr": 0.01}),
+                                  ("SGD", {"lr": 0.1, "momentum": 0.9})], ids=lambda r: r[0])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c[0])
+def test_a_warm_step_under_every_policy_is_taken_in_c_with_the_twins_bits(config, rule):
+    """Once the state exists (masters included), every step of every policy
+    is the fast path's (src_c/fastpath/policy.pxi): the Stepper takes it, and
+    its bits - round keys of each step, counted steps of a rule that counts
+    none (SGD under stochastic rounding) - are those of the NumPy twin."""
+    _, p_name, precision = config
+    cls, kwargs = getattr(fastopt, rule[0]), rule[1]
+    dt = needs_dtypes(p_name, precision)
+    rng = np.random.default_rng(8)
+    shapes = [(STAGE + 3,), (7, 5), (1,)]
+    params = [random_like(rng, s, dt) for s in shapes]
+    twins = [p.copy() for p in params]
+    opt = cls(params, **kwargs, **precision)
+    ref = cls(twins, **kwargs, backend="numpy", **precision)
+    for t in range(5):
+        grads = [random_like(rng, s, dt, 2.0) for s in shapes]
+        if t == 0:
+            opt.step(grads)  # makes the state: the general path
+        else:
+            assert opt._make_stepper()(grads), f"step {t + 1} was not taken in C"
+        ref.step(grads)
+    assert_same_run(params, twins, opt, ref, "fast path vs twin")
+
+
+def test_a_master_copy_spoiled_in_place_leaves_the_warm_path():
+    """A master copy made read-only without a state edit is refused, as a new one is."""
+    bf16 = dtype("bfloat16")
+    p = np.ones(300, bf16)
+    opt = fastopt.Adam([p], lr=0.1, master_weights=True)
+    for _ in range(3):
+        opt.step([np.ones(300, bf16)])  # warm: the cached slots hold the master
+    master = opt.state[0]["master_param"]
+    before, master_before = p.copy(), master.copy()
+    master.flags.writeable = False
+    with pytest.raises(ValueError, match="master_param"):
+        opt.step([np.ones(300, bf16)])
+    assert_same(p, before, "p")
+    assert_same(master, master_before, "master_param")
+    assert opt.state[0]["step"] == 3
+    master.flags.writeable = True
+    opt.step([np.ones(300, bf16)])
+    assert opt.state[0]["step"] == 4
 
 
 # ------------------------------------------------------ stochastic rounding
@@ -856,9 +912,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(case, config):
     resumed.load_state_dict(saved)
     for g in grads[2:]:
         resumed.step(g)
-    for i, (a, b) in enumerate(zip(resumed_params, whole)):
-        assert_same(a, b, f"params[{i}]")
-    assert_same_state(resumed.state, opt.state, "resumed")
+    assert_same_run(resumed_params, whole, resumed, opt, "resumed")
 
 
 def test_loading_float32_state_into_a_bfloat16_state_optimizer_rounds_it():

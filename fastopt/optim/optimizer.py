@@ -378,22 +378,19 @@ class Optimizer:
         self._check_groups()
         grads = self._align(grads, sum([len(group["params"]) for group in groups]))
         rule = self.rule
-        counts_steps = rule.counts_steps
         plan = []
         start = 0
         everything_gathered = True
-        plain = self.precision.plain
-        if not plain:  # the screen knows one dtype per parameter: Python checks the rest
+        policy = self.precision.policy()
+        if policy is not None:  # (the screen applies it too: the messages are Python's)
             self._check_each(grads)
         for gi, group in enumerate(groups):
             checked = self._group_hyper(gi, group)
             params = group["params"]
             stop = start + len(params)
-            code, step = _fastpath.SLOW_PATH, 0
-            if plain:
-                code, step = _fastpath.gather(self._workspaces[gi], params, grads, start, stop,
-                                              self.state, rule.buffers, checked.needs,
-                                              counts_steps)
+            code, step = _fastpath.gather(self._workspaces[gi], params, grads, start, stop,
+                                          self.state, rule.buffers, checked.needs,
+                                          self._counts_steps, policy)
             if code >= 0:
                 self._explain(grads)
             # A rule with scalar state (NAdam) always takes the general path.
@@ -434,9 +431,15 @@ class Optimizer:
         element = self.precision.state_element(own)
         return p.dtype if element == own else _precision.numpy_dtype(element)
 
+    @property
+    def _counts_steps(self):
+        """Whether a step counts in ``state[i]["step"]``: the rule's count, or the
+        stochastic rounding's (its random bits follow the step)."""
+        return self.rule.counts_steps or self.precision.stochastic_rounding
+
     def _advance(self, state, created):
         """Count this step in ``state`` (if the rule counts steps); the rule's per-step value."""
-        if self.rule.counts_steps or self.precision.stochastic_rounding:
+        if self._counts_steps:
             state["step"] = state.get("step", 0) + 1
         return self.rule.step_value(state.get("step"), created)
 
@@ -489,8 +492,9 @@ class Optimizer:
         return _fastpath.Stepper(lock, bindings, self.param_groups, self.state, self._workspaces,
                                  self._guard, self.rule.buffers, self.rule.counts_steps,
                                  enabled=(self.backend == "cython" and not self.skip_nonfinite
-                                          and self.precision.plain and not self._guarded),
-                                 scalar_names=tuple(self.rule.scalar_state))
+                                          and not self._guarded),
+                                 scalar_names=tuple(self.rule.scalar_state),
+                                 policy=self.precision.policy())
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
@@ -580,11 +584,10 @@ class Optimizer:
             scalars = checked.scalars if coef == 1.0 else checked.scalars.scaled(coef)
             if gathered and self.backend == "cython":
                 # Every parameter has its state at the same step: one kernel call.
-                if rule.counts_steps:
-                    run_workspace(rule, self._workspaces[gi], step + 1, scalars)
+                run_workspace(rule, self._workspaces[gi], step + 1 if rule.counts_steps else False,
+                              scalars)
+                if self._counts_steps:
                     _fastpath.commit_steps(self._workspaces[gi], step + 1)
-                else:
-                    run_workspace(rule, self._workspaces[gi], False, scalars)
             else:
                 self._step_group(self.param_groups[gi]["params"], grads, start, stop, checked,
                                  scalars, coef)

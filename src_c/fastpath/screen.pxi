@@ -20,11 +20,16 @@ cdef inline bint usable(object obj, bint writeable):
 
 
 cdef inline bint same_layout(cnp.ndarray a, cnp.ndarray b):
+    """The same dtype and shape."""
+    return cnp.PyArray_TYPE(a) == cnp.PyArray_TYPE(b) and same_shape(a, b)
+
+
+cdef inline bint same_shape(cnp.ndarray a, cnp.ndarray b):
     # PyArray_SAMESHAPE, inlined: a warm step asks this several times per parameter.
     cdef int d, nd = cnp.PyArray_NDIM(a)
     cdef cnp.npy_intp* da
     cdef cnp.npy_intp* db
-    if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b) or cnp.PyArray_NDIM(b) != nd:
+    if cnp.PyArray_NDIM(b) != nd:
         return False
     da = cnp.PyArray_DIMS(a)
     db = cnp.PyArray_DIMS(b)
@@ -59,18 +64,21 @@ cdef inline bint layout_applies(int layout, int nd) noexcept:
     return True
 
 
-cdef inline bint fits(cnp.ndarray b, cnp.ndarray p, int layout):
-    """``b`` has the dtype and the shape ``layout`` gives a buffer of ``p``."""
+cdef inline bint fits(cnp.ndarray b, cnp.ndarray p, int layout, int typenum):
+    """``b`` has NumPy type ``typenum`` (the state's: state_type_of) and the shape
+    ``layout`` gives a buffer of ``p``."""
     cdef int d, nd = cnp.PyArray_NDIM(p)
     cdef cnp.npy_intp* db
     cdef cnp.npy_intp* dp
+    if cnp.PyArray_TYPE(b) != typenum:
+        return False
     if layout < ROWS:
-        return same_layout(b, p)
+        return same_shape(b, p)
     if not layout_applies(layout, nd):
         return False
     if layout == VECTOR or (layout == ROW_SUMS and nd == 0):
-        return same_layout(b, p)
-    if cnp.PyArray_TYPE(b) != cnp.PyArray_TYPE(p) or cnp.PyArray_NDIM(b) != nd:
+        return same_shape(b, p)
+    if cnp.PyArray_NDIM(b) != nd:
         return False
     db = cnp.PyArray_DIMS(b)
     dp = cnp.PyArray_DIMS(p)
@@ -126,9 +134,10 @@ SLOW_PATH = -2  # valid, but some parameter needs Python's help (no gradient, no
 
 
 def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t stop,
-           object state, tuple names, tuple needs, bint counts_steps):
+           object state, tuple names, tuple needs, bint counts_steps, Policy policy=None):
     """Screen one group and load ``ws``: see full_gather for what is checked.
 
+    ``policy``: the optimizer's half-precision options (None: the default).
     Returns ``(code, step)``: GATHERED, SLOW_PATH or the first suspect index,
     and the parameters' common step count.
     """
@@ -136,29 +145,39 @@ def gather(Workspace ws, list params, list grads, Py_ssize_t start, Py_ssize_t s
     if not isinstance(state, dict):
         raise TypeError(f"the optimizer's state must be a dict, got {type(state).__name__}")
     code = gather_group(ws, params, grads, start, stop, <dict>state, names, needs,
-                        counts_steps, &step)
+                        counts_steps, &step, policy)
     return code, step
 
 
 cdef Py_ssize_t gather_group(Workspace ws, list params, list grads, Py_ssize_t start,
                              Py_ssize_t stop, dict state, tuple names, tuple needs,
-                             bint counts_steps, Py_ssize_t* step) except? -3:
+                             bint counts_steps, Py_ssize_t* step,
+                             Policy policy=None) except? -3:
     # When nothing in ``state`` was edited since the last successful gather
     # into ``ws`` (State.version), only the params and grads are re-checked.
+    # A gathered group's stochastic slots get this step's round keys.
+    cdef Py_ssize_t code
     ws.params_in_group = stop - start
     if (ws.cached and state is ws.cached_state and state.version == ws.cached_version
-            and needs is ws.cached_needs and start == ws.cached_start
-            and stop == ws.cached_stop):
+            and needs is ws.cached_needs and policy is ws.cached_policy
+            and start == ws.cached_start and stop == ws.cached_stop):
         # The cached count was checked when it was read, not after the steps
         # counted since: the full screen reports one at the limit (and the
         # caller's step + 1 cannot overflow).
-        if regather(ws, params, grads, start, needs) == GATHERED and ws.cached_step < MAX_STEP_C:
+        if (regather(ws, params, grads, start, needs, policy) == GATHERED
+                and ws.cached_step < MAX_STEP_C):
             step[0] = ws.cached_step
+            set_round_keys(ws, policy, start, step[0] + 1)
             return GATHERED
-    return full_gather(ws, params, grads, start, stop, state, names, needs, counts_steps, step)
+    code = full_gather(ws, params, grads, start, stop, state, names, needs, counts_steps, step,
+                       policy)
+    if code == GATHERED:
+        set_round_keys(ws, policy, start, step[0] + 1)
+    return code
 
 
-cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start, tuple needs):
+cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start, tuple needs,
+                         Policy policy):
     """Re-check params, grads and the buffers in use against the cached slots.
 
     GATHERED when every parameter is the same memory as before, every buffer
@@ -168,6 +187,7 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
     SLOW_PATH so that full_gather decides, with everything checked.
     """
     cdef Py_ssize_t k, j, idx
+    cdef int stype
     cdef Slot* slot
     cdef object p_obj, g_obj, b_obj, pair
     cdef cnp.ndarray p, g
@@ -182,17 +202,23 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
         g = <cnp.ndarray>g_obj
         # The buffers and the protected spans were made for this param's memory.
         if (<char*>cnp.PyArray_DATA(p) != slot.p or elements(p) != slot.size
-                or storage_of(cnp.PyArray_TYPE(p)) != slot.storage
+                or kind_under(policy, storage_of(cnp.PyArray_TYPE(p))) != slot.storage
                 or not same_matrix(slot, p) or not same_layout(g, p)):
             return SLOW_PATH
         # A buffer can be made read-only or reshaped in place without an edit
         # of the state that State.version would see; the full screen refuses
         # that for every buffer, in use or not.
         pair = ws.keep[k]
+        stype = state_type_of(policy, p)
         for idx in range(1, len(<tuple>pair), 2):
             j = (<tuple>pair)[idx]
             b_obj = (<tuple>pair)[idx + 1]
-            if not usable(b_obj, True) or not fits(<cnp.ndarray>b_obj, p, <int>needs[j]):
+            if j == KEEP_MASTER:
+                if (not usable_master(b_obj, p)
+                        or <char*>cnp.PyArray_DATA(<cnp.ndarray>b_obj) != slot.master):
+                    return SLOW_PATH
+                continue
+            if not usable(b_obj, True) or not fits(<cnp.ndarray>b_obj, p, <int>needs[j], stype):
                 return SLOW_PATH
             if slot.buf[j] != NULL and <char*>cnp.PyArray_DATA(<cnp.ndarray>b_obj) != slot.buf[j]:
                 return SLOW_PATH
@@ -206,7 +232,8 @@ cdef Py_ssize_t regather(Workspace ws, list params, list grads, Py_ssize_t start
 
 cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t start,
                             Py_ssize_t stop, dict state, tuple names, tuple needs,
-                            bint counts_steps, Py_ssize_t* common_step) except? -3:
+                            bint counts_steps, Py_ssize_t* common_step,
+                            Policy policy) except? -3:
     """Screen one group's ``params`` (flat indices start..stop-1) and load ``ws``.
 
     ``grads`` and ``state`` are indexed by flat index; ``params`` by position
@@ -217,8 +244,12 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
     shape, and overlaps neither ``params[i]`` nor a buffer of ``state[i]``;
     ``state[i]``, if present, is a dict whose ``"step"`` (if any) is an int
     in [0, MAX_STEP) and whose buffers named in ``names`` (if present) are usable,
-    writeable, of the parameter's dtype and of the shape their layout in
-    ``needs`` gives (fits), and overlap neither the parameter nor each other.
+    writeable, of the state's dtype (the parameter's unless ``policy`` says
+    otherwise) and of the shape their layout in ``needs`` gives (fits), and
+    overlap neither the parameter nor each other. Under a policy with master
+    weights, a half parameter's ``"master_param"`` is such a buffer too
+    (float32, shaped like it: without one the step is Python's, which makes
+    it), and any other parameter has none.
 
     Returns the first suspect index, or GATHERED (``ws`` holds the whole
     range; ``common_step[0]`` is the parameters' common step count, 0 if the
@@ -233,19 +264,20 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
     cdef char* g1
     cdef char* b0
     cdef char* b1
-    cdef char* seen0[MAX_BUFFERS]
-    cdef char* seen1[MAX_BUFFERS]
+    cdef char* seen0[MAX_BUFFERS + 1]
+    cdef char* seen1[MAX_BUFFERS + 1]
+    cdef char* master
     cdef char* bufs[MAX_BUFFERS]
     cdef Py_ssize_t sizes[MAX_BUFFERS]
     cdef bint slow = False
     cdef Py_ssize_t step = -1, this_step = -1  # set before use; -1 quiets the C compiler
     cdef Py_ssize_t nnames = len(names)
     cdef bint real_only = shaped(needs)
-    cdef int nd
+    cdef int nd, own, kind, stype
     if len(params) != stop - start:
         raise ValueError("internal: params does not match start..stop")
     ws.reserve(stop - start)
-    grow_spans(&ws.protect, &ws.protect_capacity, (stop - start) * (1 + nnames))
+    grow_spans(&ws.protect, &ws.protect_capacity, (stop - start) * (2 + nnames))
     ws.nprotect = 0
     ws.generation += 1
     ws.grads_clear = False
@@ -253,6 +285,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
     ws.total = 0
     ws.cached = False
     ws.cached_state = None  # drop what the last gather held on to, now
+    ws.cached_policy = None
     ws.keep = None
     keep = []
     for i in range(start, stop):
@@ -289,6 +322,12 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
         ws.add_protect(p0, p1)
         nb = 0
         present = [entry]
+        own = storage_of(cnp.PyArray_TYPE(p))
+        kind = kind_under(policy, own)
+        stype = state_type_of(policy, p)
+        if kind < 0:
+            slow = True  # (a dtype the policy could not resolve: Python says why)
+            continue
         for j in range(MAX_BUFFERS):
             bufs[j] = NULL
             sizes[j] = 0
@@ -303,7 +342,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
             b = <cnp.ndarray>b_obj
             b0 = <char*>cnp.PyArray_DATA(b)
             b1 = end_of(b)
-            if (not fits(b, p, <int>needs[j]) or ranges_overlap(b0, b1, p0, p1)
+            if (not fits(b, p, <int>needs[j], stype) or ranges_overlap(b0, b1, p0, p1)
                     or ranges_overlap(b0, b1, g0, g1)):
                 return i
             for k in range(nb):
@@ -317,6 +356,25 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
             if needs[j]:
                 bufs[j] = b0
                 sizes[j] = elements(b)
+        master = NULL
+        if policy is not None and policy.any_master:
+            b_obj = (<dict>entry).get("master_param")
+            if b_obj is None:
+                slow = slow or policy.master[own]
+            elif not policy.master[own] or not usable_master(b_obj, p):
+                return i  # (Python refuses a master copy of a float32/float64 parameter)
+            else:
+                b = <cnp.ndarray>b_obj
+                b0 = <char*>cnp.PyArray_DATA(b)
+                b1 = end_of(b)
+                if ranges_overlap(b0, b1, p0, p1) or ranges_overlap(b0, b1, g0, g1):
+                    return i
+                for k in range(nb):
+                    if ranges_overlap(b0, b1, seen0[k], seen1[k]):
+                        return i
+                ws.add_protect(b0, b1)
+                present += (KEEP_MASTER, b)
+                master = b0
         if slow:
             continue  # keep screening; the workspace will not be used
         if counts_steps:
@@ -325,7 +383,9 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
             elif this_step != step:
                 slow = True
                 continue
-        ws.put(p, g, bufs, sizes, -1)
+        ws.put(p, g, bufs, sizes, kind)
+        ws.slots[ws.count - 1].master = master
+        ws.slots[ws.count - 1].stochastic = policy is not None and policy.stochastic[own]
         keep.append(tuple(present))
     if slow:
         return SLOW_PATH
@@ -336,6 +396,7 @@ cdef Py_ssize_t full_gather(Workspace ws, list params, list grads, Py_ssize_t st
         ws.cached_state = state
         ws.cached_version = state.version
         ws.cached_needs = needs
+        ws.cached_policy = policy
         ws.cached_start, ws.cached_stop, ws.cached_step = start, stop, step
     common_step[0] = step
     return GATHERED

@@ -10,7 +10,8 @@ NEEDS_PYTHON = 1
 
 
 cdef int fast_step(list groups, list grads, object state, list workspaces, Guard guard,
-                   tuple names, bint counts_steps, tuple scalar_names=()) except -1:
+                   tuple names, bint counts_steps, tuple scalar_names=(),
+                   Policy policy=None) except -1:
     """DONE after a whole step, or NEEDS_PYTHON with nothing modified.
 
     ``groups`` are the optimizer's ParamGroups, each with a ``checked`` cache
@@ -27,12 +28,16 @@ cdef int fast_step(list groups, list grads, object state, list workspaces, Guard
     mu_product). Every parameter of a group must hold the same Python floats
     there (else NEEDS_PYTHON); the rule's at_step forms the step from them
     and the values after it, which are written back to every parameter.
+
+    ``policy``: the half-precision options (None: the default); stochastic
+    rounding counts steps even where the rule does not.
     """
     cdef Py_ssize_t gi, start = 0, stop, total = 0, step
     cdef Py_ssize_t ngroups = len(groups)
     cdef object checked, params, group
     cdef CheckedGroup plan
     cdef Workspace ws
+    cdef bint counted = counts_under(policy, counts_steps)
     if not isinstance(state, dict) or len(workspaces) < ngroups:
         return NEEDS_PYTHON
     for gi in range(ngroups):
@@ -54,7 +59,7 @@ cdef int fast_step(list groups, list grads, object state, list workspaces, Guard
         stop = start + len(<list>params)
         ws = <Workspace?>workspaces[gi]
         if gather_group(ws, params, grads, start, stop, <dict>state, names,
-                        plan.needs, counts_steps, &step) != GATHERED:
+                        plan.needs, counted, &step, policy) != GATHERED:
             return NEEDS_PYTHON
         ws.step_scalars = plan.scalars
         ws.step_count = step
@@ -67,13 +72,11 @@ cdef int fast_step(list groups, list grads, object state, list workspaces, Guard
     for gi in range(ngroups):
         ws = <Workspace>workspaces[gi]
         stop = start + ws.params_in_group
-        if counts_steps:
-            run(ws, ws.step_scalars, ws.step_count + 1, False)
+        run(ws, ws.step_scalars, ws.step_count + 1 if counts_steps else 0, False)
+        if counted:
             commit_group(ws, ws.step_count + 1)
-            if scalar_names:
-                commit_scalar_state(ws, scalar_names)
-        else:
-            run(ws, ws.step_scalars, 0, False)
+        if scalar_names:
+            commit_scalar_state(ws, scalar_names)
         ws.step_scalars = None
         start = stop
     return DONE
@@ -207,15 +210,17 @@ cdef class Stepper:
     cdef Guard guard
     cdef tuple names, scalar_names
     cdef bint counts_steps, enabled
+    cdef Policy policy
 
     def __init__(self, StepLock lock, Py_ssize_t bindings, object groups, object state,
                  list workspaces, Guard guard, tuple names, bint counts_steps,
-                 bint enabled=True, tuple scalar_names=()):
+                 bint enabled=True, tuple scalar_names=(), Policy policy=None):
         # bindings: lock.bindings read before the other objects were
         self.lock, self.bindings, self.groups, self.state = lock, bindings, groups, state
         self.workspaces, self.guard = workspaces, guard
         self.names, self.counts_steps, self.enabled = names, counts_steps, enabled
         self.scalar_names = scalar_names
+        self.policy = policy
 
     def __call__(self, grads):
         """True after a whole step; False, with nothing modified, if Python must take it."""
@@ -228,7 +233,8 @@ cdef class Stepper:
             if self.lock.bindings != self.bindings:
                 return False  # made before a rebind: the Python path makes a new one
             code = fast_step(<list>self.groups, <list>grads, self.state, self.workspaces,
-                             self.guard, self.names, self.counts_steps, self.scalar_names)
+                             self.guard, self.names, self.counts_steps, self.scalar_names,
+                             self.policy)
         finally:
             self.lock.release_held()
         return code == DONE

@@ -19,6 +19,7 @@ cdef class Workspace:
     cdef object cached_state
     cdef Py_ssize_t cached_version
     cdef object cached_needs
+    cdef object cached_policy  # the Policy the slots' kinds came from
     cdef Py_ssize_t cached_start, cached_stop, cached_step
     # Per slot, (entry, j, buffer, j, buffer, ...): the param's state dict
     # (where the step count goes) and every state buffer it has (used or
